@@ -1,0 +1,38 @@
+"""Exception types raised by d2_reclass.
+
+Every error the package raises on bad input is a :class:`ReclassError`, so callers can catch one
+type; the message names the file or config key at fault and says how to fix it.
+"""
+
+__all__ = [
+    "ReclassError",
+    "ClassListError",
+    "ClassMismatchError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "ResumeClassMismatchError",
+]
+
+
+class ReclassError(Exception):
+    """Base class of every error d2_reclass raises on bad input."""
+
+
+class ClassListError(ReclassError, ValueError):
+    """A class list or class map is malformed, or disagrees with the checkpoint."""
+
+
+class ClassMismatchError(ReclassError):
+    """``strict`` mode found class-dependent tensors whose classes differ from the model's."""
+
+
+class CheckpointError(ReclassError, OSError):
+    """A checkpoint file is missing, unreadable, or not a checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle file asked to create an object outside the safe allow-list."""
+
+
+class ResumeClassMismatchError(ReclassError):
+    """Resuming a run whose checkpoint was trained for other classes."""

@@ -1,0 +1,67 @@
+"""Fresh values for class rows that have no source: the head's own init, seeded per parameter.
+
+Every draw uses a private ``torch.Generator`` seeded from ``(seed, parameter name)``, never the
+global RNG. detectron2's trainer seeds each rank differently and wraps the model in DDP before
+loading, so this is what keeps every rank (and every rerun) bit-identical without a broadcast.
+"""
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["InitSpec", "seeded_generator", "retinanet_prior_bias"]
+
+
+def seeded_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose state depends only on ``seed`` and ``name``."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def retinanet_prior_bias(prior_prob: float) -> float:
+    """The classification bias detectron2's RetinaNet/FCOS heads start from: -log((1-p)/p)."""
+    return -math.log((1 - prior_prob) / prior_prob)
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How a head initialises one tensor, as detectron2 does in the head's ``__init__``.
+
+    ``kind`` is one of:
+
+    * ``"normal"``: N(0, value) — ``nn.init.normal_(w, std=value)``.
+    * ``"constant"``: every entry equal to ``value`` — biases, the RetinaNet prior.
+    * ``"msra"``: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, as
+      ``fvcore.nn.weight_init.c2_msra_fill`` and the keypoint head use.
+    * ``"xavier"``: ``kaiming_uniform_(a=1)``, as ``c2_xavier_fill``.
+    """
+
+    kind: str
+    value: float = 0.0
+
+    def draw(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """A float32 CPU tensor of ``shape`` drawn from this init with ``generator``."""
+        out = torch.empty(tuple(shape), dtype=torch.float32)
+        if self.kind == "normal":
+            return out.normal_(0.0, self.value, generator=generator)
+        if self.kind == "constant":
+            return out.fill_(self.value)
+        if self.kind == "msra":
+            return torch.nn.init.kaiming_normal_(
+                out, mode="fan_out", nonlinearity="relu", generator=generator
+            )
+        if self.kind == "xavier":
+            return torch.nn.init.kaiming_uniform_(out, a=1, generator=generator)
+        raise ValueError(f"Unknown init kind {self.kind!r}")
+
+    def __str__(self) -> str:
+        return self.kind if self.kind in ("msra", "xavier") else f"{self.kind}({self.value:.4g})"
+
+
+NORMAL_001 = InitSpec("normal", 0.01)
+NORMAL_0001 = InitSpec("normal", 0.001)
+ZERO = InitSpec("constant", 0.0)
+MSRA = InitSpec("msra")
+XAVIER = InitSpec("xavier")

@@ -1,0 +1,132 @@
+"""What a reclass did: per tensor and per class space, as a log table and as JSON."""
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from tabulate import tabulate
+
+from .classes import ClassMapping
+
+__all__ = ["TensorAction", "SpaceReport", "ReclassReport"]
+
+
+@dataclass
+class TensorAction:
+    """What happened to one checkpoint tensor.
+
+    ``action`` is one of ``"mapped"`` (some entries copied, some fresh), ``"copied"`` (every
+    entry copied, reordered or subset), ``"fresh"`` (every class entry fresh), ``"model's own"``
+    (a dataset-derived buffer kept from the model), or ``"skipped"`` (a mismatch that is not
+    about classes, left to fvcore, which skips it as stock detectron2 does).
+    """
+
+    key: str
+    space: str
+    checkpoint_shape: Tuple[int, ...]
+    model_shape: Tuple[int, ...]
+    action: str
+    copied: int = 0
+    fresh: int = 0
+    layout: str = ""
+
+
+@dataclass
+class SpaceReport:
+    """How one class space was resolved: ``map``, ``reinit`` or ``unchanged``."""
+
+    space: str
+    resolution: str
+    num_source: Optional[int]
+    num_target: Optional[int]
+    mapping: Optional[ClassMapping] = None
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "mapping"}
+        d["mapping"] = self.mapping.to_dict() if self.mapping is not None else None
+        return d
+
+
+@dataclass
+class ReclassReport:
+    """The full account of one reclass: requested mode, seed, class spaces and tensors."""
+
+    mode: str
+    seed: int
+    spaces: Dict[str, SpaceReport] = field(default_factory=dict)
+    tensors: List[TensorAction] = field(default_factory=list)
+    mismatches: List[TensorAction] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.tensors)
+
+    def tensor(self, key: str) -> TensorAction:
+        """The entry for ``key`` (KeyError if the reclass did not touch it)."""
+        for t in self.tensors + self.mismatches:
+            if t.key == key:
+                return t
+        raise KeyError(f"{key} is not in this report")
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "mode": self.mode,
+            "seed": self.seed,
+            "spaces": {k: v.to_dict() for k, v in self.spaces.items()},
+            "tensors": [asdict(t) for t in self.tensors],
+            "mismatches": [asdict(t) for t in self.mismatches],
+        }
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        """The report as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            from iopath.common.file_io import g_pathmgr
+
+            with g_pathmgr.open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def mapping_table(self) -> str:
+        """One row per target class: where its rows came from."""
+        rows = []
+        for space in self.spaces.values():
+            m = space.mapping
+            if m is None or space.resolution == "unchanged":
+                continue
+            for t, s in zip(m.target, m.source_index):
+                rows.append((space.space, t, "fresh" if s is None else f"{m.source_name(s)} [{s}]"))
+            dropped = m.dropped
+            if dropped:
+                shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+                rows.append((space.space, f"({len(dropped)} dropped)", shown))
+        return tabulate(rows, headers=["space", "target class", "from source"], tablefmt="pipe")
+
+    def table(self) -> str:
+        """Every touched tensor: shapes, action and entries copied / fresh."""
+        rows = [
+            (t.key, str(t.checkpoint_shape), str(t.model_shape), t.action, t.copied, t.fresh,
+             t.layout)
+            for t in self.tensors + self.mismatches
+        ]
+        return tabulate(
+            rows,
+            headers=["tensor", "checkpoint", "model", "action", "copied", "fresh", "layout"],
+            tablefmt="pipe",
+        )
+
+    def summary(self) -> str:
+        spaces = ", ".join(
+            f"{s.space}: {s.resolution} ({s.num_source} -> {s.num_target} classes)"
+            for s in self.spaces.values()
+        )
+        return f"mode={self.mode} seed={self.seed}; {spaces or 'no class-dependent tensors'}"
+
+    def __str__(self) -> str:
+        parts = [self.summary()]
+        if any(s.resolution != "unchanged" for s in self.spaces.values()):
+            parts.append(self.mapping_table())
+        if self.tensors or self.mismatches:
+            parts.append(self.table())
+        return "\n".join(parts)

@@ -1,0 +1,316 @@
+"""The engine: fit a checkpoint's class-dependent tensors to a model's classes.
+
+Pure: a state dict, the model's state dict and its layouts in; a new state dict and a
+:class:`ReclassReport` out. The input state dict is never modified, and nothing is returned
+unless every check passed, so an error leaves the caller's data as it was.
+
+Modes:
+
+* ``map``: every target class found in the source copies all its entries; the background
+  block is carried; other classes get fresh entries from the head's own init.
+* ``reinit``: every class entry of a changed class space is fresh.
+* ``strict``: any class-dependent mismatch raises :class:`ClassMismatchError`.
+* ``auto``: ``map`` when both class lists are known, else ``reinit`` when counts differ, else
+  unchanged.
+"""
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .classes import ClassMapping, build_class_mapping, normalize_class_name
+from .errors import CheckpointError, ClassListError, ClassMismatchError
+from .fresh import seeded_generator
+from .layouts import KEYPOINT, ClassLayout
+from .report import ReclassReport, SpaceReport, TensorAction
+
+__all__ = ["ClassSpec", "MODES", "reclass_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "map", "reinit", "strict")
+
+
+@dataclass
+class ClassSpec:
+    """What is known about one class space.
+
+    Attributes:
+        source: the checkpoint's class names, or None.
+        target: the model's class names, or None.
+        class_map: ``"target=source"`` overrides for name matching.
+        source_what, target_what: how errors name these lists (config key, file, option).
+    """
+
+    source: Optional[Sequence[str]] = None
+    target: Optional[Sequence[str]] = None
+    class_map: Union[None, Sequence[str], Dict[str, str]] = None
+    source_what: str = "the source classes"
+    target_what: str = "the target classes"
+
+
+@dataclass
+class _Reading:
+    layout: ClassLayout
+    num_classes: Optional[int]  # K the checkpoint tensor implies, if any
+    agnostic: bool  # the checkpoint tensor has the one-block agnostic length
+
+
+def _read(layout: ClassLayout, ckpt: torch.Tensor, model: torch.Tensor) -> Optional[_Reading]:
+    if ckpt.dim() != model.dim() or layout.axis >= model.dim():
+        return None
+    n = ckpt.shape[layout.axis]
+    k = layout.count_classes(n)
+    agnostic = layout.is_agnostic_length(n)
+    if k is None and not agnostic:
+        return None
+    return _Reading(layout, k, agnostic)
+
+
+def _same_classes(spec: ClassSpec) -> bool:
+    norm = [normalize_class_name(c) for c in spec.source], [
+        normalize_class_name(c) for c in spec.target
+    ]
+    return norm[0] == norm[1]
+
+
+def _consensus(values: Dict[str, int], what: str, exc: type) -> Optional[int]:
+    distinct = sorted(set(values.values()))
+    if len(distinct) > 1:
+        listing = "; ".join(f"{k}: {v}" for k, v in values.items())
+        raise exc(f"{what} disagree on the number of classes ({listing}).")
+    return distinct[0] if distinct else None
+
+
+def reclass_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    layouts: Sequence[ClassLayout],
+    *,
+    classes: Optional[Mapping[str, ClassSpec]] = None,
+    mode: str = "auto",
+    seed: int = 0,
+    source: str = "checkpoint",
+) -> Tuple[Dict[str, torch.Tensor], ReclassReport]:
+    """Return a copy of ``state_dict`` whose class-dependent tensors fit the model.
+
+    Args:
+        state_dict: the checkpoint's tensors (not modified).
+        model_state: the model's state dict: target shapes, and dataset-derived buffers.
+        layouts: the model's class layouts (:func:`find_layouts`).
+        classes: per class space, what is known of the source and target class names.
+        mode: one of :data:`MODES`.
+        seed: seeds fresh entries, with each tensor's key.
+        source: names the checkpoint in error messages and the report.
+
+    Returns:
+        The new state dict (tensors not touched are shared with ``state_dict``) and a report.
+        Tensors that mismatch for reasons other than classes are left as they are, for fvcore
+        to skip with its usual warning, and listed in ``report.mismatches``.
+
+    Raises:
+        ClassListError: class lists malformed or disagreeing with the checkpoint's head rows.
+        ClassMismatchError: in ``strict`` mode, naming every mismatched tensor.
+        CheckpointError: the checkpoint's heads disagree with each other on the class count.
+    """
+    if mode not in MODES:
+        raise ClassListError(f"MODEL.RECLASS.MODE is {mode!r}; it must be one of {MODES}.")
+    classes = dict(classes or {})
+    report = ReclassReport(mode=mode, seed=seed, source=source)
+
+    by_key: Dict[str, List[ClassLayout]] = defaultdict(list)
+    for lay in layouts:
+        if lay.key in state_dict and lay.key in model_state:
+            by_key[lay.key].append(lay)
+
+    readings: Dict[str, List[_Reading]] = {}
+    for key, lays in by_key.items():
+        ckpt, model = state_dict[key], model_state[key]
+        if lays[0].keep_model:
+            continue
+        axes = {lay.axis for lay in lays}
+        other_dims_agree = ckpt.dim() == model.dim() and all(
+            ckpt.shape[d] == model.shape[d] for d in range(model.dim()) if d not in axes
+        )
+        requires_agree = all(
+            r not in state_dict or r not in model_state or state_dict[r].shape == model_state[r].shape
+            for lay in lays for r in lay.requires
+        )
+        reads = [_read(lay, ckpt, model) for lay in lays]
+        if other_dims_agree and requires_agree and all(r is not None for r in reads):
+            readings[key] = reads
+        elif ckpt.shape != model.shape:
+            report.mismatches.append(TensorAction(
+                key, lays[0].space, tuple(ckpt.shape), tuple(model.shape), "skipped",
+                layout="not a class change"))
+
+    # Class counts per space, on each side; every head must agree.
+    spaces = sorted({lay.space for lays in by_key.values() for lay in lays})
+    src_counts: Dict[str, Optional[int]] = {}
+    tgt_counts: Dict[str, Optional[int]] = {}
+    for space in spaces:
+        spec = classes.get(space, ClassSpec())
+        src = {key: r.num_classes for key, reads in readings.items() for r in reads
+               if r.layout.space == space and r.num_classes is not None and not r.agnostic}
+        ambiguous = {key: r.num_classes for key, reads in readings.items() for r in reads
+                     if r.layout.space == space and r.agnostic and r.num_classes is not None}
+        k_src = _consensus(src, f"The class-dependent tensors of {source}", CheckpointError)
+        if k_src is None and ambiguous:
+            k_src = spec.source and len(spec.source)
+        tgt = {lay.key: lay.num_classes for lays in by_key.values() for lay in lays
+               if lay.space == space and lay.num_classes is not None and not lay.agnostic}
+        k_tgt = _consensus(tgt, "The model's class-dependent heads", ClassListError)
+        if spec.source is not None and k_src is not None and len(spec.source) != k_src:
+            raise ClassListError(
+                f"{spec.source_what} has {len(spec.source)} names, but {source} has heads for "
+                f"{k_src} {space} classes ({', '.join(src)}). Give the checkpoint's own class "
+                "list, in its order."
+            )
+        if spec.target is not None and k_tgt is not None and len(spec.target) != k_tgt:
+            raise ClassListError(
+                f"{spec.target_what} has {len(spec.target)} names, but the model was built for "
+                f"{k_tgt} {space} classes. Build it with NUM_CLASSES = {len(spec.target)} "
+                "(MODEL.RECLASS.AUTO_NUM_CLASSES does this)."
+            )
+        src_counts[space], tgt_counts[space] = k_src or (spec.source and len(spec.source)), k_tgt
+
+    # Resolve each space to map / reinit / unchanged.
+    mappings: Dict[str, ClassMapping] = {}
+    strict_errors: List[str] = []
+    for space in spaces:
+        spec = classes.get(space, ClassSpec())
+        k_src, k_tgt = src_counts[space], tgt_counts[space]
+        if k_tgt is None:
+            k_tgt = len(spec.target) if spec.target is not None else k_src
+        if k_src is None:
+            k_src = k_tgt
+        names_known = spec.source is not None and spec.target is not None
+        same = k_src == k_tgt and (not names_known or _same_classes(spec))
+        if same:
+            resolution = "unchanged"
+        elif mode == "strict":
+            resolution = "strict"
+            strict_errors.append(
+                f"{space} classes: checkpoint {k_src}, model {k_tgt}"
+                + ("" if k_src != k_tgt else " (same count, different names)")
+            )
+        elif space == KEYPOINT:
+            resolution = "reinit"
+        elif mode == "map" or (mode == "auto" and names_known):
+            resolution = "map"
+        else:
+            resolution = "reinit"
+        target_names = spec.target if spec.target is not None else [f"#{i}" for i in range(k_tgt)]
+        if resolution == "map":
+            if spec.target is None:
+                raise ClassListError(
+                    f"MODE map needs the model's {space} class names: set "
+                    "MODEL.RECLASS.TARGET_CLASSES or train on a registered dataset."
+                )
+            if spec.source is None and not spec.class_map:
+                raise ClassListError(
+                    f"MODE map needs the class names of {source}, which stores none: set "
+                    "MODEL.RECLASS.SOURCE_CLASSES or SOURCE_DATASET (e.g. coco_2017_train), "
+                    "map classes by index with CLASS_MAP 'target=INDEX', or use MODE reinit."
+                )
+            mapping = build_class_mapping(
+                spec.source, spec.target, spec.class_map, num_source=k_src,
+                source_what=spec.source_what, target_what=spec.target_what)
+        elif resolution == "unchanged":
+            mapping = ClassMapping(
+                tuple(spec.source) if spec.source is not None else None, tuple(target_names),
+                tuple(range(k_tgt)), k_src)
+        else:
+            mapping = ClassMapping(
+                tuple(spec.source) if spec.source is not None else None, tuple(target_names),
+                (None,) * k_tgt, k_src)
+        mappings[space] = mapping
+        report.spaces[space] = SpaceReport(space, resolution, k_src, k_tgt, mapping)
+
+    if strict_errors or (mode == "strict" and report.mismatches):
+        tensors = [f"  {key}: checkpoint {tuple(state_dict[key].shape)}, model "
+                   f"{tuple(model_state[key].shape)}"
+                   for key in list(readings) + [m.key for m in report.mismatches]
+                   if state_dict[key].shape != model_state[key].shape
+                   or report.spaces.get(by_key[key][0].space, None) is not None
+                   and report.spaces[by_key[key][0].space].resolution == "strict"]
+        raise ClassMismatchError(
+            f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
+            + "; ".join(strict_errors or ["tensors differ for reasons other than classes"])
+            + ".\n" + "\n".join(tensors) + "\nTo fix: set MODEL.RECLASS.MODE to 'map' (with "
+            "class names) or 'reinit' to adapt the heads, or build the model with the "
+            "checkpoint's NUM_CLASSES."
+        )
+
+    out = dict(state_dict)
+    for key, lays in by_key.items():
+        lay0 = lays[0]
+        resolution = report.spaces[lay0.space].resolution
+        ckpt, model = state_dict[key], model_state[key]
+        if lay0.keep_model:
+            if resolution != "unchanged" or ckpt.shape != model.shape:
+                out[key] = model.detach().clone()
+                report.tensors.append(TensorAction(
+                    key, lay0.space, tuple(ckpt.shape), tuple(model.shape), "model's own",
+                    layout=lay0.kind))
+            continue
+        if key not in readings:
+            continue
+        new, copied, fresh = _refit(key, ckpt, model, readings[key], mappings, seed)
+        if new is None:
+            continue
+        out[key] = new
+        action = "copied" if fresh == 0 else ("fresh" if copied == lay0.offset else "mapped")
+        report.tensors.append(TensorAction(
+            key, lay0.space, tuple(ckpt.shape), tuple(model.shape), action,
+            copied - lay0.offset, fresh, lay0.describe()))
+    return out, report
+
+
+def _refit(
+    key: str,
+    ckpt: torch.Tensor,
+    model: torch.Tensor,
+    reads: List[_Reading],
+    mappings: Dict[str, ClassMapping],
+    seed: int,
+) -> Tuple[Optional[torch.Tensor], int, int]:
+    """The refitted tensor (None when it would equal ``ckpt``), and entries copied / fresh."""
+    positions: Dict[int, torch.Tensor] = {}
+    for r in reads:
+        lay, mapping = r.layout, mappings[r.layout.space]
+        # A one-block tensor reads as agnostic, unless the space really has one class.
+        src_agnostic = r.agnostic and not (r.num_classes == mapping.num_source == 1)
+        tgt_agnostic = lay.agnostic and len(mapping.target) != 1
+        positions[lay.axis] = lay.source_positions(
+            mapping.source_index, mapping.num_source,
+            source_agnostic=src_agnostic, target_agnostic=tgt_agnostic)
+    first = positions[reads[0].layout.axis]
+    copied, fresh = int((first >= 0).sum()), int((first < 0).sum())
+    if ckpt.shape == model.shape and all(
+        bool((p == torch.arange(len(p))).all()) for p in positions.values()
+    ):
+        return None, copied, fresh
+
+    needs_fresh = any(bool((p < 0).any()) for p in positions.values())
+    if needs_fresh:
+        out = reads[0].layout.init.draw(model.shape, seeded_generator(seed, key)).to(ckpt.dtype)
+        out = out.to(ckpt.device)
+    else:
+        out = torch.empty(model.shape, dtype=ckpt.dtype, device=ckpt.device)
+    # Copy the block where every class axis has a source: gather from the checkpoint, then
+    # scatter into the target positions (an outer product of per-axis indices).
+    sub = ckpt
+    index = []
+    last_axis = max(positions)
+    for axis in range(last_axis + 1):
+        p = positions.get(axis, torch.arange(model.shape[axis]))
+        dst = torch.nonzero(p >= 0).flatten()
+        sub = sub.index_select(axis, p[dst].to(ckpt.device))
+        shape = [1] * (last_axis + 1)
+        shape[axis] = -1
+        index.append(dst.view(shape).to(ckpt.device))
+    out[tuple(index)] = sub
+    return out, copied, fresh
