@@ -1,2 +1,62 @@
-"""d2_reclass: change the class set of detectron2 models without losing what the checkpoint knew."""
+"""d2_reclass: change the class set of detectron2 models without losing what a checkpoint knew.
+
+Public surface: the engine (layouts, class mapping, :func:`reclass_state_dict`) and its
+detectron2 glue (config keys, checkpointer, box predictor, trainer).
+"""
+from .checkpoint import CLASSES_KEY, ReclassCheckpointer, read_stored_classes, stored_classes
+from .classes import ClassMapping, build_class_mapping, normalize_class_name
+from .config import add_reclass_config, apply_num_classes, merge_config_file
+from .datasets import register_coco_dataset
+from .errors import (
+    CheckpointError,
+    ClassListError,
+    ClassMismatchError,
+    ReclassError,
+    ResumeClassMismatchError,
+    UnsafeCheckpointError,
+)
+from .fast_rcnn import ReclassFastRCNNOutputLayers, use_reclass_box_predictors
+from .fresh import InitSpec
+from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
+from .live import reclass_model
+from .report import ReclassReport
+from .surgery import ClassSpec, reclass_state_dict
+from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CLASSES_KEY",
+    "CheckpointError",
+    "ClassLayout",
+    "ClassListError",
+    "ClassMapping",
+    "ClassMismatchError",
+    "ClassSpec",
+    "InitSpec",
+    "KEYPOINT",
+    "ReclassCheckpointer",
+    "ReclassError",
+    "ReclassFastRCNNOutputLayers",
+    "ReclassReport",
+    "ReclassTrainer",
+    "ReclassTrainerMixin",
+    "ResumeClassMismatchError",
+    "STUFF",
+    "THING",
+    "UnsafeCheckpointError",
+    "add_reclass_config",
+    "apply_num_classes",
+    "build_class_mapping",
+    "check_num_classes",
+    "find_layouts",
+    "merge_config_file",
+    "normalize_class_name",
+    "read_stored_classes",
+    "reclass_model",
+    "reclass_state_dict",
+    "register_coco_dataset",
+    "register_layout",
+    "stored_classes",
+    "use_reclass_box_predictors",
+]

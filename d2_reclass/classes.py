@@ -43,7 +43,7 @@ def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
     return classes
 
 
-def _suggest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """' Did you mean ...?' naming the closest of ``choices``, or '' if none is close."""
     by_norm = {normalize_class_name(c): c for c in choices}
     close = difflib.get_close_matches(normalize_class_name(name), list(by_norm), n=3, cutoff=cutoff)
@@ -160,7 +160,7 @@ def build_class_mapping(
         if ti is None:
             raise ClassListError(
                 f"CLASS_MAP names the target class {tname!r}, which is not in {target_what}."
-                + _suggest(tname, target)
+                + did_you_mean(tname, target)
             )
         if not sname:
             index[ti] = None
@@ -170,7 +170,7 @@ def build_class_mapping(
         if si is None and sname.isdigit() and int(sname) < num_source and source is None:
             si = int(sname)
         if si is None:
-            hint = _suggest(sname, source) if source is not None else (
+            hint = did_you_mean(sname, source) if source is not None else (
                 f" The source has no class names; name source classes by index 0..{num_source - 1}."
             )
             raise ClassListError(
@@ -184,7 +184,7 @@ def build_class_mapping(
         # mapping would silently throw away what the checkpoint knew about it.
         unused = [s for i, s in enumerate(source) if i not in set(index)]
         for ti, (tname, si) in enumerate(zip(target, index)):
-            hint = _suggest(tname, unused, cutoff=0.85) if si is None and ti not in declared_new else ""
+            hint = did_you_mean(tname, unused, cutoff=0.85) if si is None and ti not in declared_new else ""
             if hint:
                 raise ClassListError(
                     f"{target_what} names {tname!r}, which is not in {source_what}.{hint} "

@@ -286,17 +286,29 @@ def _keypoint(m: KRCNNConvDeconvUpsampleHead) -> List[ClassLayout]:
 
 
 def _register_projects() -> None:
-    """Layouts of detectron2's bundled projects, when this detectron2 install has them."""
+    """Layouts of detectron2's bundled projects, each registered when it can be imported.
+
+    Each project is tried on its own: PointRend's package imports cv2 (for a data augmentation),
+    and an install without OpenCV must still get DeepLab's layouts.
+    """
     try:
         from detectron2.projects.deeplab.semantic_seg import DeepLabV3Head, DeepLabV3PlusHead
+    except ImportError as e:  # a detectron2 installed without its projects
+        logger.debug(f"detectron2's DeepLab project not available, layouts not registered: {e}")
+    else:
+        _register_deeplab(DeepLabV3Head, DeepLabV3PlusHead)
+    try:
         from detectron2.projects.point_rend.mask_head import ConvFCHead
         from detectron2.projects.point_rend.point_head import StandardPointHead
         from detectron2.projects.point_rend.semantic_seg import PointRendSemSegHead
-    except ImportError as e:  # a detectron2 installed without its projects
-        logger.debug(f"detectron2 projects not available, their layouts are not registered: {e}")
-        return
+    except ImportError as e:  # no projects, or no cv2 (imported by point_rend/__init__.py)
+        logger.debug(f"detectron2's PointRend project not available, layouts not registered: {e}")
+    else:
+        _register_point_rend(ConvFCHead, StandardPointHead, PointRendSemSegHead)
 
-    @register_layout(DeepLabV3Head, DeepLabV3PlusHead)
+
+def _register_deeplab(*head_types: type) -> None:
+    @register_layout(*head_types)
     def _deeplab(m: nn.Module) -> List[ClassLayout]:
         # DeepLabV3PlusHead without num_classes (Panoptic-DeepLab's instance head) has no
         # predictor and no class-dependent tensor.
@@ -305,6 +317,9 @@ def _register_projects() -> None:
         return _rows(m.predictor, "predictor", NORMAL_0001, space=STUFF,
                      num_classes=m.predictor.out_channels, kind="per-pixel class")
 
+
+def _register_point_rend(ConvFCHead: type, StandardPointHead: type,
+                         PointRendSemSegHead: type) -> None:
     @register_layout(ConvFCHead)
     def _coarse_mask(m: ConvFCHead) -> List[ClassLayout]:
         # ConvFCHead.forward views the fc output as (N, K, R, R): class-major blocks of R*R.

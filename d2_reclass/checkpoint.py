@@ -1,0 +1,277 @@
+"""ReclassCheckpointer: a DetectionCheckpointer that fits class-dependent heads on load.
+
+It loads everything DetectionCheckpointer loads and keeps all it does (PathManager URLs,
+``?matching_heuristics=True``, Detectron1/Caffe2 name matching, ``module.`` prefixes,
+``pixel_mean``/``cell_anchors`` handling). The differences: files are read safely
+(:mod:`d2_reclass.serialization`), the engine fits every class-dependent tensor *before*
+fvcore's shape check (so none is "skipped"), and saved checkpoints store the class names.
+"""
+import logging
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from fvcore.common.checkpoint import _strip_prefix_if_present
+
+from .classes import check_class_list
+from .config import dataset_classes, target_classes
+from .errors import CheckpointError, ClassMismatchError, ResumeClassMismatchError
+from .keys import select_and_rename
+from .layouts import STUFF, THING, find_layouts
+from .report import ReclassReport
+from .serialization import load_checkpoint_file
+from .surgery import MODES, ClassSpec, reclass_state_dict
+
+__all__ = ["ReclassCheckpointer", "CLASSES_KEY", "read_stored_classes", "stored_classes"]
+
+logger = logging.getLogger(__name__)
+
+#: Top-level checkpoint entry holding ``{"thing_classes": [...], "stuff_classes": [...]}``.
+#: Plain DetectionCheckpointer ignores it, so the files stay loadable by stock detectron2.
+CLASSES_KEY = "d2_reclass"
+
+
+def stored_classes(checkpoint: Dict[str, Any]) -> Dict[str, List[str]]:
+    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint."""
+    stored = checkpoint.get(CLASSES_KEY) if isinstance(checkpoint, dict) else None
+    return {k: list(v) for k, v in (stored or {}).items() if k.endswith("_classes") and v}
+
+
+def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, List[str]]:
+    """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
+    from detectron2.utils.file_io import PathManager
+
+    local = PathManager.get_local_path(path.split("?")[0])
+    if not PathManager.exists(local):
+        raise CheckpointError(f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS.")
+    return stored_classes(load_checkpoint_file(local, trust_pickle=trust_pickle))
+
+
+class _AnyShape(tuple):
+    """A shape equal to every shape: lets detectron2's name-matching heuristics pair a
+    class-dependent key whatever its class count, leaving the shape decision to the engine."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = tuple.__hash__
+
+
+class ReclassCheckpointer(DetectionCheckpointer):
+    """A :class:`DetectionCheckpointer` that maps or reinitialises class-dependent tensors.
+
+    After :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for
+    a resume, which never does surgery). Keyword-only options follow ``MODEL.RECLASS``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        save_dir: str = "",
+        *,
+        mode: str = "auto",
+        source_classes: Optional[Sequence[str]] = None,
+        target_classes: Optional[Sequence[str]] = None,
+        class_map: Optional[Sequence[str]] = None,
+        seed: int = 0,
+        source_dataset: str = "",
+        source_stuff_classes: Optional[Sequence[str]] = None,
+        target_stuff_classes: Optional[Sequence[str]] = None,
+        only: Sequence[str] = (),
+        rename: Sequence[str] = (),
+        trust_pickle: bool = False,
+        save_to_disk: Optional[bool] = None,
+        **checkpointables: Any,
+    ):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        if mode not in MODES:
+            raise ClassMismatchError(f"MODEL.RECLASS.MODE is {mode!r}; use one of {MODES}.")
+        self.mode = mode
+        self.seed = int(seed)
+        self.class_map = list(class_map or [])
+        self.source_dataset = source_dataset
+        self.only, self.rename = list(only), list(rename)
+        self.trust_pickle = trust_pickle
+        self.source_classes = _checked(source_classes, "MODEL.RECLASS.SOURCE_CLASSES")
+        self.target_classes = _checked(target_classes, "MODEL.RECLASS.TARGET_CLASSES")
+        self.source_stuff_classes = _checked(
+            source_stuff_classes, "MODEL.RECLASS.SOURCE_STUFF_CLASSES")
+        self.target_stuff_classes = _checked(
+            target_stuff_classes, "MODEL.RECLASS.TARGET_STUFF_CLASSES")
+        self.report: Optional[ReclassReport] = None
+        self._resuming = False
+        self._loading = ""
+
+    @classmethod
+    def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables):
+        """Build from ``cfg.MODEL.RECLASS`` (see :func:`add_reclass_config`)."""
+        r = cfg.MODEL.RECLASS
+        return cls(
+            model,
+            save_dir,
+            mode=r.MODE,
+            source_classes=list(r.SOURCE_CLASSES) or None,
+            target_classes=target_classes(cfg, "thing"),
+            class_map=list(r.CLASS_MAP),
+            seed=r.SEED,
+            source_dataset=r.SOURCE_DATASET,
+            source_stuff_classes=list(r.SOURCE_STUFF_CLASSES) or None,
+            target_stuff_classes=target_classes(cfg, "stuff"),
+            only=list(r.ONLY),
+            rename=list(r.RENAME),
+            trust_pickle=r.TRUST_PICKLE,
+            **checkpointables,
+        )
+
+    # ------------------------------------------------------------------ loading
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        self._resuming = resume and self.has_checkpoint()
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._resuming = False
+
+    def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+        self.report = None
+        if path:
+            local = self.path_manager.get_local_path(path.split("?")[0])
+            if not self.path_manager.exists(local):
+                raise CheckpointError(
+                    f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS (or the path you gave)."
+                )
+        self._loading = path
+        try:
+            return super().load(path, checkpointables)
+        finally:
+            self._loading = ""
+
+    def _torch_load(self, f: str) -> Any:
+        return load_checkpoint_file(f, trust_pickle=self.trust_pickle, progress=True)
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        # detectron2 unpickles .pkl (and torch.loads .pyth) itself; read them safely instead,
+        # then give them the same shape as DetectionCheckpointer._load_file does.
+        if filename.endswith(".pkl"):
+            data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
+            if isinstance(data, dict) and "model" in data and "__author__" in data:
+                self.logger.info(f"Reading a file from '{data['__author__']}'")
+                return data
+            if isinstance(data, dict) and "blobs" in data:
+                data = data["blobs"]
+            _check_weights(data, filename)
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth"):
+            data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise CheckpointError(
+                    f"{filename} is not a pycls checkpoint: it has no 'model_state' entry."
+                )
+            state = {k: v for k, v in data["model_state"].items()
+                     if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        source = self._loading or "the checkpoint"
+        state = checkpoint["model"]
+        _check_weights(state, source)
+        self._convert_ndarray_to_tensor(state)
+        _strip_prefix_if_present(state, "module.")
+        if checkpoint.get("matching_heuristics", False):
+            state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
+            checkpoint["matching_heuristics"] = False
+        state = select_and_rename(state, self.only, self.rename)
+
+        stored = stored_classes(checkpoint)
+        thing_source, thing_what = self._source(stored, "thing", self.source_classes)
+        stuff_source, stuff_what = self._source(stored, "stuff", self.source_stuff_classes)
+        classes = {
+            THING: ClassSpec(thing_source, self.target_classes, self.class_map, thing_what,
+                             "MODEL.RECLASS.TARGET_CLASSES"),
+            STUFF: ClassSpec(stuff_source, self.target_stuff_classes, None, stuff_what,
+                             "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
+        }
+        layouts = find_layouts(self.model)
+        model_state = self.model.state_dict()
+        if self._resuming:
+            try:
+                reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
+                                   seed=self.seed, source=source)
+            except ClassMismatchError as e:
+                raise ResumeClassMismatchError(
+                    f"Cannot resume from {source}: it was trained for other classes than the "
+                    "model's, and optimizer state cannot be mapped. Use a new OUTPUT_DIR, or "
+                    "start without --resume (with MODEL.WEIGHTS pointing to it) to map its "
+                    f"weights.\n{e}"
+                ) from None
+        else:
+            state, self.report = reclass_state_dict(
+                state, model_state, layouts, classes=classes, mode=self.mode, seed=self.seed,
+                source=source)
+            _warn_non_finite(state, layouts, source)
+            if self.report.changed or self.report.mismatches:
+                logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
+        checkpoint["model"] = state
+        return super()._load_model(checkpoint)
+
+    def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
+        """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET."""
+        key = "SOURCE_CLASSES" if kind == "thing" else "SOURCE_STUFF_CLASSES"
+        if explicit:
+            return explicit, f"MODEL.RECLASS.{key}"
+        if stored.get(f"{kind}_classes"):
+            return stored[f"{kind}_classes"], f"the {kind} classes stored in the checkpoint"
+        if self.source_dataset:
+            names = dataset_classes(self.source_dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
+            return names, f"MODEL.RECLASS.SOURCE_DATASET ({self.source_dataset})"
+        return None, "the source classes"
+
+    def _align_by_name(self, state: Dict[str, torch.Tensor], c2: bool) -> Dict[str, torch.Tensor]:
+        # detectron2's heuristics drop any pair whose shapes differ; let class-dependent keys
+        # pair by name alone so the engine, not the heuristics, decides what to do with them.
+        model_state: Dict[str, Any] = dict(self.model.state_dict())
+        for lay in find_layouts(self.model):
+            model_state[lay.key] = SimpleNamespace(shape=_AnyShape(model_state[lay.key].shape))
+        return align_and_update_state_dicts(model_state, state, c2_conversion=c2)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Save as DetectionCheckpointer does, plus the model's class names (CLASSES_KEY)."""
+        classes = {}
+        if self.target_classes:
+            classes["thing_classes"] = list(self.target_classes)
+        if self.target_stuff_classes:
+            classes["stuff_classes"] = list(self.target_stuff_classes)
+        if classes:
+            kwargs.setdefault(CLASSES_KEY, classes)
+        super().save(name, **kwargs)
+
+
+def _checked(classes: Optional[Sequence[str]], what: str) -> Optional[List[str]]:
+    return list(check_class_list(classes, what)) if classes else None
+
+
+def _check_weights(state: Any, source: str) -> None:
+    if not isinstance(state, dict) or not any(
+        hasattr(v, "shape") for v in state.values()
+    ):
+        raise CheckpointError(
+            f"{source} contains no model weights: expected a 'model' entry holding a state dict "
+            "(name -> tensor). Is it an optimizer-only or metrics file?"
+        )
+
+
+def _warn_non_finite(state: Dict[str, torch.Tensor], layouts, source: str) -> None:
+    for key in sorted({lay.key for lay in layouts}):
+        value = state.get(key)
+        if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+            logger.warning(
+                f"[ReclassCheckpointer] {key} in {source} holds NaN or Inf values; the "
+                "checkpoint is damaged there and the model will predict garbage for it."
+            )

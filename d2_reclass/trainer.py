@@ -1,0 +1,128 @@
+"""Trainer integration: ReclassTrainer, a mixin for existing trainers, and class-count checks."""
+import logging
+import os
+from typing import Optional, Sequence
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from torch import nn
+
+from .checkpoint import ReclassCheckpointer
+from .config import dataset_classes, target_classes
+from .errors import ClassListError
+from .fast_rcnn import use_reclass_box_predictors
+from .layouts import STUFF, THING, find_layouts
+
+__all__ = ["ReclassTrainer", "ReclassTrainerMixin", "check_num_classes", "REPORT_FILE"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "reclass_report.json"
+
+
+def _config_key(layout_key: str, space: str) -> str:
+    if "point_head" in layout_key:
+        return "MODEL.POINT_HEAD.NUM_CLASSES"
+    if space == STUFF:
+        return "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
+    if layout_key.startswith("roi_heads."):
+        return "MODEL.ROI_HEADS.NUM_CLASSES"
+    return "MODEL.RETINANET.NUM_CLASSES (or the head's num_classes)"
+
+
+def check_num_classes(
+    model: nn.Module,
+    thing_classes: Optional[Sequence[str]],
+    stuff_classes: Optional[Sequence[str]] = None,
+    *,
+    what: str = "DATASETS.TRAIN",
+) -> None:
+    """Raise if any class-dependent head of ``model`` disagrees with the dataset's classes.
+
+    Catches, before the first iteration, what otherwise fails as a CUDA assert mid-training,
+    an evaluator assert at the end, or silently (NUM_CLASSES one too large: a class is never
+    trained; one too small: the last class is trained as background).
+
+    Raises:
+        ClassListError: naming the head, both counts and the config key to set.
+    """
+    expected = {THING: thing_classes, STUFF: stuff_classes}
+    problems = []
+    for lay in find_layouts(model):
+        classes = expected.get(lay.space)
+        if classes and lay.num_classes is not None and not lay.agnostic \
+                and lay.num_classes != len(classes):
+            problems.append((lay.key, lay.num_classes, len(classes), _config_key(lay.key, lay.space)))
+    for name, m in model.named_modules():
+        k = getattr(m, "num_classes", None)
+        if thing_classes and isinstance(k, int) and k != len(thing_classes) and name \
+                and not any(p[0].startswith(name + ".") for p in problems):
+            problems.append((name, k, len(thing_classes), _config_key(name + ".", THING)))
+    if problems:
+        key, k, n, cfg_key = problems[0]
+        hint = " (one too many: the model would keep a class that never appears)" if k == n + 1 \
+            else " (one too few: the last class would be trained as background)" if k == n - 1 \
+            else ""
+        raise ClassListError(
+            f"The model was built for {k} classes at {key}, but {what} has {n}{hint}. Set "
+            f"{cfg_key} {n}, or leave MODEL.RECLASS.AUTO_NUM_CLASSES on. Mismatched: "
+            + ", ".join(p[0] for p in problems)
+        )
+
+
+class ReclassTrainerMixin:
+    """Mix into a :class:`DefaultTrainer` subclass: ``class Trainer(ReclassTrainerMixin, T)``.
+
+    Box predictors become ReclassFastRCNNOutputLayers before the optimizer and DDP exist,
+    loads and saves go through :class:`ReclassCheckpointer`, class counts are checked against
+    the datasets, and ``reclass_report.json`` is written into OUTPUT_DIR.
+    """
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        use_reclass_box_predictors(model, cfg)
+        return model
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ creates a DetectionCheckpointer, then calls build_hooks,
+        # whose PeriodicCheckpointer keeps a reference to self.checkpointer: swap it here,
+        # first, so that every save (and the class names it stores) goes through ours.
+        old = self.checkpointer
+        self.checkpointer = ReclassCheckpointer.from_config(
+            self.cfg, old.model, old.save_dir, **old.checkpointables)
+        return super().build_hooks()
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        check_num_classes(self.checkpointer.model, target_classes(self.cfg, "thing"),
+                          target_classes(self.cfg, "stuff"))
+        super().resume_or_load(resume=resume)
+        report = self.checkpointer.report
+        if report is not None and comm.is_main_process():
+            PathManager.mkdirs(self.cfg.OUTPUT_DIR)
+            path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
+            report.to_json(path)
+            logger.info(f"[ReclassTrainer] Wrote {path}")
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        for name in cfg.DATASETS.TEST:
+            check_num_classes(model, dataset_classes(name, "thing", what="DATASETS.TEST"),
+                              dataset_classes(name, "stuff", what="DATASETS.TEST"),
+                              what=f"DATASETS.TEST {name!r}")
+        return super().test(cfg, model, evaluators)
+
+
+class ReclassTrainer(ReclassTrainerMixin, DefaultTrainer):
+    """:class:`DefaultTrainer` with d2_reclass's checkpointer, predictor and checks, and an
+    evaluator for COCO-format and semantic-segmentation datasets."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "sem_seg":
+            return SemSegEvaluator(dataset_name, output_dir=output_folder)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Train or evaluate a detectron2 model whose class set differs from its checkpoint's.
+
+detectron2's tools/train_net.py with d2_reclass added: MODEL.RECLASS.* keys, class names
+stored in every checkpoint, AUTO_NUM_CLASSES, and --coco-dataset to register COCO-format
+datasets without writing Python. Multi-GPU and multi-machine flags are detectron2's own.
+
+    tools/train_net.py --config-file configs/coco_subset_map.yaml \
+        --coco-dataset mine_train data/train.json data/images DATASETS.TRAIN '("mine_train",)'
+"""
+import logging
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.projects.point_rend import add_pointrend_config
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from d2_reclass import (
+    ReclassCheckpointer,
+    ReclassTrainer,
+    add_reclass_config,
+    apply_num_classes,
+    merge_config_file,
+    read_stored_classes,
+    register_coco_dataset,
+)
+from d2_reclass.config import target_classes
+
+
+def setup(args):
+    """Config from file and opts; NUM_CLASSES from the target classes before any model."""
+    # launch() runs main() in every worker process: each registers the datasets itself.
+    for name, json_file, image_root in args.coco_dataset or []:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = get_cfg()
+    add_pointrend_config(cfg)
+    add_reclass_config(cfg)
+    if args.config_file:
+        merge_config_file(cfg, args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
+        # A checkpoint that stores its classes is evaluated with them, whatever the base
+        # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
+        stored = read_stored_classes(cfg.MODEL.WEIGHTS, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
+        cfg.MODEL.RECLASS.TARGET_CLASSES = stored.get("thing_classes", [])
+        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = stored.get("stuff_classes", [])
+    if cfg.MODEL.RECLASS.AUTO_NUM_CLASSES:
+        apply_num_classes(cfg, target_classes(cfg, "thing"), target_classes(cfg, "stuff"))
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_reclass")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = ReclassTrainer.build_model(cfg)
+        ReclassCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = ReclassTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = ReclassTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--coco-dataset",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset (repeatable); then name it in DATASETS.TRAIN/TEST",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command Line Args: %s", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
