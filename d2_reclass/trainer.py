@@ -1,10 +1,13 @@
 """Trainer integration: ReclassTrainer, a mixin for existing trainers, and class-count checks."""
+import contextlib
+import functools
 import logging
 import os
 from typing import Optional, Sequence
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -116,9 +119,33 @@ class ReclassTrainerMixin:
         return super().test(cfg, model, evaluators)
 
 
+@contextlib.contextmanager
+def _ddp_on_cpu(cfg):
+    """Let DefaultTrainer wrap a CPU model in DDP when several processes run.
+
+    detectron2's create_ddp_model always passes ``device_ids=[local_rank]``, which torch
+    rejects for CPU modules; for ``MODEL.DEVICE cpu`` with world size > 1 it gets
+    ``device_ids=None`` for the duration of the trainer's construction. GPU runs are untouched.
+    """
+    if cfg.MODEL.DEVICE != "cpu" or comm.get_world_size() == 1:
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
 class ReclassTrainer(ReclassTrainerMixin, DefaultTrainer):
     """:class:`DefaultTrainer` with d2_reclass's checkpointer, predictor and checks, and an
-    evaluator for COCO-format and semantic-segmentation datasets."""
+    evaluator for COCO-format and semantic-segmentation datasets. Multi-process CPU runs
+    (gloo) work too."""
+
+    def __init__(self, cfg):
+        with _ddp_on_cpu(cfg):
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

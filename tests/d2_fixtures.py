@@ -1,0 +1,72 @@
+"""Small real detectron2 models and checkpoints for the integration tests.
+
+The models come from ``configs/Base-Shapes-RCNN.yaml`` (a model-zoo Faster R-CNN config made
+small: ResNet-18 FPN, 64 channels), so building one takes well under a second.
+"""
+import contextlib
+import logging
+import os
+from typing import Iterator, List, Sequence
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from d2_reclass import add_reclass_config, merge_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(REPO, "configs", "Base-Shapes-RCNN.yaml")
+SIX = ["square", "circle", "triangle", "diamond", "hexagon", "cross"]
+THREE = ["triangle", "square", "star"]
+#: For each THREE class, the SIX index it maps from (None: new).
+THREE_FROM_SIX = [2, 0, None]
+
+
+def small_cfg(num_classes: int, *, mask: bool = False, opts: Sequence = ()):
+    cfg = get_cfg()
+    add_reclass_config(cfg)
+    merge_config_file(cfg, BASE_CONFIG)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.MASK_ON = mask
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def small_model(num_classes: int, *, seed: int = 0, mask: bool = False, opts: Sequence = ()):
+    torch.manual_seed(seed)
+    return build_model(small_cfg(num_classes, mask=mask, opts=opts)).eval()
+
+
+def params(model: torch.nn.Module):
+    """A detached copy of every parameter and buffer, to compare before/after."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a, b) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@contextlib.contextmanager
+def captured_logs(*names: str) -> Iterator[List[str]]:
+    """Messages logged to these loggers (whatever their propagate setting)."""
+    messages: List[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = _Handler(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        yield messages
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
