@@ -113,7 +113,8 @@ def apply_num_classes(
     thing_classes: Optional[Sequence[str]],
     stuff_classes: Optional[Sequence[str]] = None,
 ) -> List[Tuple[str, int, int]]:
-    """Set every NUM_CLASSES key from the class lists; returns (key, old, new) for changes.
+    """Set every NUM_CLASSES key from the class lists; returns (key, old, new) for changes,
+    for the caller to log once logging is set up.
 
     Must run before the model is built (``cfg`` must not be frozen).
     """
@@ -139,8 +140,6 @@ def apply_num_classes(
         if node[leaf] != value:
             changes.append((key, node[leaf], value))
             node[leaf] = value
-    for key, old, value in changes:
-        logger.info(f"[d2_reclass] AUTO_NUM_CLASSES: {key} {old} -> {value}")
     return changes
 
 

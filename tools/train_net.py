@@ -28,6 +28,8 @@ from d2_reclass import (
 )
 from d2_reclass.config import target_classes
 
+logger = logging.getLogger("d2_reclass.train_net")
+
 
 def setup(args):
     """Config from file and opts; NUM_CLASSES from the target classes before any model."""
@@ -46,11 +48,14 @@ def setup(args):
         stored = read_stored_classes(cfg.MODEL.WEIGHTS, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
         cfg.MODEL.RECLASS.TARGET_CLASSES = stored.get("thing_classes", [])
         cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = stored.get("stuff_classes", [])
+    changes = []
     if cfg.MODEL.RECLASS.AUTO_NUM_CLASSES:
-        apply_num_classes(cfg, target_classes(cfg, "thing"), target_classes(cfg, "stuff"))
+        changes = apply_num_classes(cfg, target_classes(cfg, "thing"), target_classes(cfg, "stuff"))
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_reclass")
+    for key, old, new in changes:
+        logger.info(f"AUTO_NUM_CLASSES: {key} {old} -> {new}")
     return cfg
 
 
@@ -84,7 +89,7 @@ def argument_parser():
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
-    logging.getLogger(__name__).info("Command Line Args: %s", args)
+    logger.info("Command Line Args: %s", args)
     launch(
         main,
         args.num_gpus,

@@ -1,0 +1,137 @@
+"""ReclassTrainer and tools/train_net.py end to end on the CPU, on real files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from d2_fixtures import REPO, THREE, small_model
+from detectron2.data import MetadataCatalog
+
+from d2_reclass import ClassListError, ReclassCheckpointer, check_num_classes
+from d2_reclass.synthetic import make_shapes_dataset
+
+COCO = list(MetadataCatalog.get("coco_2017_train").thing_classes)
+NAMES = ["dog", "person", "gadget"]  # drawn as THREE's shapes
+CLS = "roi_heads.box_predictor.cls_score.weight"
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+
+
+def test_off_by_one_num_classes_is_named_before_training():
+    with pytest.raises(ClassListError, match=r"built for 4 classes at roi_heads\.box_predictor"
+                       r".*has 3 \(one too many.*Set MODEL\.ROI_HEADS\.NUM_CLASSES 3"):
+        check_num_classes(small_model(4), THREE)
+    with pytest.raises(ClassListError, match="one too few: the last class would be trained as "
+                       "background"):
+        check_num_classes(small_model(2), THREE)
+    check_num_classes(small_model(3), THREE)
+
+
+@pytest.fixture(scope="module")
+def coco_task(tmp_path_factory):
+    """A 3-class COCO-format dataset named with COCO names (+1 new) and an 80-class
+    COCO-shaped checkpoint that stores no class names."""
+    root = tmp_path_factory.mktemp("task")
+    for split, n, seed in (("train", 8, 1), ("val", 4, 2)):
+        path = make_shapes_dataset(str(root), split, THREE, n, seed=seed)
+        with open(path) as f:
+            data = json.load(f)
+        for cat, name in zip(data["categories"], NAMES):
+            cat["name"] = name
+        with open(path, "w") as f:
+            json.dump(data, f)
+    ckpt = root / "coco80.pth"
+    source = small_model(80, seed=1)
+    torch.save({"model": source.state_dict()}, ckpt)
+    return root, str(ckpt), source.state_dict()
+
+
+def _datasets(root):
+    args = []
+    for split in ("train", "val"):
+        args += ["--coco-dataset", f"t_{split}", str(root / f"{split}.json"), str(root / split)]
+    return args
+
+
+def _train_net(root, *args, timeout=300):
+    """Run tools/train_net.py; ``args`` are its flags first, then KEY VALUE opts."""
+    opts = ["DATASETS.TRAIN", '("t_train",)', "DATASETS.TEST", '("t_val",)',
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
+    proc = subprocess.run([sys.executable, TRAIN_NET, *_datasets(root), *args, *opts],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(coco_task, tmp_path_factory):
+    root, ckpt, _ = coco_task
+    out = tmp_path_factory.mktemp("out")
+    log = _train_net(root, "--config-file", "configs/shapes_target_map.yaml",
+                     "MODEL.WEIGHTS", ckpt, "MODEL.RECLASS.SOURCE_DATASET", "coco_2017_train",
+                     "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out))
+    return out, log
+
+
+def test_train_net_maps_an_80_class_checkpoint_trains_and_evaluates(coco_task, trained):
+    _, _, source = coco_task
+    out, log = trained
+    assert "Skip loading parameter" not in log
+    assert "| dog            | dog [16]" in log  # the mapping table, logged once
+    assert log.count("| dog            | dog [16]") == 1
+    assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3" in log
+    assert "Evaluation results for t_val" in log
+    report = json.loads((out / "reclass_report.json").read_text())
+    kept = report["spaces"]["thing"]["mapping"]["kept"]
+    assert [(k["target"], k["source_index"]) for k in kept] == [("dog", 16), ("person", 0)]
+    assert report["spaces"]["thing"]["mapping"]["new"] == ["gadget"]
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    # Saved by the trainer's PeriodicCheckpointer: it must be ours, storing the names.
+    assert final["d2_reclass"] == {"thing_classes": NAMES}
+
+
+def test_eval_only_with_the_base_config_uses_the_stored_classes(coco_task, trained):
+    root, _, _ = coco_task
+    out, _ = trained
+    log = _train_net(root, "--eval-only", "--config-file", "configs/Base-Shapes-RCNN.yaml",
+                     "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                     "OUTPUT_DIR", str(out / "eval"))
+    assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3" in log
+    assert "Skip loading parameter" not in log
+    assert "Evaluation results for t_val" in log
+    # The evaluator's class histogram: the model's 3 classes are the dataset's.
+    assert "|    dog     |" in log and "|   gadget   |" in log
+
+
+def test_the_saved_model_maps_by_stored_names_with_no_source_key(trained):
+    out, _ = trained
+    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    model = small_model(2, seed=3)
+    ReclassCheckpointer(model, target_classes=["gadget", "dog"]).load(str(out / "model_final.pth"))
+    new = model.state_dict()[CLS]
+    assert torch.equal(new[0], final[CLS][2]) and torch.equal(new[1], final[CLS][0])
+    assert torch.equal(new[2], final[CLS][3])
+
+
+def test_two_process_launch_with_reinit_keeps_ranks_identical(coco_task, tmp_path):
+    root, ckpt, _ = coco_task
+    worker = os.path.join(REPO, "tests", "ddp_train_worker.py")
+    cmd = [sys.executable, worker, str(tmp_path), "--num-gpus", "2",
+           "--config-file", "configs/shapes_target_reinit.yaml", *_datasets(root)]
+    opts = ["DATASETS.TRAIN", '("t_train",)', "DATASETS.TEST", "()", "MODEL.WEIGHTS", ckpt,
+            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            "OUTPUT_DIR", str(tmp_path / "out")]
+    proc = subprocess.run(cmd + opts, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("loaded", "final"):
+        r0 = torch.load(tmp_path / f"rank0_{stage}.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"rank1_{stage}.pt", weights_only=True)
+        assert r0.keys() == r1.keys()
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), (stage, k)
+    loaded = torch.load(tmp_path / "rank0_loaded.pt", weights_only=True)
+    assert loaded[CLS].shape == (4, 256)
+    # reinit: every class row fresh from N(0, 0.01); background carried over.
+    assert abs(float(loaded[CLS][:3].std()) - 0.01) < 0.002
