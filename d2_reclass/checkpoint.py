@@ -95,6 +95,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
         self.seed = int(seed)
         self.class_map = list(class_map or [])
         self.source_dataset = source_dataset
+        if source_dataset:  # checked now: stored names would otherwise hide a typo here
+            dataset_classes(source_dataset, what="MODEL.RECLASS.SOURCE_DATASET")
         self.only, self.rename = list(only), list(rename)
         self.trust_pickle = trust_pickle
         self.source_classes = _checked(source_classes, "MODEL.RECLASS.SOURCE_CLASSES")

@@ -31,7 +31,8 @@ def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
         raise ClassListError(f"{what} is empty; give at least one class name.")
     seen: Dict[str, str] = {}
     for i, name in enumerate(classes):
-        if not isinstance(name, str) or not name.strip():
+        # Names are compared normalised: one made only of spaces, "_" and "-" is empty too.
+        if not isinstance(name, str) or not normalize_class_name(name):
             raise ClassListError(f"{what}[{i}] is {name!r}; class names must be non-empty strings.")
         key = normalize_class_name(name)
         if key in seen:
@@ -94,7 +95,9 @@ class ClassMapping:
     def kept(self) -> List[Tuple[str, str, int]]:
         """(target name, source name, source index) for every target class found in the source."""
         return [
-            (t, self.source_name(s), s) for t, s in zip(self.target, self.source_index) if s is not None
+            (t, self.source_name(s), s)
+            for t, s in zip(self.target, self.source_index)
+            if s is not None
         ]
 
     @property
@@ -184,7 +187,9 @@ def build_class_mapping(
         # mapping would silently throw away what the checkpoint knew about it.
         unused = [s for i, s in enumerate(source) if i not in set(index)]
         for ti, (tname, si) in enumerate(zip(target, index)):
-            hint = did_you_mean(tname, unused, cutoff=0.85) if si is None and ti not in declared_new else ""
+            if si is not None or ti in declared_new:
+                continue
+            hint = did_you_mean(tname, unused, cutoff=0.85)
             if hint:
                 raise ClassListError(
                     f"{target_what} names {tname!r}, which is not in {source_what}.{hint} "

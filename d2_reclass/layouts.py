@@ -112,7 +112,8 @@ class ClassLayout:
                 class-specific source is all fresh.
         """
         out: List[int] = list(range(self.offset))
-        src_span = self.block if source_agnostic else (num_source + int(self.background)) * self.block
+        src_classes = 1 if source_agnostic else num_source + int(self.background)
+        src_span = src_classes * self.block
         blocks: List[Optional[int]]
         if target_agnostic:
             blocks = [0 if source_agnostic else None]

@@ -14,7 +14,7 @@ Modes:
   unchanged.
 """
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -135,7 +135,8 @@ def reclass_state_dict(
             ckpt.shape[d] == model.shape[d] for d in range(model.dim()) if d not in axes
         )
         requires_agree = all(
-            r not in state_dict or r not in model_state or state_dict[r].shape == model_state[r].shape
+            r not in state_dict or r not in model_state
+            or state_dict[r].shape == model_state[r].shape
             for lay in lays for r in lay.requires
         )
         reads = [_read(lay, ckpt, model) for lay in lays]
@@ -145,6 +146,25 @@ def reclass_state_dict(
             report.mismatches.append(TensorAction(
                 key, lays[0].space, tuple(ckpt.shape), tuple(model.shape), "skipped",
                 layout="not a class change"))
+
+    # Input columns (offset > 0) read K as the checkpoint's width minus the *model's* non-class
+    # width, so a different feature width (PointRend's point head on a narrower FPN) reads as a
+    # different K. When the class rows of the same space agree on another K, such a column
+    # mismatch is not about classes: it is skipped like any other, not taken for a class change.
+    for space in sorted({r.layout.space for reads in readings.values() for r in reads}):
+        row_counts = {r.num_classes for reads in readings.values() for r in reads
+                      if r.layout.space == space and not r.layout.offset and not r.agnostic
+                      and r.num_classes is not None}
+        if len(row_counts) != 1:
+            continue
+        for key in [key for key, reads in readings.items() if any(
+                r.layout.space == space and r.layout.offset and r.num_classes not in row_counts
+                for r in reads)]:
+            del readings[key]
+            if state_dict[key].shape != model_state[key].shape:
+                report.mismatches.append(TensorAction(
+                    key, space, tuple(state_dict[key].shape), tuple(model_state[key].shape),
+                    "skipped", layout="not a class change"))
 
     # Class counts per space, on each side; every head must agree.
     spaces = sorted({lay.space for lays in by_key.values() for lay in lays})
@@ -244,7 +264,13 @@ def reclass_state_dict(
             "checkpoint's NUM_CLASSES."
         )
 
-    out = dict(state_dict)
+    # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
+    # do: without it, modules with versioned state dicts (PointRend's heads) would take the
+    # checkpoint for an old format and apply their upgrade conversions on load.
+    out = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
     for key, lays in by_key.items():
         lay0 = lays[0]
         resolution = report.spaces[lay0.space].resolution

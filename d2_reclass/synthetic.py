@@ -91,7 +91,8 @@ def make_shapes_dataset(
             placed.append((cx, cy, r))
             cat = int(rng.integers(len(classes)))
             kind, colour = SHAPES[classes[cat]]
-            colour = tuple(int(c) for c in np.clip(np.array(colour) + rng.integers(-20, 21, 3), 0, 255))
+            jitter = np.array(colour) + rng.integers(-20, 21, 3)
+            colour = tuple(int(c) for c in np.clip(jitter, 0, 255))
             poly = _polygon(kind, cx, cy, r, float(rng.uniform(0, math.pi)))
             draw.polygon(poly, fill=colour)
             xs, ys = [p[0] for p in poly], [p[1] for p in poly]

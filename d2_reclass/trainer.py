@@ -58,7 +58,8 @@ def check_num_classes(
         classes = expected.get(lay.space)
         if classes and lay.num_classes is not None and not lay.agnostic \
                 and lay.num_classes != len(classes):
-            problems.append((lay.key, lay.num_classes, len(classes), _config_key(lay.key, lay.space)))
+            problems.append(
+                (lay.key, lay.num_classes, len(classes), _config_key(lay.key, lay.space)))
     for name, m in model.named_modules():
         k = getattr(m, "num_classes", None)
         if thing_classes and isinstance(k, int) and k != len(thing_classes) and name \

@@ -205,16 +205,17 @@ def test_resume_with_changed_classes_is_one_clear_error(six, tmp_path):
 def test_only_takes_the_backbone_of_a_mask_rcnn_into_a_retinanet(tmp_path):
     mask_rcnn = small_model(6, seed=1, mask=True)
     torch.save({"model": mask_rcnn.state_dict()}, tmp_path / "mask.pth")
-    retina = small_model(3, seed=2, opts=["MODEL.META_ARCHITECTURE", "RetinaNet",
-                                          "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone",
-                                          "MODEL.FPN.OUT_CHANNELS", 64])
+    retina = small_model(3, seed=2, opts=[
+        "MODEL.META_ARCHITECTURE", "RetinaNet",
+        "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"])
     before = params(retina)
     ReclassCheckpointer(retina, only=["backbone.bottom_up."]).load(str(tmp_path / "mask.pth"))
     after, source = retina.state_dict(), mask_rcnn.state_dict()
     key = "backbone.bottom_up.res4.0.conv1.weight"
     assert torch.equal(after[key], source[key])
     assert torch.equal(after["head.cls_score.weight"], before["head.cls_score.weight"])
-    assert torch.equal(after["backbone.fpn_lateral2.weight"], before["backbone.fpn_lateral2.weight"])
+    lateral = "backbone.fpn_lateral2.weight"
+    assert torch.equal(after[lateral], before[lateral])
 
 
 def test_rename_moves_prefixes(six, tmp_path):
