@@ -19,7 +19,7 @@ from .live import reclass_model
 from .report import ReclassReport
 from .surgery import ClassSpec, reclass_state_dict
 
-__all__ = ["ReclassFastRCNNOutputLayers", "use_reclass_box_predictors"]
+__all__ = ["ReclassFastRCNNOutputLayers", "adopt_box_predictors", "use_reclass_box_predictors"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,12 @@ def use_reclass_box_predictors(model: nn.Module, cfg) -> int:
     Call it right after building the model, before the optimizer and DDP are built: both
     capture the parameters, which re-typing keeps but a later reclass() would replace.
     """
-    options = _reclass_options(cfg)
+    return adopt_box_predictors(model, **_reclass_options(cfg))
+
+
+def adopt_box_predictors(model: nn.Module, **options) -> int:
+    """:meth:`ReclassFastRCNNOutputLayers.adopt` every box predictor of ``model`` with
+    ``options`` (``class_names``, ``source_class_names``, ...); returns how many."""
     predictors = [m for m in model.modules() if isinstance(m, FastRCNNOutputLayers)]
     for m in predictors:
         ReclassFastRCNNOutputLayers.adopt(m, **options)

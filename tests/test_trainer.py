@@ -135,3 +135,35 @@ def test_two_process_launch_with_reinit_keeps_ranks_identical(coco_task, tmp_pat
     assert loaded[CLS].shape == (4, 256)
     # reinit: every class row fresh from N(0, 0.01); background carried over.
     assert abs(float(loaded[CLS][:3].std()) - 0.01) < 0.002
+
+
+def test_lazyconfig_train_net_maps_init_checkpoint(coco_task, tmp_path):
+    from detectron2 import model_zoo
+    from detectron2.config import instantiate
+
+    root, _, _ = coco_task
+    cfg = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
+    torch.manual_seed(0)
+    source = instantiate(cfg.model).state_dict()
+    ckpt = tmp_path / "coco80_lazy.pth"
+    torch.save({"model": source}, ckpt)
+    out = tmp_path / "out"
+    script = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
+    cmd = [sys.executable, script, "--config-file", "configs/lazy_mask_rcnn_subset_map.py",
+           *_datasets(root),
+           f"train.init_checkpoint={ckpt}", f"train.output_dir={out}", "train.device=cpu",
+           "train.max_iter=1", "dataloader.train.dataset.names=t_train",
+           "dataloader.train.total_batch_size=1", "dataloader.train.num_workers=0",
+           "dataloader.train.mapper.augmentations=[]", "dataloader.test.dataset.names=t_val",
+           "dataloader.test.num_workers=0", "dataloader.evaluator.dataset_name=t_val"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "num_classes: model.roi_heads.num_classes 80 -> 3" in log
+    assert "Skip loading parameter" not in log
+    report = json.loads((out / "reclass_report.json").read_text())
+    assert report["spaces"]["thing"]["mapping"]["new"] == ["gadget"]
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["d2_reclass"] == {"thing_classes": NAMES}
+    mask = "roi_heads.mask_head.predictor.weight"
+    assert final["model"][mask].shape[0] == 3

@@ -1,0 +1,65 @@
+"""The same options for LazyConfig (Python) configs: a ``reclass`` dict beside ``train``.
+
+    reclass = dict(mode="map", source_dataset="coco_2017_train", target_classes=[],
+                   class_map=[], seed=0, only=[], rename=[], trust_pickle=False)
+
+``train.init_checkpoint`` is the checkpoint; the target classes default to the metadata of
+``dataloader.train.dataset.names``. Keys mirror ``MODEL.RECLASS`` in lower case.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+from .config import train_classes
+
+__all__ = ["lazy_reclass_options", "lazy_target_classes", "apply_lazy_num_classes"]
+
+_KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_map", "seed",
+         "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes")
+
+
+def _reclass(cfg) -> Dict[str, Any]:
+    options = dict(cfg.get("reclass", None) or {})
+    unknown = sorted(set(options) - set(_KEYS))
+    if unknown:
+        from .errors import ReclassError
+
+        raise ReclassError(f"reclass.{unknown[0]} is not an option; use one of {_KEYS}.")
+    return options
+
+
+def _train_names(cfg) -> List[str]:
+    names = cfg.dataloader.train.dataset.get("names", ()) if "dataloader" in cfg else ()
+    return [names] if isinstance(names, str) else list(names)
+
+
+def lazy_target_classes(cfg, kind: str = "thing") -> Optional[List[str]]:
+    """``reclass.target_(stuff_)classes``, else the classes of the training datasets."""
+    key = "target_classes" if kind == "thing" else "target_stuff_classes"
+    explicit = list(_reclass(cfg).get(key) or [])
+    return explicit or train_classes(_train_names(cfg), kind)
+
+
+def lazy_reclass_options(cfg) -> Dict[str, Any]:
+    """Keyword arguments of :class:`ReclassCheckpointer` from a LazyConfig."""
+    options = _reclass(cfg)
+    # OmegaConf lists become plain lists; scalars pass as they are.
+    out = {k: v if isinstance(v, (str, int, float, bool)) else list(v)
+           for k, v in options.items() if v is not None}
+    out["target_classes"] = lazy_target_classes(cfg, "thing")
+    out["target_stuff_classes"] = lazy_target_classes(cfg, "stuff")
+    return out
+
+
+def apply_lazy_num_classes(cfg) -> List[Tuple[str, int, int]]:
+    """Set ``num_classes`` where the zoo's LazyConfig models keep it; returns the changes."""
+    thing, stuff = lazy_target_classes(cfg, "thing"), lazy_target_classes(cfg, "stuff")
+    changes = []
+    for path, classes in (("model.roi_heads.num_classes", thing), ("model.num_classes", thing),
+                          ("model.sem_seg_head.num_classes", stuff)):
+        *parents, leaf = path.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if node is not None and part in node else None
+        if classes and node is not None and leaf in node and node[leaf] != len(classes):
+            changes.append((path, node[leaf], len(classes)))
+            node[leaf] = len(classes)
+    return changes
