@@ -25,12 +25,12 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from train_net import argument_parser
 
 from d2_reclass import ReclassCheckpointer, register_coco_dataset
 from d2_reclass.fast_rcnn import adopt_box_predictors
 from d2_reclass.lazy import apply_lazy_num_classes, lazy_reclass_options, lazy_target_classes
 from d2_reclass.trainer import REPORT_FILE
-from train_net import argument_parser
 
 logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
 
