@@ -17,6 +17,11 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.modeling.roi_heads.keypoint_head import KRCNNConvDeconvUpsampleHead
+from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
 from .fresh import MSRA, NORMAL_0001, NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
@@ -218,11 +223,6 @@ def _rows(layer: nn.Module, name: str, weight_init: InitSpec, bias_init: InitSpe
 # ---------------------------------------------------------------------------------------------
 # detectron2 heads
 # ---------------------------------------------------------------------------------------------
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead  # noqa: E402
-from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead  # noqa: E402
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers  # noqa: E402
-from detectron2.modeling.roi_heads.keypoint_head import KRCNNConvDeconvUpsampleHead  # noqa: E402
-from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead  # noqa: E402
 
 
 @register_layout(FastRCNNOutputLayers)

@@ -250,12 +250,11 @@ def reclass_state_dict(
         report.spaces[space] = SpaceReport(space, resolution, k_src, k_tgt, mapping)
 
     if strict_errors or (mode == "strict" and report.mismatches):
-        tensors = [f"  {key}: checkpoint {tuple(state_dict[key].shape)}, model "
-                   f"{tuple(model_state[key].shape)}"
-                   for key in list(readings) + [m.key for m in report.mismatches]
-                   if state_dict[key].shape != model_state[key].shape
-                   or report.spaces.get(by_key[key][0].space, None) is not None
-                   and report.spaces[by_key[key][0].space].resolution == "strict"]
+        strict_spaces = {s for s, r in report.spaces.items() if r.resolution == "strict"}
+        keys = [k for k in readings if by_key[k][0].space in strict_spaces]
+        keys += [m.key for m in report.mismatches]
+        tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
+                   f"{tuple(model_state[k].shape)}" for k in keys]
         raise ClassMismatchError(
             f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
             + "; ".join(strict_errors or ["tensors differ for reasons other than classes"])
