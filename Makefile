@@ -24,6 +24,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/load_cost.py
 	$(PY) benchmarks/coverage_matrix.py
+	$(PY) benchmarks/map_vs_reinit.py
 
 clean:
 	rm -rf $(VENV) output data .pytest_cache
