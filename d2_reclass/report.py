@@ -15,9 +15,11 @@ class TensorAction:
     """What happened to one checkpoint tensor.
 
     ``action`` is one of ``"mapped"`` (some entries copied, some fresh), ``"copied"`` (every
-    entry copied, reordered or subset), ``"fresh"`` (every class entry fresh), ``"model's own"``
+    entry copied, reordered or subset), ``"fresh"`` (every class entry fresh; a background
+    block is still carried over), ``"model's own"``
     (a dataset-derived buffer kept from the model), or ``"skipped"`` (a mismatch that is not
-    about classes, left to fvcore, which skips it as stock detectron2 does).
+    about classes, left to fvcore, which skips it as stock detectron2 does). ``copied`` and
+    ``fresh`` count entries along the class axis; ``copied`` includes the background block.
     """
 
     key: str

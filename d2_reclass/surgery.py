@@ -287,7 +287,9 @@ def reclass_state_dict(
         if new is None:
             continue
         out[key] = new
-        action = "copied" if fresh == 0 else ("fresh" if copied == lay0.offset else "mapped")
+        # "fresh" when no *class* entry was copied; a carried background block does not count.
+        carried = lay0.offset + (lay0.repeat * lay0.block if lay0.background else 0)
+        action = "copied" if fresh == 0 else ("fresh" if copied <= carried else "mapped")
         report.tensors.append(TensorAction(
             key, lay0.space, tuple(ckpt.shape), tuple(model.shape), action,
             copied - lay0.offset, fresh, lay0.describe()))

@@ -42,6 +42,7 @@ def check_num_classes(
     stuff_classes: Optional[Sequence[str]] = None,
     *,
     what: str = "DATASETS.TRAIN",
+    fix: str = "",
 ) -> None:
     """Raise if any class-dependent head of ``model`` disagrees with the dataset's classes.
 
@@ -49,8 +50,11 @@ def check_num_classes(
     an evaluator assert at the end, or silently (NUM_CLASSES one too large: a class is never
     trained; one too small: the last class is trained as background).
 
+    Args:
+        fix: what to tell the user to do; default: set the head's NUM_CLASSES key.
+
     Raises:
-        ClassListError: naming the head, both counts and the config key to set.
+        ClassListError: naming the head, both counts and the fix.
     """
     expected = {THING: thing_classes, STUFF: stuff_classes}
     problems = []
@@ -70,10 +74,10 @@ def check_num_classes(
         hint = " (one too many: the model would keep a class that never appears)" if k == n + 1 \
             else " (one too few: the last class would be trained as background)" if k == n - 1 \
             else ""
+        fix = fix or f"Set {cfg_key} {n}, or leave MODEL.RECLASS.AUTO_NUM_CLASSES on."
         raise ClassListError(
-            f"The model was built for {k} classes at {key}, but {what} has {n}{hint}. Set "
-            f"{cfg_key} {n}, or leave MODEL.RECLASS.AUTO_NUM_CLASSES on. Mismatched: "
-            + ", ".join(p[0] for p in problems)
+            f"The model was built for {k} classes at {key}, but {what} has {n}{hint}. {fix} "
+            "Mismatched: " + ", ".join(p[0] for p in problems)
         )
 
 
@@ -114,9 +118,13 @@ class ReclassTrainerMixin:
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         for name in cfg.DATASETS.TEST:
-            check_num_classes(model, dataset_classes(name, "thing", what="DATASETS.TEST"),
-                              dataset_classes(name, "stuff", what="DATASETS.TEST"),
-                              what=f"DATASETS.TEST {name!r}")
+            check_num_classes(
+                model, dataset_classes(name, "thing", what="DATASETS.TEST"),
+                dataset_classes(name, "stuff", what="DATASETS.TEST"),
+                what=f"DATASETS.TEST {name!r}",
+                fix="Evaluate on a dataset with the model's classes, or set "
+                "MODEL.RECLASS.TARGET_CLASSES to the dataset's classes to map the model's heads "
+                "to them.")
         return super().test(cfg, model, evaluators)
 
 

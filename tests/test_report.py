@@ -139,4 +139,4 @@ def test_reinit_report_names_index_classes():
     actions = {t.key: t.action for t in rep.tensors}
     assert actions["box_predictor.bbox_pred.weight"] == "fresh"
     assert actions["retina.cls_score.weight"] == "fresh"
-    assert actions["box_predictor.cls_score.weight"] == "mapped"  # background carried
+    assert actions["box_predictor.cls_score.weight"] == "fresh"  # background still carried

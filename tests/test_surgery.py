@@ -312,7 +312,7 @@ def test_reinit_80_classes_matches_each_heads_own_init():
         fresh = new[key][:80] if "cls_score" in key else new[key]
         assert_std(fresh, float(own[key][:fresh.shape[0]].std()))
         # Every class row is fresh; the classifier keeps its background row.
-        assert report.tensor(key).action == ("mapped" if "cls_score" in key else "fresh")
+        assert report.tensor(key).action == "fresh"
         assert report.tensor(key).fresh == fresh.shape[0]
     assert_std(new[BOX + "cls_score.weight"][:80], 0.01)
     assert_std(new[BOX + "bbox_pred.weight"], 0.001)
@@ -544,7 +544,7 @@ def test_map_needs_names(head80):
 def test_reinit_mode_ignores_names(head80):
     new, report = reclass(head80, head(3), thing(), mode="reinit")
     assert report.spaces["thing"].resolution == "reinit"
-    assert report.tensor("cls_score.weight").action == "mapped"  # background carried
+    assert report.tensor("cls_score.weight").action == "fresh"  # background carried
     assert report.tensor("bbox_pred.weight").action == "fresh"
     assert not torch.equal(new["cls_score.weight"][1], head80["cls_score.weight"][PERSON])
 

@@ -167,3 +167,18 @@ def test_lazyconfig_train_net_maps_init_checkpoint(coco_task, tmp_path):
     assert final["d2_reclass"] == {"thing_classes": NAMES}
     mask = "roi_heads.mask_head.predictor.weight"
     assert final["model"][mask].shape[0] == 3
+
+
+def test_evaluating_on_a_dataset_with_other_classes_says_how_to_map():
+    from d2_fixtures import small_cfg
+    from detectron2.data import DatasetCatalog
+
+    from d2_reclass import ReclassTrainer
+
+    if "t_other_val" not in DatasetCatalog.list():
+        DatasetCatalog.register("t_other_val", lambda: [])
+        MetadataCatalog.get("t_other_val").set(thing_classes=["a", "b"])
+    cfg = small_cfg(3, opts=["DATASETS.TEST", ("t_other_val",)])
+    with pytest.raises(ClassListError, match="DATASETS.TEST 't_other_val' has 2 .* set "
+                       "MODEL.RECLASS.TARGET_CLASSES to the dataset's classes"):
+        ReclassTrainer.test(cfg, small_model(3))
