@@ -324,8 +324,10 @@ def _register_point_rend(ConvFCHead: type, StandardPointHead: type,
     @register_layout(ConvFCHead)
     def _coarse_mask(m: ConvFCHead) -> List[ClassLayout]:
         # ConvFCHead.forward views the fc output as (N, K, R, R): class-major blocks of R*R.
-        # Implicit PointRend's parameter head (1-d output_shape) predicts point-head parameters,
-        # not classes, and is not covered.
+        # Implicit PointRend's parameter head (1-d output_shape) predicts the point head's
+        # parameters, whose last layer is per class inside one flat vector: two class segments
+        # on one axis with non-class entries between them, which ClassLayout cannot describe
+        # yet. Not covered: fvcore skips that layer, as stock detectron2 does.
         if len(m.output_shape) != 3:
             return []
         k, h, w = m.output_shape
