@@ -14,7 +14,7 @@ from torch import nn
 from .classes import check_class_list
 from .config import target_classes
 from .errors import ClassListError
-from .layouts import THING, _prefixed, layouts_for_module
+from .layouts import THING, layouts_for_module, prefixed_layouts
 from .live import reclass_model
 from .report import ReclassReport
 from .surgery import ClassSpec, reclass_state_dict
@@ -100,7 +100,7 @@ class ReclassFastRCNNOutputLayers(FastRCNNOutputLayers):
             spec = ClassSpec(self.source_class_names, self.class_names, self.class_map,
                              "source_class_names", "class_names")
             new, report = reclass_state_dict(
-                incoming, own, _prefixed(layouts_for_module(self), prefix),
+                incoming, own, prefixed_layouts(layouts_for_module(self), prefix),
                 classes={THING: spec}, mode=self.reclass_mode, seed=self.reclass_seed,
                 source="the loaded state dict")
             state_dict.update(new)

@@ -31,6 +31,7 @@ __all__ = [
     "register_layout",
     "find_layouts",
     "layouts_for_module",
+    "prefixed_layouts",
     "THING",
     "STUFF",
     "KEYPOINT",
@@ -177,7 +178,8 @@ def _lookup(module: nn.Module) -> Optional[LayoutFn]:
     return None
 
 
-def _prefixed(layouts: List[ClassLayout], prefix: str) -> List[ClassLayout]:
+def prefixed_layouts(layouts: List[ClassLayout], prefix: str) -> List[ClassLayout]:
+    """``layouts`` with ``prefix`` put before their keys (and the keys they require)."""
     return [replace(lay, key=prefix + lay.key, requires=tuple(prefix + r for r in lay.requires))
             for lay in layouts]
 
@@ -193,7 +195,7 @@ def layouts_for_module(module: nn.Module) -> List[ClassLayout]:
         if fn is None:
             continue
         prefix = name + "." if name else ""
-        found.extend(_prefixed(fn(m), prefix))
+        found.extend(prefixed_layouts(fn(m), prefix))
         claimed.append(prefix)
         if not name:
             break
@@ -340,8 +342,9 @@ def _register_point_rend(ConvFCHead: type, StandardPointHead: type,
 
     @register_layout(PointRendSemSegHead)
     def _point_rend_sem_seg(m: PointRendSemSegHead) -> List[ClassLayout]:
-        return _prefixed(layouts_for_module(m.coarse_sem_seg_head), "coarse_sem_seg_head.") + \
-            _prefixed(_point_head(m.point_head, STUFF), "point_head.")
+        coarse = layouts_for_module(m.coarse_sem_seg_head)
+        return prefixed_layouts(coarse, "coarse_sem_seg_head.") + prefixed_layouts(
+            _point_head(m.point_head, STUFF), "point_head.")
 
 
 def _point_head(m: nn.Module, space: str) -> List[ClassLayout]:
