@@ -15,7 +15,11 @@ from .errors import (
     ResumeClassMismatchError,
     UnsafeCheckpointError,
 )
-from .fast_rcnn import ReclassFastRCNNOutputLayers, use_reclass_box_predictors
+from .fast_rcnn import (
+    ReclassFastRCNNOutputLayers,
+    adopt_box_predictors,
+    use_reclass_box_predictors,
+)
 from .fresh import InitSpec
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
 from .live import reclass_model
@@ -46,6 +50,7 @@ __all__ = [
     "THING",
     "UnsafeCheckpointError",
     "add_reclass_config",
+    "adopt_box_predictors",
     "apply_num_classes",
     "build_class_mapping",
     "check_num_classes",
