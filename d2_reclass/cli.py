@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from .checkpoint import CLASSES_KEY, stored_classes
 from .errors import ClassListError, ReclassError
-from .layouts import THING, ClassLayout, find_layouts
+from .layouts import THING, find_layouts, retarget
 from .recognize import guess_architecture, recognize_layouts
 from .serialization import checkpoint_format, load_checkpoint_file, same_file, save_checkpoint_file
 from .surgery import MODES, ClassSpec, reclass_state_dict
@@ -98,16 +98,6 @@ def _print_inspect(info: Dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
-def _target_state(weights, layouts: List[ClassLayout], k: int):
-    """Meta tensors with the target shapes: the engine needs shapes, not values."""
-    out = {}
-    for lay in layouts:
-        shape = list(out[lay.key].shape) if lay.key in out else _shape(weights[lay.key])
-        shape[lay.axis] = lay.length(k, agnostic=lay.agnostic)
-        out[lay.key] = torch.empty(shape, device="meta")
-    return out
-
-
 def _model_from_config(config_file: str, classes: Sequence[str]):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -182,8 +172,8 @@ def convert_checkpoint(
                 f"{path}: no standard detectron2 class-dependent head found "
                 f"({'; '.join(notes) or 'no box predictor, mask, RetinaNet or sem-seg keys'}); "
                 "pass --config-file to build the model and read its heads.")
-        target = _target_state(weights, layouts, len(classes))
-        layouts = [_as_target(lay, len(classes)) for lay in layouts]
+        layouts, target = retarget(layouts, {k: _shape(v) for k, v in weights.items()},
+                                   len(classes))
     new, report = reclass_state_dict(
         weights, target, layouts,
         classes={THING: ClassSpec(source, list(classes), list(class_map), what, "--classes")},
@@ -191,12 +181,6 @@ def convert_checkpoint(
     save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": list(classes)}}, out,
                          overwrite=force, progress=True, source=local)
     return report
-
-
-def _as_target(lay: ClassLayout, k: int) -> ClassLayout:
-    from dataclasses import replace
-
-    return replace(lay, num_classes=None if lay.agnostic else k)
 
 
 def _read_classes(args) -> List[str]:

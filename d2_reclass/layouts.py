@@ -14,7 +14,7 @@ rotated boxes), R = mask resolution.
 """
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
@@ -32,6 +32,7 @@ __all__ = [
     "find_layouts",
     "layouts_for_module",
     "prefixed_layouts",
+    "retarget",
     "THING",
     "STUFF",
     "KEYPOINT",
@@ -211,6 +212,24 @@ def find_layouts(model: nn.Module) -> List[ClassLayout]:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return layouts_for_module(model)
+
+
+def retarget(
+    layouts: Sequence[ClassLayout], shapes: Mapping[str, Sequence[int]], num_classes: int
+) -> Tuple[List[ClassLayout], Dict[str, torch.Tensor]]:
+    """The same heads built for ``num_classes``: their layouts, and meta tensors of their
+    shapes (the engine reads target shapes only; meta tensors cost no memory).
+
+    Dataset-derived buffers (``keep_model``) are left out: they have no shape to derive.
+    """
+    new = [replace(lay, num_classes=None if lay.agnostic else num_classes)
+           for lay in layouts if not lay.keep_model]
+    targets: Dict[str, torch.Tensor] = {}
+    for lay in new:
+        shape = list(targets[lay.key].shape if lay.key in targets else shapes[lay.key])
+        shape[lay.axis] = lay.length(num_classes, agnostic=lay.agnostic)
+        targets[lay.key] = torch.empty(shape, device="meta")
+    return new, targets
 
 
 def _rows(layer: nn.Module, name: str, weight_init: InitSpec, bias_init: InitSpec = ZERO,

@@ -5,15 +5,14 @@ model cut to 3 classes for deployment. Parameters are replaced, layer attributes
 (``out_features``, ``in_channels``, ...) and ``num_classes`` attributes follow.
 """
 import logging
-from dataclasses import replace
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .classes import check_class_list
 from .errors import ClassListError
-from .layouts import THING, ClassLayout, find_layouts
+from .layouts import THING, find_layouts, retarget
 from .report import ReclassReport
 from .surgery import ClassSpec, reclass_state_dict
 
@@ -29,13 +28,6 @@ def model_class_names(model: nn.Module) -> Optional[List[str]]:
         if names:
             return list(names)
     return None
-
-
-def _target_shape(shape: torch.Size, lays: List[ClassLayout], k: int) -> List[int]:
-    out = list(shape)
-    for lay in lays:
-        out[lay.axis] = lay.length(k, agnostic=lay.agnostic)
-    return out
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -86,16 +78,7 @@ def reclass_model(
         )
     layouts = [lay for lay in find_layouts(model) if lay.space == THING]
     state = model.state_dict()
-    by_key: Dict[str, List[ClassLayout]] = {}
-    for lay in layouts:
-        by_key.setdefault(lay.key, []).append(
-            replace(lay, num_classes=None if lay.agnostic else len(target)))
-    # The target shapes exist only as shapes: meta tensors cost no memory.
-    targets = {
-        key: torch.empty(_target_shape(state[key].shape, lays, len(target)), device="meta")
-        for key, lays in by_key.items() if not lays[0].keep_model
-    }
-    new_layouts = [lay for lays in by_key.values() for lay in lays if not lay.keep_model]
+    new_layouts, targets = retarget(layouts, {k: v.shape for k, v in state.items()}, len(target))
     new, report = reclass_state_dict(
         {k: state[k] for k in targets}, targets, new_layouts,
         classes={THING: ClassSpec(source, target, class_map, "source_classes", "target_classes")},
@@ -104,13 +87,13 @@ def reclass_model(
     for key in targets:
         _set_tensor(model, key, new[key])
     mapping = report.spaces[THING].mapping if THING in report.spaces else None
-    for key, lays in by_key.items():
-        if lays[0].keep_model and mapping is not None:
-            old = state[key]
+    for lay in layouts:
+        if lay.keep_model and mapping is not None:
+            old = state[lay.key]
             idx = torch.tensor([-1 if s is None else s for s in mapping.source_index])
             value = old.mean().expand(len(target)).clone()
             value[idx >= 0] = old[idx[idx >= 0]]
-            _set_tensor(model, key, value)
+            _set_tensor(model, lay.key, value)
     for m in model.modules():
         if getattr(m, "num_classes", None) == old_k and old_k is not None:
             m.num_classes = len(target)
