@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
 from .classes import check_class_list
@@ -39,14 +40,20 @@ def stored_classes(checkpoint: Dict[str, Any]) -> Dict[str, List[str]]:
     return {k: list(v) for k, v in (stored or {}).items() if k.endswith("_classes") and v}
 
 
-def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, List[str]]:
-    """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
-    from detectron2.utils.file_io import PathManager
-
+def _existing_local_path(path: str) -> str:
+    """``path`` (local, URL or detectron2://, query dropped) as a local file that exists."""
     local = PathManager.get_local_path(path.split("?")[0])
     if not PathManager.exists(local):
-        raise CheckpointError(f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS.")
-    return stored_classes(load_checkpoint_file(local, trust_pickle=trust_pickle))
+        raise CheckpointError(
+            f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS (or the path you gave)."
+        )
+    return local
+
+
+def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, List[str]]:
+    """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
+    return stored_classes(load_checkpoint_file(_existing_local_path(path),
+                                               trust_pickle=trust_pickle))
 
 
 class _AnyShape(tuple):
@@ -141,11 +148,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         self.report = None
         if path:
-            local = self.path_manager.get_local_path(path.split("?")[0])
-            if not self.path_manager.exists(local):
-                raise CheckpointError(
-                    f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS (or the path you gave)."
-                )
+            _existing_local_path(path)
         self._loading = path
         try:
             return super().load(path, checkpointables)
