@@ -30,6 +30,7 @@ from train_net import argument_parser
 from d2_reclass import ReclassCheckpointer, register_coco_dataset
 from d2_reclass.fast_rcnn import adopt_box_predictors
 from d2_reclass.lazy import apply_lazy_num_classes, lazy_reclass_options, lazy_target_classes
+from d2_reclass.threads import configure_torch_threads
 from d2_reclass.trainer import REPORT_FILE
 
 logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
@@ -101,6 +102,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    configure_torch_threads()  # before launch(), whose worker processes inherit it
     args = argument_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -27,6 +27,7 @@ from d2_reclass import (
     register_coco_dataset,
 )
 from d2_reclass.config import target_classes
+from d2_reclass.threads import configure_torch_threads
 
 logger = logging.getLogger("d2_reclass.train_net")
 
@@ -88,6 +89,7 @@ def argument_parser():
 
 
 if __name__ == "__main__":
+    configure_torch_threads()  # before launch(), whose worker processes inherit it
     args = argument_parser().parse_args()
     logger.info("Command Line Args: %s", args)
     launch(
