@@ -30,16 +30,17 @@ rows, is shown as the spread over the seeds, not as one run.
 
 Every step runs ``tools/train_net.py`` as a subprocess, exactly as a user would; the commands
 are printed. Each step's directory holds ``demo_done.json`` with a hash of everything that
-defines the step (dataset settings, generator code, config files, command-line options, thread
-count, the source weights), so a rerun takes seconds and a changed setting redoes only what
-depends on it.
+defines the step (dataset settings, config files, command-line options, the code of
+tools/train_net.py and d2_reclass, thread count, the source weights), so a rerun takes seconds
+and a change redoes only what depends on it.
 
-Measured on a 2-core x86-64 CPU (no GPU) busy with other processes (load average 3-4): 14-16
-minutes from nothing (source model 5-6 min, each of the 6 fine-tunes 60-85 s, each evaluation
-7-13 s, mostly start-up), 8-10 s when everything is cached.
+Measured on a 2-core x86-64 CPU (no GPU) shared with other processes: from nothing 9 minutes at
+a load average of 1-3 (source model 3 min, each of the 6 fine-tunes 51 s, each evaluation 7 s,
+mostly start-up) and 14-16 minutes at 3-4; 8-10 s when everything is cached.
 """
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -108,11 +109,13 @@ def digest(*parts) -> str:
 
 
 def run_key(*parts) -> str:
-    """:func:`digest` of ``parts`` and of the torch thread count the train_net.py runs use.
+    """:func:`digest` of ``parts``, of this repository's code that train_net.py runs
+    (tools/train_net.py, d2_reclass/*.py) and of the torch thread count it runs with.
 
     Call :func:`prepare` (which sets the count) first.
     """
-    return digest(*parts, {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
+    code = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "d2_reclass", "*.py")))
+    return digest(*parts, TRAIN_NET, *code, {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
 
 
 def seed_opts(seed: int) -> List[str]:
