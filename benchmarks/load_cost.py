@@ -138,7 +138,7 @@ def _worker(cache_dir: str, key: str, fmt: str, loader: str, target: str) -> dic
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from d2_reclass import ReclassCheckpointer
+    from d2_reclass import ReclassCheckpointer, ReclassOptions
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # the same for both loaders; keeps them off each other's cores
@@ -148,8 +148,9 @@ def _worker(cache_dir: str, key: str, fmt: str, loader: str, target: str) -> dic
     if loader == "stock":
         ckpt = DetectionCheckpointer(model)
     else:
-        ckpt = ReclassCheckpointer(model, mode="map" if target != "same" else "auto",
-                                   source_classes=names, target_classes=target_names)
+        ckpt = ReclassCheckpointer(model,
+            reclass=ReclassOptions(mode="map" if target != "same" else "auto",
+                                   source_classes=names, target_classes=target_names))
     path = _paths(cache_dir, key)[fmt]
     gc.collect()
     rss_before = _rss_bytes()

@@ -3,14 +3,28 @@
 Public surface: the engine (layouts, class mapping, :func:`reclass_state_dict`) and its
 detectron2 glue (config keys, checkpointer, box predictor, trainer).
 """
-from .checkpoint import CLASSES_KEY, ReclassCheckpointer, read_stored_classes, stored_classes
+from . import logger as _logger
+from .checkpoint import (
+    CLASSES_KEY,
+    ReclassCheckpointer,
+    check_resume,
+    read_stored_classes,
+    stored_classes,
+)
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
-from .config import add_reclass_config, apply_num_classes, merge_config_file
+from .config import (
+    add_reclass_config,
+    apply_num_classes,
+    merge_config_file,
+    prepare_reclass_config,
+)
 from .datasets import register_coco_dataset
 from .errors import (
     CheckpointError,
     ClassListError,
     ClassMismatchError,
+    ConfigError,
+    DatasetError,
     ReclassError,
     ResumeClassMismatchError,
     UnsafeCheckpointError,
@@ -23,9 +37,12 @@ from .fast_rcnn import (
 from .fresh import InitSpec
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
 from .live import reclass_model
+from .options import ReclassOptions
 from .report import ReclassReport
 from .surgery import ClassSpec, reclass_state_dict
 from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
+
+_logger.install_detectron2_forwarding()
 
 __version__ = "0.1.0"
 
@@ -37,11 +54,14 @@ __all__ = [
     "ClassMapping",
     "ClassMismatchError",
     "ClassSpec",
+    "ConfigError",
+    "DatasetError",
     "InitSpec",
     "KEYPOINT",
     "ReclassCheckpointer",
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
+    "ReclassOptions",
     "ReclassReport",
     "ReclassTrainer",
     "ReclassTrainerMixin",
@@ -53,10 +73,12 @@ __all__ = [
     "adopt_box_predictors",
     "apply_num_classes",
     "build_class_mapping",
+    "check_resume",
     "check_num_classes",
     "find_layouts",
     "merge_config_file",
     "normalize_class_name",
+    "prepare_reclass_config",
     "read_stored_classes",
     "reclass_model",
     "reclass_state_dict",

@@ -7,6 +7,7 @@ It loads everything DetectionCheckpointer loads and keeps all it does (PathManag
 fvcore's shape check (so none is "skipped"), and saved checkpoints store the class names.
 """
 import logging
+import os
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -16,16 +17,23 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
-from .classes import check_class_list
-from .config import dataset_classes, target_classes
-from .errors import CheckpointError, ClassMismatchError, ResumeClassMismatchError
+from .classes import normalize_class_name
+from .config import dataset_classes
+from .errors import CheckpointError, ClassMismatchError, ConfigError, ResumeClassMismatchError
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
+from .options import ReclassOptions
 from .report import ReclassReport
 from .serialization import load_checkpoint_file
-from .surgery import MODES, ClassSpec, reclass_state_dict
+from .surgery import ClassSpec, describe_class_change, reclass_state_dict
 
-__all__ = ["ReclassCheckpointer", "CLASSES_KEY", "read_stored_classes", "stored_classes"]
+__all__ = [
+    "CLASSES_KEY",
+    "ReclassCheckpointer",
+    "check_resume",
+    "read_stored_classes",
+    "stored_classes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +48,10 @@ def stored_classes(checkpoint: Dict[str, Any]) -> Dict[str, List[str]]:
     return {k: list(v) for k, v in (stored or {}).items() if k.endswith("_classes") and v}
 
 
-def _existing_local_path(path: str) -> str:
+def _existing_local_path(path: str, path_manager=PathManager) -> str:
     """``path`` (local, URL or detectron2://, query dropped) as a local file that exists."""
-    local = PathManager.get_local_path(path.split("?")[0])
-    if not PathManager.exists(local):
+    local = path_manager.get_local_path(path.split("?")[0])
+    if not os.path.isfile(local):
         raise CheckpointError(
             f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS (or the path you gave)."
         )
@@ -54,6 +62,49 @@ def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, L
     """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
     return stored_classes(load_checkpoint_file(_existing_local_path(path),
                                                trust_pickle=trust_pickle))
+
+
+def resume_mismatch_message(source: str, difference: str, tensors: Sequence[str] = ()) -> str:
+    """The one message for resuming from a checkpoint trained for other classes."""
+    return (
+        f"Cannot resume from {source}: it was trained for other classes than the model's "
+        f"({difference}). Its optimizer and scheduler state belong to those classes and cannot "
+        "be mapped. Use a new OUTPUT_DIR, or start without --resume with MODEL.WEIGHTS "
+        f"{source} to map its weights to the model's classes."
+        + "".join(f"\n{t}" for t in tensors)
+    )
+
+
+def check_resume(
+    save_dir: str,
+    thing_classes: Optional[Sequence[str]],
+    stuff_classes: Optional[Sequence[str]] = None,
+    *,
+    trust_pickle: bool = False,
+) -> None:
+    """Raise before anything is written when ``--resume`` would resume from a checkpoint in
+    ``save_dir`` that stores other class names than the target's (a reorder included).
+
+    Checkpoints that store no names are checked when they are loaded instead.
+
+    Raises:
+        ResumeClassMismatchError: naming the checkpoint, both class lists and what to do.
+    """
+    marker = os.path.join(save_dir, "last_checkpoint")
+    if not PathManager.isfile(marker):
+        return
+    with PathManager.open(marker) as f:
+        path = os.path.join(save_dir, f.read().strip())
+    if not PathManager.isfile(path):
+        return
+    stored = read_stored_classes(path, trust_pickle=trust_pickle)
+    for space, target in ((THING, thing_classes), (STUFF, stuff_classes)):
+        source = stored.get(f"{space}_classes")
+        spec = ClassSpec(source, target)
+        if source and target and [normalize_class_name(c) for c in source] != [
+                normalize_class_name(c) for c in target]:
+            raise ResumeClassMismatchError(resume_mismatch_message(
+                path, f"{space} classes: {describe_class_change(spec, None, None)}"))
 
 
 class _AnyShape(tuple):
@@ -72,8 +123,10 @@ class _AnyShape(tuple):
 class ReclassCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that maps or reinitialises class-dependent tensors.
 
-    After :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for
-    a resume, which never does surgery). Keyword-only options follow ``MODEL.RECLASS``.
+    It takes the parent's arguments unchanged, plus one keyword, ``reclass``: the
+    :class:`ReclassOptions` (default: ``MODE auto`` and nothing else known). After
+    :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for a
+    resume, which never does surgery).
     """
 
     def __init__(
@@ -81,61 +134,24 @@ class ReclassCheckpointer(DetectionCheckpointer):
         model: torch.nn.Module,
         save_dir: str = "",
         *,
-        mode: str = "auto",
-        source_classes: Optional[Sequence[str]] = None,
-        target_classes: Optional[Sequence[str]] = None,
-        class_map: Optional[Sequence[str]] = None,
-        seed: int = 0,
-        source_dataset: str = "",
-        source_stuff_classes: Optional[Sequence[str]] = None,
-        target_stuff_classes: Optional[Sequence[str]] = None,
-        only: Sequence[str] = (),
-        rename: Sequence[str] = (),
-        trust_pickle: bool = False,
+        reclass: Optional[ReclassOptions] = None,
         save_to_disk: Optional[bool] = None,
         **checkpointables: Any,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
-        if mode not in MODES:
-            raise ClassMismatchError(f"MODEL.RECLASS.MODE is {mode!r}; use one of {MODES}.")
-        self.mode = mode
-        self.seed = int(seed)
-        self.class_map = list(class_map or [])
-        self.source_dataset = source_dataset
-        if source_dataset:  # checked now: stored names would otherwise hide a typo here
-            dataset_classes(source_dataset, what="MODEL.RECLASS.SOURCE_DATASET")
-        self.only, self.rename = list(only), list(rename)
-        self.trust_pickle = trust_pickle
-        self.source_classes = _checked(source_classes, "MODEL.RECLASS.SOURCE_CLASSES")
-        self.target_classes = _checked(target_classes, "MODEL.RECLASS.TARGET_CLASSES")
-        self.source_stuff_classes = _checked(
-            source_stuff_classes, "MODEL.RECLASS.SOURCE_STUFF_CLASSES")
-        self.target_stuff_classes = _checked(
-            target_stuff_classes, "MODEL.RECLASS.TARGET_STUFF_CLASSES")
+        if reclass is not None and not isinstance(reclass, ReclassOptions):
+            raise ConfigError(
+                f"ReclassCheckpointer(reclass=...) takes a ReclassOptions, not "
+                f"{type(reclass).__name__}; e.g. reclass=ReclassOptions(mode='map').")
+        self.reclass = reclass or ReclassOptions()
         self.report: Optional[ReclassReport] = None
         self._resuming = False
         self._loading = ""
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables):
-        """Build from ``cfg.MODEL.RECLASS`` (see :func:`add_reclass_config`)."""
-        r = cfg.MODEL.RECLASS
-        return cls(
-            model,
-            save_dir,
-            mode=r.MODE,
-            source_classes=list(r.SOURCE_CLASSES) or None,
-            target_classes=target_classes(cfg, "thing"),
-            class_map=list(r.CLASS_MAP),
-            seed=r.SEED,
-            source_dataset=r.SOURCE_DATASET,
-            source_stuff_classes=list(r.SOURCE_STUFF_CLASSES) or None,
-            target_stuff_classes=target_classes(cfg, "stuff"),
-            only=list(r.ONLY),
-            rename=list(r.RENAME),
-            trust_pickle=r.TRUST_PICKLE,
-            **checkpointables,
-        )
+        """Build from ``cfg.MODEL.RECLASS`` (its defaults where the config has none)."""
+        return cls(model, save_dir, reclass=ReclassOptions.from_config(cfg), **checkpointables)
 
     # ------------------------------------------------------------------ loading
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
@@ -148,7 +164,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         self.report = None
         if path:
-            _existing_local_path(path)
+            _existing_local_path(path, self.path_manager)
         self._loading = path
         try:
             return super().load(path, checkpointables)
@@ -156,13 +172,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
             self._loading = ""
 
     def _torch_load(self, f: str) -> Any:
-        return load_checkpoint_file(f, trust_pickle=self.trust_pickle, progress=True)
+        return load_checkpoint_file(f, trust_pickle=self.reclass.trust_pickle, progress=True)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         # detectron2 unpickles .pkl (and torch.loads .pyth) itself; read them safely instead,
         # then give them the same shape as DetectionCheckpointer._load_file does.
         if filename.endswith(".pkl"):
-            data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
+            data = self._torch_load(filename)
             if isinstance(data, dict) and "model" in data and "__author__" in data:
                 self.logger.info(f"Reading a file from '{data['__author__']}'")
                 return data
@@ -172,7 +188,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         if filename.endswith(".pyth"):
-            data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
+            data = self._torch_load(filename)
             if not isinstance(data, dict) or "model_state" not in data:
                 raise CheckpointError(
                     f"{filename} is not a pycls checkpoint: it has no 'model_state' entry."
@@ -191,39 +207,39 @@ class ReclassCheckpointer(DetectionCheckpointer):
         if checkpoint.get("matching_heuristics", False):
             state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
             checkpoint["matching_heuristics"] = False
-        state = select_and_rename(state, self.only, self.rename)
+        state = select_and_rename(state, self.reclass.only, self.reclass.rename)
 
-        stored = stored_classes(checkpoint)
-        thing_source, thing_what = self._source(stored, "thing", self.source_classes)
-        stuff_source, stuff_what = self._source(stored, "stuff", self.source_stuff_classes)
-        classes = {
-            THING: ClassSpec(thing_source, self.target_classes, self.class_map, thing_what,
-                             "MODEL.RECLASS.TARGET_CLASSES"),
-            STUFF: ClassSpec(stuff_source, self.target_stuff_classes, None, stuff_what,
-                             "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
-        }
+        classes = self._class_specs(stored_classes(checkpoint))
         layouts = find_layouts(self.model)
         model_state = self.model.state_dict()
         if self._resuming:
             try:
                 reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
-                                   seed=self.seed, source=source)
+                                   seed=self.reclass.seed, source=source)
             except ClassMismatchError as e:
                 raise ResumeClassMismatchError(
-                    f"Cannot resume from {source}: it was trained for other classes than the "
-                    "model's, and optimizer state cannot be mapped. Use a new OUTPUT_DIR, or "
-                    "start without --resume (with MODEL.WEIGHTS pointing to it) to map its "
-                    f"weights.\n{e}"
-                ) from None
+                    resume_mismatch_message(source, "; ".join(e.problems), e.tensors)) from None
         else:
             state, self.report = reclass_state_dict(
-                state, model_state, layouts, classes=classes, mode=self.mode, seed=self.seed,
-                source=source)
+                state, model_state, layouts, classes=classes, mode=self.reclass.mode,
+                seed=self.reclass.seed, source=source)
             _warn_non_finite(state, layouts, source)
             if self.report.changed or self.report.mismatches:
                 logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
         checkpoint["model"] = state
         return super()._load_model(checkpoint)
+
+    def _class_specs(self, stored: Dict[str, List[str]]) -> Dict[str, ClassSpec]:
+        """Per class space, what is known of the checkpoint's and the model's classes."""
+        r = self.reclass
+        thing_source, thing_what = self._source(stored, "thing", r.source_classes)
+        stuff_source, stuff_what = self._source(stored, "stuff", r.source_stuff_classes)
+        return {
+            THING: ClassSpec(thing_source, r.target_classes, r.class_map, thing_what,
+                             "MODEL.RECLASS.TARGET_CLASSES"),
+            STUFF: ClassSpec(stuff_source, r.target_stuff_classes, None, stuff_what,
+                             "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
+        }
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
         """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET."""
@@ -232,9 +248,10 @@ class ReclassCheckpointer(DetectionCheckpointer):
             return explicit, f"MODEL.RECLASS.{key}"
         if stored.get(f"{kind}_classes"):
             return stored[f"{kind}_classes"], f"the {kind} classes stored in the checkpoint"
-        if self.source_dataset:
-            names = dataset_classes(self.source_dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
-            return names, f"MODEL.RECLASS.SOURCE_DATASET ({self.source_dataset})"
+        dataset = self.reclass.source_dataset
+        if dataset:
+            names = dataset_classes(dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
+            return names, f"MODEL.RECLASS.SOURCE_DATASET ({dataset})"
         return None, "the source classes"
 
     def _align_by_name(self, state: Dict[str, torch.Tensor], c2: bool) -> Dict[str, torch.Tensor]:
@@ -249,17 +266,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs: Any) -> None:
         """Save as DetectionCheckpointer does, plus the model's class names (CLASSES_KEY)."""
         classes = {}
-        if self.target_classes:
-            classes["thing_classes"] = list(self.target_classes)
-        if self.target_stuff_classes:
-            classes["stuff_classes"] = list(self.target_stuff_classes)
+        if self.reclass.target_classes:
+            classes["thing_classes"] = list(self.reclass.target_classes)
+        if self.reclass.target_stuff_classes:
+            classes["stuff_classes"] = list(self.reclass.target_stuff_classes)
         if classes:
             kwargs.setdefault(CLASSES_KEY, classes)
         super().save(name, **kwargs)
-
-
-def _checked(classes: Optional[Sequence[str]], what: str) -> Optional[List[str]]:
-    return list(check_class_list(classes, what)) if classes else None
 
 
 def _check_weights(state: Any, source: str) -> None:

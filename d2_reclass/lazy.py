@@ -9,6 +9,8 @@
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import train_classes
+from .errors import ConfigError
+from .options import ReclassOptions
 
 __all__ = ["lazy_reclass_options", "lazy_target_classes", "apply_lazy_num_classes"]
 
@@ -20,9 +22,7 @@ def _reclass(cfg) -> Dict[str, Any]:
     options = dict(cfg.get("reclass", None) or {})
     unknown = sorted(set(options) - set(_KEYS))
     if unknown:
-        from .errors import ReclassError
-
-        raise ReclassError(f"reclass.{unknown[0]} is not an option; use one of {_KEYS}.")
+        raise ConfigError(f"reclass.{unknown[0]} is not an option; use one of {_KEYS}.")
     return options
 
 
@@ -38,15 +38,16 @@ def lazy_target_classes(cfg, kind: str = "thing") -> Optional[List[str]]:
     return explicit or train_classes(_train_names(cfg), kind)
 
 
-def lazy_reclass_options(cfg) -> Dict[str, Any]:
-    """Keyword arguments of :class:`ReclassCheckpointer` from a LazyConfig."""
+def lazy_reclass_options(cfg) -> ReclassOptions:
+    """The :class:`ReclassOptions` of a LazyConfig's ``reclass`` dict, target classes
+    defaulting to those of the training datasets."""
     options = _reclass(cfg)
     # OmegaConf lists become plain lists; scalars pass as they are.
     out = {k: v if isinstance(v, (str, int, float, bool)) else list(v)
            for k, v in options.items() if v is not None}
     out["target_classes"] = lazy_target_classes(cfg, "thing")
     out["target_stuff_classes"] = lazy_target_classes(cfg, "stuff")
-    return out
+    return ReclassOptions(**out)
 
 
 def apply_lazy_num_classes(cfg) -> List[Tuple[str, int, int]]:

@@ -24,13 +24,13 @@ from .classes import ClassMapping, build_class_mapping, normalize_class_name
 from .errors import CheckpointError, ClassListError, ClassMismatchError
 from .fresh import seeded_generator
 from .layouts import KEYPOINT, ClassLayout
+from .options import MODES
 from .report import ReclassReport, SpaceReport, TensorAction
 
-__all__ = ["ClassSpec", "MODES", "reclass_state_dict"]
+__all__ = ["ClassSpec", "MODES", "describe_class_change", "reclass_state_dict"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "map", "reinit", "strict")
 
 
 @dataclass
@@ -74,6 +74,24 @@ def _same_classes(spec: ClassSpec) -> bool:
         normalize_class_name(c) for c in spec.target
     ]
     return norm[0] == norm[1]
+
+
+def describe_class_change(spec: ClassSpec, k_src: Optional[int], k_tgt: Optional[int]) -> str:
+    """How the checkpoint's classes differ from the model's, in words, for error messages."""
+    if spec.source is not None and spec.target is not None:
+        if sorted(map(normalize_class_name, spec.source)) == sorted(
+                map(normalize_class_name, spec.target)):
+            return (f"the same {len(spec.target)} classes in another order (checkpoint: "
+                    f"{_listing(spec.source)}; model: {_listing(spec.target)})")
+        return (f"checkpoint {len(spec.source)}, model {len(spec.target)} (checkpoint: "
+                f"{_listing(spec.source)}; model: {_listing(spec.target)})")
+    return f"checkpoint {k_src}, model {k_tgt}" + (
+        " (same count, but the names differ)" if k_src == k_tgt else "")
+
+
+def _listing(names: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
+                                       else "")
 
 
 def _consensus(values: Dict[str, int], what: str, exc: type) -> Optional[int]:
@@ -212,10 +230,7 @@ def reclass_state_dict(
             resolution = "unchanged"
         elif mode == "strict":
             resolution = "strict"
-            strict_errors.append(
-                f"{space} classes: checkpoint {k_src}, model {k_tgt}"
-                + ("" if k_src != k_tgt else " (same count, different names)")
-            )
+            strict_errors.append(f"{space} classes: {describe_class_change(spec, k_src, k_tgt)}")
         elif space == KEYPOINT:
             resolution = "reinit"
         elif mode == "map" or (mode == "auto" and names_known):
@@ -255,13 +270,15 @@ def reclass_state_dict(
         keys += [m.key for m in report.mismatches]
         tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
                    f"{tuple(model_state[k].shape)}" for k in keys]
-        raise ClassMismatchError(
+        problems = strict_errors or ["tensors differ for reasons other than classes"]
+        error = ClassMismatchError(
             f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
-            + "; ".join(strict_errors or ["tensors differ for reasons other than classes"])
-            + ".\n" + "\n".join(tensors) + "\nTo fix: set MODEL.RECLASS.MODE to 'map' (with "
-            "class names) or 'reinit' to adapt the heads, or build the model with the "
-            "checkpoint's NUM_CLASSES."
+            + "; ".join(problems) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
+            "MODEL.RECLASS.MODE to 'map' (with class names) or 'reinit' to adapt the heads, or "
+            "build the model with the checkpoint's NUM_CLASSES."
         )
+        error.problems, error.tensors = problems, tensors
+        raise error
 
     # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
     # do: without it, modules with versioned state dicts (PointRend's heads) would take the

@@ -1,4 +1,5 @@
 """ReclassCheckpointer: everything DetectionCheckpointer does still holds, plus class surgery."""
+import os
 import pickle
 
 import numpy as np
@@ -22,9 +23,12 @@ from d2_reclass import (
     CheckpointError,
     ClassListError,
     ClassMismatchError,
+    ConfigError,
     ReclassCheckpointer,
     ReclassError,
+    ReclassOptions,
     ResumeClassMismatchError,
+    check_resume,
 )
 
 CLS = "roi_heads.box_predictor.cls_score.weight"
@@ -65,13 +69,14 @@ def test_same_classes_load_exactly_like_detection_checkpointer(six, six_pth):
 
 
 def test_saved_names_map_with_no_source_key_and_nothing_is_skipped(six, tmp_path):
-    ReclassCheckpointer(six, str(tmp_path), target_classes=SIX).save("model_final", iteration=9)
+    ReclassCheckpointer(six, str(tmp_path),
+        reclass=ReclassOptions(target_classes=SIX)).save("model_final", iteration=9)
     saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert saved[CLASSES_KEY] == {"thing_classes": SIX}
     assert saved["iteration"] == 9
 
     target = small_model(3, seed=4)
-    ckpt = ReclassCheckpointer(target, target_classes=THREE)
+    ckpt = ReclassCheckpointer(target, reclass=ReclassOptions(target_classes=THREE))
     with captured_logs(*LOGGERS) as logs:
         ckpt.load(str(tmp_path / "model_final.pth"))
     _expect_mapped(target, six.state_dict())
@@ -98,7 +103,8 @@ def test_model_zoo_pkl_maps_with_source_classes(six, tmp_path):
         state = {k: v.numpy() for k, v in six.state_dict().items()}
         pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f, protocol=2)
     target = small_model(3, seed=4)
-    ReclassCheckpointer(target, source_classes=SIX, target_classes=THREE).load(str(path))
+    ReclassCheckpointer(target,
+        reclass=ReclassOptions(source_classes=SIX, target_classes=THREE)).load(str(path))
     _expect_mapped(target, six.state_dict())
 
 
@@ -115,7 +121,8 @@ def test_caffe2_pkl_background_first_rows_are_mapped(tmp_path):
         pickle.dump({"blobs": blobs}, f, protocol=2)
     target = small_model(3, seed=4)
     with captured_logs(*LOGGERS) as logs:
-        ReclassCheckpointer(target, source_classes=SIX, target_classes=THREE).load(str(path))
+        ReclassCheckpointer(target,
+            reclass=ReclassOptions(source_classes=SIX, target_classes=THREE)).load(str(path))
     new = target.state_dict()
     assert torch.equal(new[CLS][0], torch.from_numpy(cls_w[1 + 2]))  # triangle
     assert torch.equal(new[CLS][1], torch.from_numpy(cls_w[1 + 0]))  # square
@@ -130,7 +137,8 @@ def test_matching_heuristics_query_pairs_keys_by_suffix(six, tmp_path):
     path = tmp_path / "stripped.pth"
     torch.save({"model": stripped}, path)
     target = small_model(3, seed=4)
-    ReclassCheckpointer(target, source_classes=SIX, target_classes=THREE).load(
+    ReclassCheckpointer(target,
+        reclass=ReclassOptions(source_classes=SIX, target_classes=THREE)).load(
         f"{path}?matching_heuristics=True")
     _expect_mapped(target, six.state_dict())
     key = "backbone.bottom_up.stem.conv1.weight"
@@ -180,26 +188,61 @@ def test_pixel_mean_and_cell_anchor_keys_are_not_reported(six):
 
 def test_resume_does_no_surgery_and_restores_iteration(six, tmp_path):
     opt = torch.optim.SGD(six.parameters(), lr=0.1)
-    ReclassCheckpointer(six, str(tmp_path), target_classes=SIX, optimizer=opt).save(
+    ReclassCheckpointer(six, str(tmp_path),
+        reclass=ReclassOptions(target_classes=SIX), optimizer=opt).save(
         "model_0000004", iteration=4)
     model = small_model(6, seed=6)
     opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
-    ckpt = ReclassCheckpointer(model, str(tmp_path), target_classes=SIX, optimizer=opt2)
+    ckpt = ReclassCheckpointer(model, str(tmp_path),
+        reclass=ReclassOptions(target_classes=SIX), optimizer=opt2)
     extra = ckpt.resume_or_load("", resume=True)
     assert extra["iteration"] == 4 and ckpt.report is None
     assert_same_state(params(model), params(six))
 
 
 def test_resume_with_changed_classes_is_one_clear_error(six, tmp_path):
-    ReclassCheckpointer(six, str(tmp_path), target_classes=SIX).save("model_0000004")
+    ReclassCheckpointer(six, str(tmp_path),
+        reclass=ReclassOptions(target_classes=SIX)).save("model_0000004")
     model = small_model(3, seed=7)
     before = params(model)
-    ckpt = ReclassCheckpointer(model, str(tmp_path), target_classes=THREE)
+    ckpt = ReclassCheckpointer(model, str(tmp_path), reclass=ReclassOptions(target_classes=THREE))
     with pytest.raises(ResumeClassMismatchError, match="Use a new OUTPUT_DIR, or start without "
                        "--resume") as e:
         ckpt.resume_or_load("", resume=True)
-    assert CLS in str(e.value) and "checkpoint 6, model 3" in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith(f"Cannot resume from {tmp_path / 'model_0000004.pth'}: it was trained "
+                          "for other classes than the model's (thing classes: checkpoint 6, "
+                          "model 3 (checkpoint: square, circle, triangle, diamond, hexagon, "
+                          "cross; model: triangle, square, star)).")
+    assert f"{CLS}: checkpoint (7, 256), model (4, 256)" in msg
+    # Nothing of strict mode's advice, which would contradict "start without --resume".
+    assert "strict" not in msg and "set MODEL.RECLASS.MODE" not in msg
     assert_same_state(params(model), before)
+
+
+def test_resume_with_reordered_classes_says_another_order(six, tmp_path):
+    ReclassCheckpointer(six, str(tmp_path), reclass=ReclassOptions(target_classes=SIX)).save(
+        "model_0000004")
+    ckpt = ReclassCheckpointer(small_model(6, seed=7), str(tmp_path),
+                               reclass=ReclassOptions(target_classes=SIX[::-1]))
+    with pytest.raises(ResumeClassMismatchError, match=r"the same 6 classes in another order "
+                       r"\(checkpoint: square, circle, .*; model: cross, hexagon, "):
+        ckpt.resume_or_load("", resume=True)
+
+
+def test_check_resume_reads_stored_names_before_anything_is_written(six, tmp_path):
+    ReclassCheckpointer(six, str(tmp_path), reclass=ReclassOptions(target_classes=SIX)).save(
+        "model_0000004")
+    with open(tmp_path / "last_checkpoint", "w") as f:
+        f.write("model_0000004.pth")
+    files = sorted(os.listdir(tmp_path))
+    check_resume(str(tmp_path), SIX)  # same classes: resuming is fine
+    with pytest.raises(ResumeClassMismatchError, match=r"model_0000004.pth: it was trained for "
+                       r"other classes than the model's \(thing classes: the same 6 classes in "
+                       r"another order"):
+        check_resume(str(tmp_path), SIX[::-1])
+    check_resume(str(tmp_path / "elsewhere"), THREE)  # nothing to resume from
+    assert sorted(os.listdir(tmp_path)) == files
 
 
 def test_only_takes_the_backbone_of_a_mask_rcnn_into_a_retinanet(tmp_path):
@@ -209,7 +252,8 @@ def test_only_takes_the_backbone_of_a_mask_rcnn_into_a_retinanet(tmp_path):
         "MODEL.META_ARCHITECTURE", "RetinaNet",
         "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"])
     before = params(retina)
-    ReclassCheckpointer(retina, only=["backbone.bottom_up."]).load(str(tmp_path / "mask.pth"))
+    ReclassCheckpointer(retina,
+        reclass=ReclassOptions(only=["backbone.bottom_up."])).load(str(tmp_path / "mask.pth"))
     after, source = retina.state_dict(), mask_rcnn.state_dict()
     key = "backbone.bottom_up.res4.0.conv1.weight"
     assert torch.equal(after[key], source[key])
@@ -222,13 +266,15 @@ def test_rename_moves_prefixes(six, tmp_path):
     torch.save({"model": {"detector." + k: v for k, v in six.state_dict().items()}},
                tmp_path / "wrapped.pth")
     model = small_model(6, seed=8)
-    ReclassCheckpointer(model, rename=["detector.="]).load(str(tmp_path / "wrapped.pth"))
+    ReclassCheckpointer(model,
+        reclass=ReclassOptions(rename=["detector.="])).load(str(tmp_path / "wrapped.pth"))
     assert_same_state(params(model), params(six))
 
 
 @pytest.mark.parametrize("kwargs, exc, message", [
     ({"only": ["bakbone."]}, ReclassError, "ONLY prefix 'bakbone.' matches no checkpoint key"),
-    ({"rename": ["backbone"]}, ClassListError, "is not of the form 'old_prefix=new_prefix'"),
+    ({"rename": ["backbone"]}, ConfigError,
+     "reclass option 'rename' entry 'backbone' is not of the form 'old_prefix=new_prefix'"),
     ({"mode": "map", "target_classes": THREE}, ClassListError, "SOURCE_CLASSES or SOURCE_DATASET"),
     ({"mode": "strict"}, ClassMismatchError, "checkpoint 6, model 3"),
     ({"source_classes": SIX[:5], "target_classes": THREE}, ClassListError,
@@ -240,7 +286,7 @@ def test_bad_input_is_one_error_and_leaves_the_model_untouched(six_pth, kwargs, 
     model = small_model(3, seed=9)
     before = params(model)
     with pytest.raises(exc, match=message):
-        ReclassCheckpointer(model, **kwargs).load(six_pth)
+        ReclassCheckpointer(model, reclass=ReclassOptions(**kwargs)).load(six_pth)
     assert_same_state(params(model), before)
 
 
@@ -256,8 +302,9 @@ def test_source_dataset_gives_coco_names(tmp_path):
     src = small_model(80, seed=1)
     torch.save({"model": src.state_dict()}, tmp_path / "coco.pth")
     target = small_model(3, seed=2)
-    ReclassCheckpointer(target, source_dataset="coco_2017_train",
-                        target_classes=["dog", "person", "gadget"]).load(str(tmp_path / "coco.pth"))
+    options = ReclassOptions(source_dataset="coco_2017_train",
+                             target_classes=["dog", "person", "gadget"])
+    ReclassCheckpointer(target, reclass=options).load(str(tmp_path / "coco.pth"))
     new, old = target.state_dict(), src.state_dict()
     assert torch.equal(new[CLS][0], old[CLS][coco.index("dog")])
     assert torch.equal(new[CLS][1], old[CLS][0])

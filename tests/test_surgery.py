@@ -657,14 +657,24 @@ def test_strict_names_every_tensor_both_counts_and_the_fix():
     assert torch.equal(src[BOX + "cls_score.weight"], before)
 
 
-def test_strict_same_count_other_names(head80):
+def test_strict_reorder_is_named_a_reorder(head80):
     order = list(reversed(COCO_CLASSES))
-    with pytest.raises(ClassMismatchError, match=r"checkpoint 80, model 80 \(same count, "
-                                                 r"different names\)") as info:
+    with pytest.raises(ClassMismatchError, match=r"thing classes: the same 80 classes in another "
+                       r"order \(checkpoint: person, bicycle, .*; model: toothbrush, hair drier,"
+                       ) as info:
         reclass(head80, head(80), thing(COCO_CLASSES, order), mode="strict", source="x.pth")
     assert "x.pth does not fit" in str(info.value)
     assert "cls_score.weight: checkpoint (81, 64), model (81, 64)" in str(info.value)
     assert "bbox_pred.bias" in str(info.value)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("thing classes: the same 80 classes in another order")
+
+
+def test_strict_same_count_other_names(head80):
+    other = COCO_CLASSES[:79] + ["gadget"]
+    with pytest.raises(ClassMismatchError, match=r"thing classes: checkpoint 80, model 80 "
+                       r"\(checkpoint: person, .*; model: person, .*, \.\.\. \(80 in all\)\)"):
+        reclass(head80, head(80), thing(COCO_CLASSES, other), mode="strict", source="x.pth")
 
 
 def test_strict_keypoints():

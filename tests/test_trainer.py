@@ -9,7 +9,7 @@ import torch
 from d2_fixtures import REPO, THREE, small_model
 from detectron2.data import MetadataCatalog
 
-from d2_reclass import ClassListError, ReclassCheckpointer, check_num_classes
+from d2_reclass import ClassListError, ReclassCheckpointer, ReclassOptions, check_num_classes
 from d2_reclass.synthetic import make_shapes_dataset
 
 COCO = list(MetadataCatalog.get("coco_2017_train").thing_classes)
@@ -108,7 +108,8 @@ def test_the_saved_model_maps_by_stored_names_with_no_source_key(trained):
     out, _ = trained
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     model = small_model(2, seed=3)
-    ReclassCheckpointer(model, target_classes=["gadget", "dog"]).load(str(out / "model_final.pth"))
+    ReclassCheckpointer(model,
+        reclass=ReclassOptions(target_classes=["gadget", "dog"])).load(str(out / "model_final.pth"))
     new = model.state_dict()[CLS]
     assert torch.equal(new[0], final[CLS][2]) and torch.equal(new[1], final[CLS][0])
     assert torch.equal(new[2], final[CLS][3])

@@ -24,7 +24,6 @@ from detectron2.engine import (
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from train_net import argument_parser
 
 from d2_reclass import ReclassCheckpointer, register_coco_dataset
@@ -38,7 +37,7 @@ logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
 def build_model(cfg):
     model = instantiate(cfg.model)
     adopt_box_predictors(model, class_names=lazy_target_classes(cfg),
-                         reclass_mode=lazy_reclass_options(cfg).get("mode", "auto"))
+                         reclass_mode=lazy_reclass_options(cfg).mode)
     return model.to(cfg.train.device)
 
 
@@ -66,7 +65,7 @@ def do_train(args, cfg):
     model = _ddp(cfg, model)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
     checkpointer = ReclassCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                       **lazy_reclass_options(cfg))
+                                       reclass=lazy_reclass_options(cfg))
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -90,12 +89,12 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     changes = apply_lazy_num_classes(cfg)
     default_setup(cfg, args)
-    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="d2_reclass")
     for key, old, new in changes:
         logger.info(f"num_classes: {key} {old} -> {new}")
     if args.eval_only:
         model = _ddp(cfg, build_model(cfg))
-        ReclassCheckpointer(model, **lazy_reclass_options(cfg)).load(cfg.train.init_checkpoint)
+        checkpointer = ReclassCheckpointer(model, reclass=lazy_reclass_options(cfg))
+        checkpointer.load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 
