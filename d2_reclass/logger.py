@@ -1,11 +1,13 @@
-"""d2_reclass's log lines go wherever detectron2's own logging was set up.
+"""d2_reclass's log lines go wherever detectron2's own logging was set up, once.
 
 detectron2 projects set up logging with ``default_setup`` / ``setup_logger``, which attach
 handlers to the ``detectron2`` and ``fvcore`` loggers only, and those do not propagate. A
 library logger under another name would reach nobody's console or ``log.txt``. So the
-``d2_reclass`` logger hands its records to the ``detectron2`` logger's handlers, unless the
-user gave ``d2_reclass`` handlers of its own (``setup_logger(name="d2_reclass")``). Records
-still propagate to the root logger as usual.
+``d2_reclass`` logger hands each record to the ``detectron2`` logger's handlers; where
+detectron2 has none, to the root logger's (``logging.basicConfig`` users, pytest's caplog);
+where nothing is set up, warnings go to stderr as Python's default does. A user who gives
+``d2_reclass`` handlers of its own (``setup_logger(name="d2_reclass")``) gets just those.
+Like detectron2's loggers it does not propagate, so no line is shown twice.
 """
 import logging
 
@@ -15,19 +17,16 @@ _PACKAGE = "d2_reclass"
 
 
 class _ToDetectron2Handlers(logging.Handler):
-    """Emits each record through the ``detectron2`` logger's handlers (console, log.txt)."""
+    """Emits each record through the handlers detectron2's own lines go to (console, log.txt)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        own = logging.getLogger(_PACKAGE)
-        if any(h is not self for h in own.handlers):
+        if any(h is not self for h in logging.getLogger(_PACKAGE).handlers):
             return  # set up on its own: those handlers print it
-        root = logging.getLogger().handlers
-        targets = [h for h in logging.getLogger("detectron2").handlers if h not in root]
+        targets = logging.getLogger("detectron2").handlers or logging.getLogger().handlers
         for handler in targets:
             if record.levelno >= handler.level:
                 handler.handle(record)
-        if not targets and not root and record.levelno >= logging.lastResort.level:
-            # Nothing set up anywhere: warnings still reach stderr, as Python's default does.
+        if not targets and record.levelno >= logging.lastResort.level:
             logging.lastResort.handle(record)
 
 
@@ -40,3 +39,4 @@ def install_detectron2_forwarding() -> None:
         package.addHandler(_ToDetectron2Handlers())
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)
+    package.propagate = False
