@@ -54,13 +54,13 @@ def _datasets(root):
     return args
 
 
-def _train_net(root, *args, timeout=300):
+def _train_net(root, *args, timeout=300, returncode=0):
     """Run tools/train_net.py; ``args`` are its flags first, then KEY VALUE opts."""
     opts = ["DATASETS.TRAIN", '("t_train",)', "DATASETS.TEST", '("t_val",)',
             "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
     proc = subprocess.run([sys.executable, TRAIN_NET, *_datasets(root), *args, *opts],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -102,6 +102,22 @@ def test_eval_only_with_the_base_config_uses_the_stored_classes(coco_task, train
     assert "Evaluation results for t_val" in log
     # The evaluator's class histogram: the model's 3 classes are the dataset's.
     assert "|    dog     |" in log and "|   gadget   |" in log
+
+
+def test_resume_with_reordered_classes_fails_before_anything_is_written(coco_task, trained):
+    root, _, _ = coco_task
+    out, _ = trained
+    before = {p: (out / p).read_bytes() for p in ("config.yaml", "log.txt", "last_checkpoint")}
+    files = sorted(os.listdir(out))
+    log = _train_net(root, "--resume", "--config-file", "configs/shapes_target_map.yaml",
+                     "MODEL.RECLASS.TARGET_CLASSES", '["person", "dog", "gadget"]',
+                     "OUTPUT_DIR", str(out), returncode=1)
+    assert (f"ResumeClassMismatchError: Cannot resume from {out / 'model_final.pth'}: it was "
+            "trained for other classes than the model's (thing classes: the same 3 classes in "
+            "another order (checkpoint: dog, person, gadget; model: person, dog, gadget)).") in log
+    assert "Use a new OUTPUT_DIR, or start without --resume" in log
+    assert {p: (out / p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(out)) == files
 
 
 def test_the_saved_model_maps_by_stored_names_with_no_source_key(trained):
