@@ -242,14 +242,18 @@ class ReclassCheckpointer(DetectionCheckpointer):
         }
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
-        """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET."""
+        """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET.
+
+        Resuming reads the run's own last checkpoint, not MODEL.WEIGHTS, which the explicit
+        keys and SOURCE_DATASET describe: only the names it stores count then.
+        """
         key = "SOURCE_CLASSES" if kind == "thing" else "SOURCE_STUFF_CLASSES"
-        if explicit:
+        if explicit and not self._resuming:
             return explicit, f"MODEL.RECLASS.{key}"
         if stored.get(f"{kind}_classes"):
             return stored[f"{kind}_classes"], f"the {kind} classes stored in the checkpoint"
         dataset = self.reclass.source_dataset
-        if dataset:
+        if dataset and not self._resuming:
             names = dataset_classes(dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
             return names, f"MODEL.RECLASS.SOURCE_DATASET ({dataset})"
         return None, "the source classes"
