@@ -9,6 +9,7 @@ __all__ = [
     "ClassListError",
     "ClassMismatchError",
     "CheckpointError",
+    "DatasetError",
     "UnsafeCheckpointError",
     "ResumeClassMismatchError",
 ]
@@ -28,6 +29,10 @@ class ClassMismatchError(ReclassError):
 
 class CheckpointError(ReclassError, OSError):
     """A checkpoint file is missing, unreadable, or not a checkpoint."""
+
+
+class DatasetError(ReclassError):
+    """A dataset file (a COCO-format json) is missing, unreadable, or names no classes."""
 
 
 class UnsafeCheckpointError(CheckpointError):
