@@ -288,7 +288,9 @@ def reclass_state_dict(
                 tuple(spec.source) if spec.source is not None else None, tuple(target_names),
                 (None,) * k_tgt, k_src)
         mappings[space] = mapping
-        report.spaces[space] = SpaceReport(space, resolution, k_src, k_tgt, mapping)
+        report.spaces[space] = SpaceReport(
+            space, resolution, k_src, k_tgt, mapping,
+            spec.source_what if spec.source is not None else None)
 
     if strict_errors or (mode == "strict" and report.mismatches):
         strict_spaces = {s for s, r in report.spaces.items() if r.resolution == "strict"}
