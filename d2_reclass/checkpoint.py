@@ -17,7 +17,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
-from .classes import normalize_class_name
+from .classes import normalize_class_name, pick_source_classes
 from .config import dataset_classes
 from .errors import CheckpointError, ClassMismatchError, ConfigError, ResumeClassMismatchError
 from .keys import select_and_rename
@@ -248,15 +248,15 @@ class ReclassCheckpointer(DetectionCheckpointer):
         keys and SOURCE_DATASET describe: only the names it stores count then.
         """
         key = "SOURCE_CLASSES" if kind == "thing" else "SOURCE_STUFF_CLASSES"
-        if explicit and not self._resuming:
-            return explicit, f"MODEL.RECLASS.{key}"
-        if stored.get(f"{kind}_classes"):
-            return stored[f"{kind}_classes"], f"the {kind} classes stored in the checkpoint"
+        stored_names = (stored.get(f"{kind}_classes"),
+                        f"the {kind} class list stored in the checkpoint")
+        if self._resuming:
+            return pick_source_classes([stored_names])
         dataset = self.reclass.source_dataset
-        if dataset and not self._resuming:
-            names = dataset_classes(dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
-            return names, f"MODEL.RECLASS.SOURCE_DATASET ({dataset})"
-        return None, "the source classes"
+        return pick_source_classes([
+            (explicit, f"MODEL.RECLASS.{key}"), stored_names,
+            (dataset_classes(dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
+             if dataset else None, f"MODEL.RECLASS.SOURCE_DATASET ({dataset})")])
 
     def _align_by_name(self, state: Dict[str, torch.Tensor], c2: bool) -> Dict[str, torch.Tensor]:
         # detectron2's heuristics drop any pair whose shapes differ; let class-dependent keys

@@ -5,13 +5,30 @@ copied from. Names match after normalising case, spaces, ``_`` and ``-``; explic
 ``"target=source"`` entries take precedence over name matches.
 """
 import difflib
+import logging
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from .errors import ClassListError
 
-__all__ = ["ClassMapping", "build_class_mapping", "check_class_list", "normalize_class_name"]
+__all__ = [
+    "ClassMapping",
+    "build_class_mapping",
+    "check_class_list",
+    "class_list_difference",
+    "normalize_class_name",
+    "pick_source_classes",
+]
+
+logger = logging.getLogger(__name__)
+
+# How alike (difflib's ratio, on normalised names) a new target class and a source class that
+# nothing maps from must be for the new class to be taken for a misspelling of it: at
+# _TYPO_RATIO (one typo in most names) mapping refuses; at _CLOSE_RATIO (about two edits) the
+# name may be a real new class, so mapping goes on with a warning and the report flags the pair.
+_TYPO_RATIO = 0.85
+_CLOSE_RATIO = 0.75
 
 
 def normalize_class_name(name: str) -> str:
@@ -44,13 +61,19 @@ def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
     return classes
 
 
-def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    """' Did you mean ...?' naming the closest of ``choices``, or '' if none is close."""
+def _close_names(name: str, choices: Iterable[str], cutoff: float) -> List[str]:
+    """Up to 3 of ``choices`` whose normalised names are at least ``cutoff`` alike, best first."""
     by_norm = {normalize_class_name(c): c for c in choices}
     close = difflib.get_close_matches(normalize_class_name(name), list(by_norm), n=3, cutoff=cutoff)
+    return [by_norm[c] for c in close]
+
+
+def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """' Did you mean ...?' naming the closest of ``choices``, or '' if none is close."""
+    close = _close_names(name, choices, cutoff)
     if not close:
         return ""
-    return " Did you mean " + " or ".join(repr(by_norm[c]) for c in close) + "?"
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
 def _parse_class_map(class_map: Union[None, Sequence[str], Dict[str, str]]) -> Dict[str, str]:
@@ -81,12 +104,15 @@ class ClassMapping:
         source_index (tuple[int or None]): for each target class, the source index whose rows it
             takes, or None for a class the source never had (its rows are fresh).
         num_source (int): number of source classes.
+        close (tuple[tuple[str, str]]): (new target class, dropped source class) pairs whose
+            names are close enough to be one class spelt two ways; mapping kept them apart.
     """
 
     source: Optional[Tuple[str, ...]]
     target: Tuple[str, ...]
     source_index: Tuple[Optional[int], ...]
     num_source: int
+    close: Tuple[Tuple[str, str], ...] = ()
 
     def source_name(self, i: int) -> str:
         return self.source[i] if self.source is not None else f"#{i}"
@@ -120,6 +146,7 @@ class ClassMapping:
             "kept": [{"target": t, "source": s, "source_index": i} for t, s, i in self.kept],
             "new": self.new,
             "dropped": self.dropped,
+            "close": [{"target": t, "source": s} for t, s in self.close],
         }
 
 
@@ -142,9 +169,14 @@ def build_class_mapping(
         num_source: the number of source classes; required when ``source`` is None.
         source_what, target_what: how errors name the two lists (a config key or a file).
 
+    Returns:
+        The mapping. A new target class whose name is close to a source class that nothing
+        maps from (about two edits) is logged as a warning and listed in ``close``.
+
     Raises:
-        ClassListError: on malformed lists, or a class map naming an unknown class (with
-            close-match suggestions).
+        ClassListError: on malformed lists, a class map naming an unknown class (with
+            close-match suggestions), or a new target class one typo away from a source class
+            that nothing maps from.
     """
     target = check_class_list(target, target_what)
     if source is not None:
@@ -182,19 +214,82 @@ def build_class_mapping(
             )
         index[ti] = si
 
-    if source is not None:
-        # A new class one typo away from an unused source class is almost always the typo:
-        # mapping would silently throw away what the checkpoint knew about it.
-        unused = [s for i, s in enumerate(source) if i not in set(index)]
-        for ti, (tname, si) in enumerate(zip(target, index)):
-            if si is not None or ti in declared_new:
-                continue
-            hint = did_you_mean(tname, unused, cutoff=0.85)
-            if hint:
-                raise ClassListError(
-                    f"{target_what} names {tname!r}, which is not in {source_what}.{hint} "
-                    f"Fix the name, or declare it new on purpose with CLASS_MAP '{tname}='."
-                )
+    close = () if source is None else _check_new_classes(
+        source, target, index, declared_new, source_what, target_what)
     return ClassMapping(
-        source=source, target=target, source_index=tuple(index), num_source=num_source
+        source=source, target=target, source_index=tuple(index), num_source=num_source,
+        close=close,
     )
+
+
+def _check_new_classes(
+    source: Sequence[str],
+    target: Sequence[str],
+    index: Sequence[Optional[int]],
+    declared_new: Set[int],
+    source_what: str,
+    target_what: str,
+) -> Tuple[Tuple[str, str], ...]:
+    """Refuse or flag new target classes whose names are close to a source class left unused.
+
+    Mapping would otherwise silently throw away what the checkpoint knew about that class.
+    Classes declared new with ``CLASS_MAP 'name='`` are not checked.
+
+    Returns:
+        The (target, source) pairs close enough to warn about (each logged as a warning).
+
+    Raises:
+        ClassListError: a new class is one typo away from an unused source class.
+    """
+    used = set(index)
+    unused = [s for i, s in enumerate(source) if i not in used]
+    close = []
+    for ti, (tname, si) in enumerate(zip(target, index)):
+        if si is not None or ti in declared_new:
+            continue
+        hint = did_you_mean(tname, unused, cutoff=_TYPO_RATIO)
+        if hint:
+            raise ClassListError(
+                f"{target_what} names {tname!r}, which is not in {source_what}.{hint} "
+                f"Fix the name, or declare it new on purpose with CLASS_MAP '{tname}='."
+            )
+        near = _close_names(tname, unused, _CLOSE_RATIO)
+        if near:
+            close.append((tname, near[0]))
+            logger.warning(
+                f"{target_what} names {tname!r}, which is not in {source_what}, so it gets fresh "
+                f"rows; the close source class {near[0]!r} maps to nothing and what the "
+                f"checkpoint knew about it is dropped. If they are one class, map it with "
+                f"CLASS_MAP '{tname}={near[0]}'; if {tname!r} is new on purpose, declare it with "
+                f"CLASS_MAP '{tname}='."
+            )
+    return tuple(close)
+
+
+def class_list_difference(a: Sequence[str], b: Sequence[str]) -> Optional[str]:
+    """How two class lists differ after name normalisation, in a few words; None if they agree."""
+    if len(a) != len(b):
+        return f"{len(a)} names against {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if normalize_class_name(x) != normalize_class_name(y):
+            return f"#{i} is {x!r} against {y!r}"
+    return None
+
+
+def pick_source_classes(
+    candidates: Sequence[Tuple[Optional[Sequence[str]], str]],
+) -> Tuple[Optional[List[str]], str]:
+    """The first given class list of ``candidates`` (in order of precedence) and its name.
+
+    Each candidate is ``(names or None, how messages name it)``. A later candidate that was
+    given too and differs is not used, and a warning says so: nothing given is dropped
+    silently. Returns ``(None, "the source classes")`` when none was given.
+    """
+    names, what = next(((list(n), w) for n, w in candidates if n), (None, "the source classes"))
+    for other, other_what in candidates:
+        difference = class_list_difference(names, other) if other and other_what != what \
+            else None
+        if difference:
+            logger.warning(f"Not using {other_what}: {what} comes first and differs from it "
+                           f"({difference}).")
+    return names, what

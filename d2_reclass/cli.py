@@ -3,20 +3,29 @@
 Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 usage.
 """
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+from urllib.error import HTTPError, URLError
 
 import numpy as np
 import torch
 from tabulate import tabulate
 
 from .checkpoint import CLASSES_KEY, stored_classes
-from .errors import ClassListError, ReclassError
+from .classes import check_class_list, pick_source_classes
+from .errors import CheckpointError, ClassListError, ReclassError
 from .layouts import THING, find_layouts, retarget
 from .recognize import guess_architecture, recognize_layouts
-from .serialization import checkpoint_format, load_checkpoint_file, same_file, save_checkpoint_file
+from .serialization import (
+    check_output_path,
+    checkpoint_format,
+    load_checkpoint_file,
+    save_checkpoint_file,
+)
 from .surgery import MODES, ClassSpec, reclass_state_dict
 
 __all__ = ["main", "inspect_checkpoint", "convert_checkpoint"]
@@ -25,9 +34,35 @@ logger = logging.getLogger(__name__)
 
 
 def _local(path: str) -> str:
+    """``path`` as a local file name: URLs and ``detectron2://`` paths are downloaded (cached).
+
+    Raises:
+        CheckpointError: the download failed; the message names ``path`` and what to do.
+    """
     from detectron2.utils.file_io import PathManager
 
-    return PathManager.get_local_path(path)
+    # iopath logs a failed download itself; the error raised below says it once, with the fix.
+    download_log = logging.getLogger("iopath.common.download")
+    download_log.addFilter(_drop_record)
+    try:
+        return PathManager.get_local_path(path)
+    except OSError as e:  # urllib's URLError and HTTPError, timeouts, an unwritable cache
+        if isinstance(e, HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        elif isinstance(e, URLError):
+            reason = str(e.reason)
+        else:
+            reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"Cannot download {path}: {reason}. Check the URL and the network, or download the "
+            "file yourself and pass its local path."
+        ) from None
+    finally:
+        download_log.removeFilter(_drop_record)
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
@@ -118,6 +153,34 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
     return build_model(cfg)
 
 
+def _check_arguments(path: str, out: str, config_file: str, force: bool) -> None:
+    """The checks that need no download and no loading, so that they fail before either."""
+    if not out.endswith((".pth", ".pt")):
+        raise ReclassError(f"--out {out}: write a .pth file (torch format, loads with "
+                           "weights_only=True).")
+    # A URL is not a local file yet, so only a local input can be --out here; the downloaded
+    # file is checked again when the output is saved.
+    check_output_path(out, overwrite=force, source=path)
+    if config_file and not os.path.isfile(config_file):
+        raise ReclassError(f"--config-file {config_file} does not exist; check the path.")
+
+
+def _dataset_classes(name: str) -> List[str]:
+    """The thing classes of the registered dataset ``name`` (``--source-dataset``).
+
+    Raises:
+        ClassListError: ``name`` is not registered, or its metadata has no thing classes.
+    """
+    from .config import dataset_classes
+
+    names = dataset_classes(name, what="--source-dataset")
+    if not names:
+        raise ClassListError(
+            f"--source-dataset {name} has no thing_classes in its metadata; pass the "
+            "checkpoint's classes with --source-classes instead.")
+    return names
+
+
 def convert_checkpoint(
     path: str,
     out: str,
@@ -135,32 +198,35 @@ def convert_checkpoint(
     """Write ``out``: ``path``'s weights with every class-dependent tensor fitted to ``classes``,
     the class names stored, optimizer/scheduler state and iteration dropped. Returns the report.
 
-    Nothing is written unless every check passed; ``out`` is written atomically and never
-    over ``path`` (nor over an existing file unless ``force``).
+    The source class names are ``source_classes``, else the names stored in the checkpoint,
+    else those of ``source_dataset``; a warning is logged when a list given loses to a
+    different one, or overrides different stored names. The report names the list used.
+
+    Nothing is written unless every check passed; the checks on the arguments (``out``, the
+    class lists, the dataset, the config file) run before anything is downloaded or loaded.
+    ``out`` is written atomically and never over ``path`` (nor over an existing file unless
+    ``force``).
     """
-    from .config import dataset_classes
+    _check_arguments(path, out, config_file, force)
+    classes = list(check_class_list(classes, "--classes"))
+    if source_classes:
+        check_class_list(source_classes, "--source-classes")
+    # Checked even when stored names will win, so that a mistyped name never passes silently.
+    from_dataset = _dataset_classes(source_dataset) if source_dataset else None
 
     local = _local(path)
-    if same_file(local, out):
-        raise ReclassError(f"--out {out} is the input checkpoint; write to another file.")
-    if not out.endswith((".pth", ".pt")):
-        raise ReclassError(f"--out {out}: write a .pth file (torch format, loads with "
-                           "weights_only=True).")
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
     weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                for k, v in _weights(obj, local).items()}
-    stored = stored_classes(obj if isinstance(obj, dict) else {})
-    # Checked even when unused, so that a mistyped name never passes silently.
-    from_dataset = dataset_classes(source_dataset, what="--source-dataset") \
-        if source_dataset else None
-    if source_classes:
-        source, what = list(source_classes), "--source-classes"
-    elif stored.get("thing_classes"):
-        source, what = stored["thing_classes"], "the classes stored in the checkpoint"
-    elif from_dataset:
-        source, what = from_dataset, "--source-dataset"
-    else:
-        source, what = None, "the source classes"
+    stored = stored_classes(obj if isinstance(obj, dict) else {}).get("thing_classes")
+    source, what = pick_source_classes([
+        (source_classes, "--source-classes"), (stored, f"the class list stored in {path}"),
+        (from_dataset, f"--source-dataset {source_dataset}")])
+    if mode == "map" and source is None and not class_map:
+        raise ClassListError(
+            f"--mode map needs the class names of {path}, which stores none: pass "
+            "--source-classes or --source-dataset, map classes by index with --class-map "
+            "TARGET=INDEX, or use --mode reinit.")
     if config_file:
         model = _model_from_config(config_file, classes)
         layouts, target = find_layouts(model), model.state_dict()
@@ -176,9 +242,9 @@ def convert_checkpoint(
                                    len(classes))
     new, report = reclass_state_dict(
         weights, target, layouts,
-        classes={THING: ClassSpec(source, list(classes), list(class_map), what, "--classes")},
+        classes={THING: ClassSpec(source, classes, list(class_map), what, "--classes")},
         mode=mode, seed=seed, source=path)
-    save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": list(classes)}}, out,
+    save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": classes}}, out,
                          overwrite=force, progress=True, source=local)
     return report
 
@@ -206,16 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="fully unpickle a legacy file you trust")
 
-    p = sub.add_parser("convert", help="fit a checkpoint's heads to other classes")
-    p.add_argument("checkpoint")
+    p = sub.add_parser(
+        "convert", help="fit a checkpoint's heads to other classes",
+        description="Fit a checkpoint's class-dependent heads to other classes. The checkpoint's "
+        "own class names are taken from --source-classes, else the names it stores (written by "
+        "d2_reclass), else --source-dataset; a warning says when a list given is not used or "
+        "overrides different stored names, and the report names the list used.")
+    p.add_argument("checkpoint", help="a .pth / .pkl file, URL or detectron2:// path")
     p.add_argument("--out", required=True, help="output .pth (not the input)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--classes", help="target classes, comma-separated, in order")
     group.add_argument("--classes-file", help="target classes, one per line")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--source-classes", help="the checkpoint's classes, comma-separated")
+    src.add_argument("--source-classes",
+                     help="the checkpoint's classes, comma-separated, in its order; used even "
+                     "when the checkpoint stores other names")
     src.add_argument("--source-dataset", default="",
-                     help="a registered dataset whose classes the checkpoint has")
+                     help="a registered dataset (e.g. coco_2017_train) whose thing classes the "
+                     "checkpoint has; used only when the checkpoint stores no names")
     p.add_argument("--mode", default="auto", choices=[m for m in MODES if m != "strict"])
     p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
     p.add_argument("--config-file", default="", help="build the model to read its heads")
@@ -225,29 +299,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+class _CommandLineFormatter(logging.Formatter):
+    """``d2-reclass: warning: ...``: the shape of the command's error lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"d2-reclass: {record.levelname.lower()}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """Show d2_reclass's warnings on stderr, as ``d2-reclass: warning: ...``, while inside.
+
+    Nothing else configures logging in a command-line run, and a warning (a class list that
+    was not used, a class name close to a dropped one) must reach the user.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_CommandLineFormatter())
+    package_logger = logging.getLogger("d2_reclass")
+    package_logger.addHandler(handler)
     try:
-        if args.command == "inspect":
-            info = inspect_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-            if args.json:
-                print(json.dumps(info, indent=2))
-            else:
-                _print_inspect(info)
-            return 0
-        source = [c.strip() for c in args.source_classes.split(",")] if args.source_classes \
-            else None
-        report = convert_checkpoint(
-            args.checkpoint, args.out, _read_classes(args), source_classes=source,
-            source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
-            config_file=args.config_file, seed=args.seed, force=args.force,
-            trust_pickle=args.trust_pickle)
-        print(report)
-        print(f"Wrote {args.out}")
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``d2-reclass``; returns the exit code (0 success, 1 an error on one stderr line)."""
+    args = build_parser().parse_args(argv)
+    with _warnings_on_stderr():
+        try:
+            return _run(args)
+        except ReclassError as e:
+            print(f"d2-reclass: error: {e}", file=sys.stderr)
+            return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        info = inspect_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            _print_inspect(info)
         return 0
-    except ReclassError as e:
-        print(f"d2-reclass: error: {e}", file=sys.stderr)
-        return 1
+    source = [c.strip() for c in args.source_classes.split(",")] if args.source_classes \
+        else None
+    report = convert_checkpoint(
+        args.checkpoint, args.out, _read_classes(args), source_classes=source,
+        source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
+        config_file=args.config_file, seed=args.seed, force=args.force,
+        trust_pickle=args.trust_pickle)
+    print(report)
+    print(f"Wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class CheckpointError(ReclassError, OSError):
 
 
 class DatasetError(ReclassError):
-    """A dataset (its annotation file or its registration) cannot be read."""
+    """A dataset (its annotation file, its loader or its registration) cannot be read."""
 
 
 class UnsafeCheckpointError(CheckpointError):

@@ -34,13 +34,18 @@ class TensorAction:
 
 @dataclass
 class SpaceReport:
-    """How one class space was resolved: ``map``, ``reinit`` or ``unchanged``."""
+    """How one class space was resolved: ``map``, ``reinit`` or ``unchanged``.
+
+    ``source_from`` names where the source class names came from (a config key, an option,
+    "the names stored in ..."), None when they were unknown.
+    """
 
     space: str
     resolution: str
     num_source: Optional[int]
     num_target: Optional[int]
     mapping: Optional[ClassMapping] = None
+    source_from: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "mapping"}
@@ -91,14 +96,24 @@ class ReclassReport:
         return text
 
     def mapping_table(self) -> str:
-        """One row per target class: where its rows came from."""
+        """One row per target class: where its rows came from; then the dropped source classes.
+
+        A fresh class whose name is close to a dropped source class is flagged on its row.
+        """
         rows = []
         for space in self.spaces.values():
             m = space.mapping
             if m is None or space.resolution == "unchanged":
                 continue
+            close = dict(m.close)
             for t, s in zip(m.target, m.source_index):
-                rows.append((space.space, t, "fresh" if s is None else f"{m.source_name(s)} [{s}]"))
+                if s is not None:
+                    origin = f"{m.source_name(s)} [{s}]"
+                elif t in close:
+                    origin = f"fresh (close to dropped {close[t]!r})"
+                else:
+                    origin = "fresh"
+                rows.append((space.space, t, origin))
             dropped = m.dropped
             if dropped:
                 shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
@@ -127,6 +142,8 @@ class ReclassReport:
 
     def __str__(self) -> str:
         parts = [self.summary()]
+        parts += [f"{s.space} source class names: {s.source_from}" for s in self.spaces.values()
+                  if s.resolution == "map" and s.source_from]
         if any(s.resolution != "unchanged" for s in self.spaces.values()):
             parts.append(self.mapping_table())
         if self.tensors or self.mismatches:

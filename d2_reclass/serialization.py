@@ -42,6 +42,7 @@ from .errors import CheckpointError, UnsafeCheckpointError
 __all__ = [
     "CHECKPOINT_FORMATS",
     "PROGRESS_MIN_BYTES",
+    "check_output_path",
     "load_checkpoint_file",
     "save_checkpoint_file",
     "same_file",
@@ -606,6 +607,38 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
         _remove_quietly(tmp)  # ``path`` is complete now; a leftover link only wastes a name
 
 
+def check_output_path(path: str, *, overwrite: bool = False, source: Optional[str] = None) -> str:
+    """Check that :func:`save_checkpoint_file` may write ``path``, before any work is done.
+
+    Refuses, as it does, the input file ``source``, a directory, an existing file unless
+    ``overwrite``, and a missing parent directory. Touches nothing.
+
+    Returns:
+        The absolute directory the file will be written to.
+
+    Raises:
+        CheckpointError: naming ``path`` and the fix.
+    """
+    if source is not None and same_file(source, path):
+        raise CheckpointError(
+            f"Refusing to write {path}: it is the input checkpoint {source}; write the result "
+            f"to a new path."
+        )
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"Cannot write checkpoint {path}: it is a directory; give a file path in it."
+        )
+    if os.path.lexists(path) and not overwrite:
+        raise _exists_error(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(
+            f"Cannot write checkpoint {path}: directory {directory} does not exist; create it "
+            f"first."
+        )
+    return directory
+
+
 def save_checkpoint_file(
     obj: Any,
     path: str,
@@ -630,21 +663,7 @@ def save_checkpoint_file(
     Raises :class:`CheckpointError` for all of the above, naming the file.
     """
     path = os.fspath(path)
-    if source is not None and same_file(source, path):
-        raise CheckpointError(
-            f"Refusing to write {path}: it is the input checkpoint {source}; write the result "
-            f"to a new path."
-        )
-    if os.path.isdir(path):
-        raise CheckpointError(f"Cannot write checkpoint {path}: it is a directory.")
-    if os.path.lexists(path) and not overwrite:
-        raise _exists_error(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CheckpointError(
-            f"Cannot write checkpoint {path}: directory {directory} does not exist; create it "
-            f"first."
-        )
+    directory = check_output_path(path, overwrite=overwrite, source=source)
     # A dot-name so globs over the output directory do not pick up an unfinished file, and a
     # random part so concurrent writers never share one.
     tmp = os.path.join(

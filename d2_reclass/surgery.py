@@ -13,17 +13,18 @@ Modes:
 * ``auto``: ``map`` when both class lists are known, else ``reinit`` when counts differ, else
   unchanged.
 """
+import dataclasses
 import logging
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
 from .errors import CheckpointError, ClassListError, ClassMismatchError
 from .fresh import seeded_generator
-from .layouts import KEYPOINT, ClassLayout
+from .layouts import KEYPOINT, STUFF, THING, ClassLayout
 from .options import MODES
 from .report import ReclassReport, SpaceReport, TensorAction
 
@@ -31,6 +32,22 @@ __all__ = ["ClassSpec", "MODES", "describe_class_change", "reclass_state_dict"]
 
 logger = logging.getLogger(__name__)
 
+
+class _SpaceKeys(NamedTuple):
+    """The MODEL.RECLASS keys that name one class space's lists, for messages."""
+
+    source: str
+    target: str
+    dataset: str  # a builtin dataset whose metadata lists this space's classes
+
+
+_KEYS = {
+    THING: _SpaceKeys(
+        "MODEL.RECLASS.SOURCE_CLASSES", "MODEL.RECLASS.TARGET_CLASSES", "coco_2017_train"),
+    STUFF: _SpaceKeys(
+        "MODEL.RECLASS.SOURCE_STUFF_CLASSES", "MODEL.RECLASS.TARGET_STUFF_CLASSES",
+        "coco_2017_train_panoptic_separated"),
+}
 
 
 @dataclass
@@ -41,14 +58,35 @@ class ClassSpec:
         source: the checkpoint's class names, or None.
         target: the model's class names, or None.
         class_map: ``"target=source"`` overrides for name matching.
-        source_what, target_what: how errors name these lists (config key, file, option).
+        source_what, target_what: how messages name these lists (config key, file, option);
+            empty: the space's own ``MODEL.RECLASS`` key (``SOURCE_CLASSES`` /
+            ``TARGET_CLASSES``, ``SOURCE_STUFF_CLASSES`` / ``TARGET_STUFF_CLASSES``).
     """
 
     source: Optional[Sequence[str]] = None
     target: Optional[Sequence[str]] = None
     class_map: Union[None, Sequence[str], Dict[str, str]] = None
-    source_what: str = "the source classes"
-    target_what: str = "the target classes"
+    source_what: str = ""
+    target_what: str = ""
+
+
+def _named(space: str, spec: ClassSpec) -> ClassSpec:
+    """``spec`` with both lists named: by the caller, else by the space's MODEL.RECLASS key."""
+    keys = _KEYS.get(space)
+    source_what = keys.source if keys else f"the checkpoint's {space} classes"
+    target_what = keys.target if keys else f"the model's {space} classes"
+    return dataclasses.replace(spec, source_what=spec.source_what or source_what,
+                               target_what=spec.target_what or target_what)
+
+
+def _source_names_hint(space: str) -> str:
+    """How to give a space's source class names, in config keys (CLASS_MAP covers things)."""
+    keys = _KEYS.get(space)
+    if keys is None:
+        return f"give its {space} class names, or use MODE reinit"
+    by_index = ", map classes by index with CLASS_MAP 'target=INDEX'" if space == THING else ""
+    return (f"set {keys.source} or SOURCE_DATASET (a dataset with {space}_classes, e.g. "
+            f"{keys.dataset}){by_index}, or use MODE reinit")
 
 
 @dataclass
@@ -186,10 +224,11 @@ def reclass_state_dict(
 
     # Class counts per space, on each side; every head must agree.
     spaces = sorted({lay.space for lays in by_key.values() for lay in lays})
+    specs = {space: _named(space, classes.get(space, ClassSpec())) for space in spaces}
     src_counts: Dict[str, Optional[int]] = {}
     tgt_counts: Dict[str, Optional[int]] = {}
     for space in spaces:
-        spec = classes.get(space, ClassSpec())
+        spec = specs[space]
         src = {key: r.num_classes for key, reads in readings.items() for r in reads
                if r.layout.space == space and r.num_classes is not None and not r.agnostic}
         ambiguous = {key: r.num_classes for key, reads in readings.items() for r in reads
@@ -218,7 +257,7 @@ def reclass_state_dict(
     mappings: Dict[str, ClassMapping] = {}
     strict_errors: List[str] = []
     for space in spaces:
-        spec = classes.get(space, ClassSpec())
+        spec = specs[space]
         k_src, k_tgt = src_counts[space], tgt_counts[space]
         if k_tgt is None:
             k_tgt = len(spec.target) if spec.target is not None else k_src
@@ -241,14 +280,15 @@ def reclass_state_dict(
         if resolution == "map":
             if spec.target is None:
                 raise ClassListError(
-                    f"MODE map needs the model's {space} class names: set "
-                    "MODEL.RECLASS.TARGET_CLASSES or train on a registered dataset."
+                    f"MODE map needs the model's {space} class names: set {spec.target_what}, "
+                    f"or train on registered datasets whose metadata has {space}_classes."
                 )
             if spec.source is None and not spec.class_map:
+                # The caller's source_what names a list that is missing here; say where the
+                # config takes it from.
                 raise ClassListError(
-                    f"MODE map needs the class names of {source}, which stores none: set "
-                    "MODEL.RECLASS.SOURCE_CLASSES or SOURCE_DATASET (e.g. coco_2017_train), "
-                    "map classes by index with CLASS_MAP 'target=INDEX', or use MODE reinit."
+                    f"MODE map needs the {space} class names of {source}, which stores none: "
+                    f"{_source_names_hint(space)}."
                 )
             mapping = build_class_mapping(
                 spec.source, spec.target, spec.class_map, num_source=k_src,
@@ -262,7 +302,9 @@ def reclass_state_dict(
                 tuple(spec.source) if spec.source is not None else None, tuple(target_names),
                 (None,) * k_tgt, k_src)
         mappings[space] = mapping
-        report.spaces[space] = SpaceReport(space, resolution, k_src, k_tgt, mapping)
+        report.spaces[space] = SpaceReport(
+            space, resolution, k_src, k_tgt, mapping,
+            spec.source_what if spec.source is not None else None)
 
     if strict_errors or (mode == "strict" and report.mismatches):
         strict_spaces = {s for s, r in report.spaces.items() if r.resolution == "strict"}

@@ -189,6 +189,46 @@ def test_panoptic_fpn_thing_and_stuff():
     load_strict(model, new)
 
 
+def test_map_errors_name_each_spaces_keys():
+    src = source_state(PANOPTIC_FPN)
+    model = build_model(PANOPTIC_FPN, 3, stuff_classes=3)
+    stuff = ClassSpec(COCO_STUFF, STUFF_TARGET)
+    with pytest.raises(ClassListError, match=r"^MODE map needs the model's thing class names: "
+                                             r"set MODEL\.RECLASS\.TARGET_CLASSES, or train on "
+                                             r"registered datasets whose metadata has "
+                                             r"thing_classes\.$"):
+        reclass(src, model, {**thing(COCO_CLASSES, None), "stuff": stuff}, mode="map")
+    with pytest.raises(ClassListError, match=r"^MODE map needs the thing class names of "
+                                             r"checkpoint, which stores none: set "
+                                             r"MODEL\.RECLASS\.SOURCE_CLASSES or SOURCE_DATASET "
+                                             r"\(a dataset with thing_classes, e\.g\. "
+                                             r"coco_2017_train\), map classes by index with "
+                                             r"CLASS_MAP 'target=INDEX', or use MODE reinit\.$"):
+        reclass(src, model, {**thing(None, TARGET), "stuff": stuff}, mode="map")
+    with pytest.raises(ClassListError, match=r"^MODE map needs the model's stuff class names: "
+                                             r"set MODEL\.RECLASS\.TARGET_STUFF_CLASSES, or "
+                                             r"train on registered datasets whose metadata has "
+                                             r"stuff_classes\.$"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF, None)}, mode="map")
+    # No CLASS_MAP for stuff: the config applies it to things only.
+    with pytest.raises(ClassListError, match=r"^MODE map needs the stuff class names of x\.pth, "
+                                             r"which stores none: set "
+                                             r"MODEL\.RECLASS\.SOURCE_STUFF_CLASSES or "
+                                             r"SOURCE_DATASET \(a dataset with stuff_classes, "
+                                             r"e\.g\. coco_2017_train_panoptic_separated\), or "
+                                             r"use MODE reinit\.$"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(None, STUFF_TARGET)}, mode="map",
+                source="x.pth")
+    # Where the caller names its lists, messages use its names.
+    with pytest.raises(ClassListError, match=r"stuff class names: set --stuff-classes, or"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF, None,
+                                                           target_what="--stuff-classes")},
+                mode="map")
+    with pytest.raises(ClassListError, match=r"^MODEL\.RECLASS\.SOURCE_STUFF_CLASSES has 53 "
+                                             r"names, but checkpoint has heads for 54 stuff"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF[1:], STUFF_TARGET)})
+
+
 def test_semantic_fpn():
     src = source_state(SEMANTIC_FPN)
     model = build_model(SEMANTIC_FPN, stuff_classes=3)
