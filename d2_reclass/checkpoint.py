@@ -16,6 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
+from torch.nn.parallel import DistributedDataParallel
 
 from .classes import normalize_class_name, pick_source_classes
 from .config import dataset_classes
@@ -163,7 +164,9 @@ class ReclassCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         self.report = None
-        if path:
+        # A DDP model's workers may lack the file: DetectionCheckpointer.load then loads it on
+        # the main worker and syncs the others, so only a single-process load is checked here.
+        if path and not isinstance(self.model, DistributedDataParallel):
             _existing_local_path(path, self.path_manager)
         self._loading = path
         try:
