@@ -261,8 +261,25 @@ def _is_unresolvable(qualname: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def _shows_progress(progress: bool, size: int) -> bool:
+    """True if a byte progress bar for ``size`` bytes would help a person: asked for, the data
+    large, and stderr a terminal someone watches.
+
+    Counting bytes means passing every read or write through Python (:class:`_ProgressReader`)
+    instead of letting torch read the path with its own reader as stock detectron2 does; that
+    costs time on every load, so it is paid only when someone sees the bar. Logs and CI (stderr
+    not a terminal) get neither. Remote files need nothing here: PathManager has downloaded
+    them, with iopath's own progress bar, before they reach this module.
+    """
+    if not progress or size < PROGRESS_MIN_BYTES or sys.stderr is None:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stderr is no terminal
+        return False
+
+
 def _progress_bar(path: str, total: Optional[int], verb: str) -> tqdm:
-    # disable=None: no bar when stderr is not a terminal (logs, CI), so nothing litters them.
     return tqdm(
         total=total,
         desc=f"{verb} {os.path.basename(path)}",
@@ -270,7 +287,6 @@ def _progress_bar(path: str, total: Optional[int], verb: str) -> tqdm:
         unit_scale=True,
         unit_divisor=1024,
         file=sys.stderr,
-        disable=None,
         leave=False,
     )
 
@@ -448,9 +464,10 @@ def _unpickle(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
-def _torch_load(f: Any, path: str, trust_pickle: bool) -> Any:
+def _torch_load(source: Any, path: str, trust_pickle: bool) -> Any:
+    """``torch.load`` of ``source`` (``path`` itself, or a progress reader over it)."""
     try:
-        return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(source, map_location="cpu", weights_only=not trust_pickle)
     except MemoryError:
         raise _out_of_memory_error(path) from None
     except pickle.UnpicklingError as e:
@@ -478,9 +495,15 @@ def _torch_load(f: Any, path: str, trust_pickle: bool) -> Any:
         raise _damaged_error(path, _looks_truncated(e), e) from e
 
 
-def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
+def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool, torch_source: Any) -> Any:
+    """Load the file ``f`` is open on; torch files are read from ``torch_source``.
+
+    ``torch_source`` is ``path`` unless a progress bar is shown: given a path, torch reads the
+    file with its own (C++) reader, as stock ``DetectionCheckpointer`` does; given a file object
+    it reads through Python calls, which only the progress bar needs.
+    """
     if head.startswith(_ZIP_MAGIC):
-        return _torch_load(f, path, trust_pickle)
+        return _torch_load(torch_source, path, trust_pickle)
     foreign = _describe_foreign(head)
     if foreign is not None:
         raise CheckpointError(
@@ -492,7 +515,7 @@ def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
     obj = _unpickle(f, path, head, trust_pickle)
     if type(obj) is int and obj == _TORCH_LEGACY_MAGIC:
         f.seek(0)
-        return _torch_load(f, path, trust_pickle)
+        return _torch_load(torch_source, path, trust_pickle)
     return obj
 
 
@@ -514,7 +537,8 @@ def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: boo
       empty, truncated or corrupted files, and files that are not checkpoints (an image, JSON,
       text); nothing is returned from a partial read.
     * ``progress`` shows a byte progress bar on stderr for files of at least
-      :data:`PROGRESS_MIN_BYTES` when stderr is a terminal; nothing else is printed.
+      :data:`PROGRESS_MIN_BYTES` when stderr is a terminal; nothing else is printed. Otherwise
+      torch files are read as fast as stock ``torch.load(path)`` reads them.
     """
     path = os.fspath(path)
     try:
@@ -543,10 +567,11 @@ def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: boo
         with open(path, "rb") as raw:
             head = raw.read(_HEAD_BYTES)
             raw.seek(0)
-            if not (progress and size >= PROGRESS_MIN_BYTES):
-                return _load_open(raw, path, head, trust_pickle)
+            if not _shows_progress(progress, size):
+                return _load_open(raw, path, head, trust_pickle, torch_source=path)
             with _progress_bar(path, size, "Loading") as bar:
-                return _load_open(_ProgressReader(raw, bar), path, head, trust_pickle)
+                reader = _ProgressReader(raw, bar)
+                return _load_open(reader, path, head, trust_pickle, torch_source=reader)
     except CheckpointError:
         raise
     except OSError as e:
@@ -654,7 +679,7 @@ def save_checkpoint_file(
         # "xb": never reuse an existing file; open() (unlike mkstemp) gives the usual umask mode.
         with open(tmp, "xb") as f:
             total = _weight_bytes(obj) if progress else 0
-            if total >= PROGRESS_MIN_BYTES:
+            if _shows_progress(progress, total):
                 with _progress_bar(path, total, "Saving") as bar:
                     torch.save(obj, _ProgressWriter(f, bar))
             else:

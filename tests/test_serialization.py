@@ -3,15 +3,18 @@
 Every refusal test also checks that nothing was created or changed: an unsafe pickle must be
 stopped before it runs, and a failed save must leave the directory as it was.
 """
+import contextlib
 import io
 import json
 import os
 import pickle
 import pickletools
+import pty
 import struct
+import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Iterator
 
 import numpy as np
 import pytest
@@ -234,25 +237,80 @@ def test_reader_follows_content_not_extension(tmp_path):
     assert_same_checkpoint(load_checkpoint_file(pickle_as_pth), arrays)
 
 
-def test_progress_loads_the_same(tmp_path, monkeypatch, capsys):
-    # Threshold 0: every file goes through the progress reader.
-    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 0)
+@contextlib.contextmanager
+def terminal_stderr() -> Iterator[Callable[[], str]]:
+    """Make ``sys.stderr`` a real terminal (a pseudo-terminal) inside the block; yields a function
+    returning everything written to it so far."""
+    main_fd, tty_fd = pty.openpty()
+    os.set_blocking(main_fd, False)
+    shown = []
+
+    def drain() -> str:
+        sys.stderr.flush()
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except BlockingIOError:
+                break
+            shown.append(chunk)
+        return b"".join(shown).decode("utf-8", "replace")
+
+    saved = sys.stderr
+    with open(tty_fd, "w") as tty:
+        sys.stderr = tty
+        try:
+            yield drain
+        finally:
+            sys.stderr = saved
+            os.close(main_fd)
+
+
+PROGRESS_FILES = ["zip.pth", "legacy.pth", "py2.pkl", "py3.pkl"]
+
+
+def progress_files(tmp_path: Path):
+    """(path, expected content) of a file in each format the progress reader must handle."""
     expected = d2_checkpoint()
     arrays = {"model": {"w": np.arange(10, dtype=np.float32)}, "__author__": "x"}
-    for name, data, want in [
-        ("zip.pth", torch_bytes(expected), expected),
-        ("legacy.pth", torch_bytes(expected, legacy=True), expected),
-        ("py2.pkl", py2_pickle(arrays), arrays),
-        ("py3.pkl", pickle.dumps(arrays, protocol=4), arrays),
-    ]:
-        path = write(tmp_path / name, data)
-        assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+    contents = [
+        (torch_bytes(expected), expected),
+        (torch_bytes(expected, legacy=True), expected),
+        (py2_pickle(arrays), arrays),
+        (pickle.dumps(arrays, protocol=4), arrays),
+    ]
+    return [(write(tmp_path / name, data), want) for name, (data, want) in
+            zip(PROGRESS_FILES, contents)]
 
+
+def test_progress_bar_on_a_terminal_loads_the_same(tmp_path, monkeypatch):
+    # Threshold 0: every file is "large", so on a terminal each goes through the progress reader.
+    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 0)
     out = tmp_path / "out" / "saved.pth"
     out.parent.mkdir()
-    save_checkpoint_file(expected, str(out), progress=True)
-    assert_same_checkpoint(load_checkpoint_file(str(out)), expected)
-    assert capsys.readouterr().out == ""
+    with terminal_stderr() as shown:
+        for path, want in progress_files(tmp_path):
+            assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+        save_checkpoint_file(d2_checkpoint(), str(out), progress=True)
+        text = shown()
+    for name in PROGRESS_FILES:
+        assert f"Loading {name}" in text
+    assert "Saving saved.pth" in text
+    assert_same_checkpoint(load_checkpoint_file(str(out)), d2_checkpoint())
+
+
+def test_no_progress_bar_without_a_terminal_or_for_small_files(tmp_path, monkeypatch, capsys):
+    # Not a terminal (pytest's capture): nothing is printed, however large the file.
+    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 0)
+    for path, want in progress_files(tmp_path):
+        assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+    assert capsys.readouterr() == ("", "")
+
+    # A terminal, but every file is smaller than the threshold: nothing is printed either.
+    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 1 << 30)
+    with terminal_stderr() as shown:
+        for path, want in progress_files(tmp_path):
+            assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+        assert shown() == ""
 
 
 # ------------------------------------------------------------------------------------------------
