@@ -22,7 +22,7 @@ from .errors import CheckpointError, ClassMismatchError, ResumeClassMismatchErro
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
 from .report import ReclassReport
-from .serialization import load_checkpoint_file
+from .serialization import check_state_dict, load_checkpoint_file
 from .surgery import MODES, ClassSpec, reclass_state_dict
 
 __all__ = ["ReclassCheckpointer", "CLASSES_KEY", "read_stored_classes", "stored_classes"]
@@ -34,10 +34,31 @@ logger = logging.getLogger(__name__)
 CLASSES_KEY = "d2_reclass"
 
 
-def stored_classes(checkpoint: Dict[str, Any]) -> Dict[str, List[str]]:
-    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint."""
+def stored_classes(checkpoint: Dict[str, Any], *, source: str = "the checkpoint"
+                   ) -> Dict[str, List[str]]:
+    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint.
+
+    Raises :class:`CheckpointError` naming ``source`` if the entry is there but is not a dict
+    whose ``*_classes`` items are lists of names (a damaged or hand-edited file); other items
+    of the entry are ignored.
+    """
     stored = checkpoint.get(CLASSES_KEY) if isinstance(checkpoint, dict) else None
-    return {k: list(v) for k, v in (stored or {}).items() if k.endswith("_classes") and v}
+    if stored is None:
+        return {}
+    if isinstance(stored, dict):
+        lists = {k: v for k, v in stored.items() if isinstance(k, str) and k.endswith("_classes")}
+        if all(_is_name_list(v) for v in lists.values()):
+            return {k: list(v) for k, v in lists.items() if v}
+    raise CheckpointError(
+        f"Checkpoint {source}: its '{CLASSES_KEY}' entry holds {stored!r:.80}, not the class "
+        f"names d2_reclass saves ({{'thing_classes': [name, ...]}}). The file is damaged or was "
+        f"edited: save it again, or delete that entry and give the checkpoint's classes with "
+        f"MODEL.RECLASS.SOURCE_CLASSES."
+    )
+
+
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
 
 
 def _existing_local_path(path: str) -> str:
@@ -53,7 +74,7 @@ def _existing_local_path(path: str) -> str:
 def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, List[str]]:
     """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
     return stored_classes(load_checkpoint_file(_existing_local_path(path),
-                                               trust_pickle=trust_pickle))
+                                               trust_pickle=trust_pickle), source=path)
 
 
 class _AnyShape(tuple):
@@ -156,7 +177,10 @@ class ReclassCheckpointer(DetectionCheckpointer):
             self._loading = ""
 
     def _torch_load(self, f: str) -> Any:
-        return load_checkpoint_file(f, trust_pickle=self.trust_pickle, progress=True)
+        data = load_checkpoint_file(f, trust_pickle=self.trust_pickle, progress=True)
+        if not isinstance(data, dict):  # DetectionCheckpointer._load_file looks "model" up in it
+            check_state_dict(data, f)  # raises: a file holding no dict holds no weights
+        return data
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         # detectron2 unpickles .pkl (and torch.loads .pyth) itself; read them safely instead,
@@ -168,8 +192,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 return data
             if isinstance(data, dict) and "blobs" in data:
                 data = data["blobs"]
-            _check_weights(data, filename)
-            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            data = _without_suffix(data, "_momentum")
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         if filename.endswith(".pyth"):
             data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
@@ -177,15 +200,16 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(
                     f"{filename} is not a pycls checkpoint: it has no 'model_state' entry."
                 )
-            state = {k: v for k, v in data["model_state"].items()
-                     if not k.endswith("num_batches_tracked")}
+            state = _without_suffix(data["model_state"], "num_batches_tracked")
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         source = self._loading or "the checkpoint"
         state = checkpoint["model"]
-        _check_weights(state, source)
+        # Every entry is checked before anything converts, matches or loads it, so a value that
+        # is not a tensor (a damaged or edited file) is one CheckpointError, model untouched.
+        check_state_dict(state, source)
         self._convert_ndarray_to_tensor(state)
         _strip_prefix_if_present(state, "module.")
         if checkpoint.get("matching_heuristics", False):
@@ -193,7 +217,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
             checkpoint["matching_heuristics"] = False
         state = select_and_rename(state, self.only, self.rename)
 
-        stored = stored_classes(checkpoint)
+        stored = stored_classes(checkpoint, source=source)
         thing_source, thing_what = self._source(stored, "thing", self.source_classes)
         stuff_source, stuff_what = self._source(stored, "stuff", self.source_stuff_classes)
         classes = {
@@ -262,14 +286,13 @@ def _checked(classes: Optional[Sequence[str]], what: str) -> Optional[List[str]]
     return list(check_class_list(classes, what)) if classes else None
 
 
-def _check_weights(state: Any, source: str) -> None:
-    if not isinstance(state, dict) or not any(
-        hasattr(v, "shape") for v in state.values()
-    ):
-        raise CheckpointError(
-            f"{source} contains no model weights: expected a 'model' entry holding a state dict "
-            "(name -> tensor). Is it an optimizer-only or metrics file?"
-        )
+def _without_suffix(state: Any, suffix: str) -> Any:
+    """``state`` without the entries detectron2 drops by name (keys ending in ``suffix``), as
+    detectron2 drops them before its own type check; anything but a dict is returned as it is,
+    for :func:`check_state_dict` to refuse."""
+    if not isinstance(state, dict):
+        return state
+    return {k: v for k, v in state.items() if not (isinstance(k, str) and k.endswith(suffix))}
 
 
 def _warn_non_finite(state: Dict[str, torch.Tensor], layouts, source: str) -> None:

@@ -71,7 +71,7 @@ def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, An
             for lay in layouts
         ],
         "num_classes": {space: k for space, k in counts},
-        "stored_classes": stored_classes(extras),
+        "stored_classes": stored_classes(extras, source=path),
         "iteration": extras.get("iteration"),
         "optimizer_state": "optimizer" in extras or "trainer" in extras,
         "scheduler_state": "scheduler" in extras or "trainer" in extras,
@@ -149,7 +149,7 @@ def convert_checkpoint(
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
     weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                for k, v in _weights(obj, local).items()}
-    stored = stored_classes(obj if isinstance(obj, dict) else {})
+    stored = stored_classes(obj if isinstance(obj, dict) else {}, source=path)
     # Checked even when unused, so that a mistyped name never passes silently.
     from_dataset = dataset_classes(source_dataset, what="--source-dataset") \
         if source_dataset else None

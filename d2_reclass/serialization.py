@@ -46,6 +46,7 @@ __all__ = [
     "save_checkpoint_file",
     "same_file",
     "checkpoint_format",
+    "check_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -742,6 +743,77 @@ def _no_weights_error(path: str, found: str) -> CheckpointError:
         f"Checkpoint {path} contains no model weights: expected a 'model' entry or a state dict "
         f"(parameter names to tensors); found {found}. Check that this is a model checkpoint."
     )
+
+
+def _describe_value(value: Any) -> str:
+    """What a state dict entry holds, in a few words, for an error message."""
+    if value is None:
+        return "None"
+    if isinstance(value, (str, bytes, int, float, complex, np.generic)):
+        # A numpy scalar shows its plain value (numpy 2's repr would add "np.float32(...)").
+        text = repr(value.item() if isinstance(value, np.generic) else value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return f"{_describe_object(value)} ({text})"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return f"{_describe_object(value)} of {len(value)} items"
+    return _describe_object(value)
+
+
+def _unloadable(value: Any) -> Optional[str]:
+    """Why ``value`` cannot be loaded into a model parameter, or None if it can.
+
+    Tensors must be ordinary dense CPU tensors (``load_state_dict`` copies them); numpy arrays
+    must be what ``torch.from_numpy`` takes, as detectron2 converts them with it.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized or value.device.type != "cpu":
+            return f"a {value.layout} {value.device.type} tensor of dtype {value.dtype}"
+        return None
+    if isinstance(value, np.ndarray):
+        try:
+            torch.from_numpy(value)
+        except (TypeError, ValueError, RuntimeError):
+            return f"a numpy array of dtype {value.dtype.str}, which torch cannot hold"
+        return None
+    return _describe_value(value)
+
+
+def check_state_dict(state: Any, path: str) -> None:
+    """Check that ``state`` is a state dict whose every entry a detectron2 model can load.
+
+    Guarantees: if this returns, ``state`` is a dict whose keys are all strings and whose values
+    are all dense CPU ``torch.Tensor`` s or numpy arrays that ``torch.from_numpy`` accepts
+    (numbers or bools, native byte order), at least one of them; so detectron2's conversion,
+    matching and ``load_state_dict`` cannot fail on a value's type. Otherwise it raises
+    :class:`CheckpointError` naming ``path`` and saying what to do: that the file holds no
+    weights at all (not a dict, or no tensor in it: an optimizer or metrics file), or which key
+    is not a string or which entry holds what instead of a tensor. ``state`` is never modified.
+
+    Entries detectron2 drops by name before loading (Caffe2 ``*_momentum`` blobs, pycls
+    ``*num_batches_tracked``) must be dropped before this check, as detectron2 drops them before
+    its own; entries beside the state dict (``iteration``, ``__author__``, ...) are not its
+    business.
+    """
+    if not isinstance(state, dict) or not any(map(_is_weight, state.values())):
+        found = _describe_object(state)
+        if isinstance(state, dict) and state:
+            found += " and no tensors or arrays"
+        raise _no_weights_error(path, found)
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(
+                f"Checkpoint {path} has a state dict key {key!r} ({_describe_object(key)}), but "
+                f"parameter names are strings: the file is damaged or was not written for a "
+                f"detectron2 model; {_REFETCH_HINT}."
+            )
+        problem = _unloadable(value)
+        if problem is not None:
+            raise CheckpointError(
+                f"Checkpoint {path}: state dict entry {key!r} holds {problem}, where a model "
+                f"parameter needs a tensor or a numeric array. The file is damaged or was "
+                f"edited: {_REFETCH_HINT}, or delete that entry from the state dict and save "
+                f"the file again."
+            )
 
 
 def checkpoint_format(obj: Any, path: str) -> str:

@@ -1,5 +1,9 @@
 """ReclassCheckpointer: everything DetectionCheckpointer does still holds, plus class surgery."""
+import copy
+import io
 import pickle
+import re
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pytest
@@ -271,3 +275,198 @@ def test_non_finite_class_rows_are_named_in_a_warning(six, tmp_path):
     with captured_logs(*LOGGERS) as logs:
         ReclassCheckpointer(small_model(6)).load(str(tmp_path / "nan.pth"))
     assert any(CLS in m and "NaN or Inf" in m for m in logs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged and edited checkpoints: a clean load or one ReclassError, the model untouched
+# ------------------------------------------------------------------------------------------------
+
+STEM = "backbone.bottom_up.stem.conv1.weight"
+FORMATS = ("pth", "pkl")
+
+
+def mutation_source(six) -> Dict[str, Any]:
+    """The checkpoint every mutation starts from: the six-class model's tensors of at most 64k
+    elements (its big convolutions would only make every file slower to write), its class
+    names, and entries detectron2 passes through untouched."""
+    state = {k: v for k, v in six.state_dict().items() if v.numel() <= 65536}
+    assert CLS in state and BBOX in state and STEM in state
+    return {"model": state, "iteration": 9, "__author__": "d2_reclass tests",
+            CLASSES_KEY: {"thing_classes": list(SIX)}}
+
+
+def as_numpy(obj: Any) -> Any:
+    """``obj`` with every tensor a numpy array, as model-zoo ``.pkl`` files hold them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: as_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_numpy(v) for v in obj)
+    return obj
+
+
+def checkpoint_bytes(obj: Any, fmt: str) -> bytes:
+    """``obj`` as a ``.pth`` (torch.save) or a model-zoo ``.pkl`` (pickle protocol 2)."""
+    buf = io.BytesIO()
+    if fmt == "pth":
+        torch.save(obj, buf)
+    else:
+        pickle.dump(as_numpy(obj), buf, protocol=2)
+    return buf.getvalue()
+
+
+def _put(key: Any, value: Any) -> Callable[[Dict[str, Any]], Any]:
+    def edit(ckpt):
+        ckpt["model"][key] = value
+        return ckpt
+    return edit
+
+
+def _top(key: str, value: Any) -> Callable[[Dict[str, Any]], Any]:
+    def edit(ckpt):
+        ckpt[key] = value
+        return ckpt
+    return edit
+
+
+def _without(key: str) -> Callable[[Dict[str, Any]], Any]:
+    def edit(ckpt):
+        del ckpt[key]
+        return ckpt
+    return edit
+
+
+def _prefixed(ckpt):
+    ckpt["model"] = {"module." + k: v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+NO_WEIGHTS = "contains no model weights"
+#: (what, formats, edit of the loaded checkpoint, None for a clean load or what the
+#: CheckpointError must say). numpy values only go into .pkl files: in a .pth torch's safe
+#: loader refuses numpy already, which the byte mutations cover.
+STRUCTURAL_EDITS = [
+    ("str value", FORMATS, _put(CLS, "weights"), rf"entry '{CLS}' holds a str \('weights'\)"),
+    ("list value", FORMATS, _put(STEM, [0.5, 1.5]), rf"entry '{STEM}' holds a list of 2 items"),
+    ("None value", FORMATS, _put(BBOX, None), rf"entry '{BBOX}' holds None"),
+    ("int value", FORMATS, _put(CLS, 3), rf"entry '{CLS}' holds an int \(3\)"),
+    ("float value", FORMATS, _put(STEM, 0.25), rf"entry '{STEM}' holds a float \(0.25\)"),
+    ("bytes value", FORMATS, _put(CLS, b"\x00\x01"), rf"entry '{CLS}' holds a bytes"),
+    ("tuple value", FORMATS, _put(BBOX, (torch.zeros(2), torch.ones(2))),
+     rf"entry '{BBOX}' holds a tuple of 2 items"),
+    ("nested dict value", FORMATS, _put(CLS, {"weight": torch.zeros(7, 256)}),
+     rf"entry '{CLS}' holds a dict with keys \['weight'\]"),
+    ("new non-tensor key", FORMATS, _put("roi_heads.note", "trained on shapes"),
+     r"entry 'roi_heads.note' holds a str"),
+    ("object array", ("pkl",), _put(CLS, np.array([1, "a", None], dtype=object)),
+     rf"entry '{CLS}' holds a numpy array of dtype \|O, which torch cannot hold"),
+    ("string array", ("pkl",), _put(STEM, np.array(["ab", "cd"])),
+     rf"entry '{STEM}' holds a numpy array of dtype <U2"),
+    ("datetime array", ("pkl",), _put(CLS, np.array(["2024-05-01"], dtype="M8[D]")),
+     rf"entry '{CLS}' holds a numpy array of dtype <M8\[D\]"),
+    ("numpy scalar", ("pkl",), _put(BBOX, np.float32(2.5)),
+     rf"entry '{BBOX}' holds a float32 \(2.5\)"),
+    ("sparse tensor", ("pth",), _put(CLS, torch.eye(7, 256).to_sparse()),
+     rf"entry '{CLS}' holds a torch.sparse_coo cpu tensor"),
+    ("meta tensor", ("pth",), _put(STEM, torch.empty(64, 3, 7, 7, device="meta")),
+     rf"entry '{STEM}' holds a torch.strided meta tensor"),
+    ("int key", FORMATS, _put(7, torch.zeros(3)), r"state dict key 7 \(an int\)"),
+    ("tuple key", FORMATS, _put(("res2", 0), torch.zeros(3)), r"state dict key \('res2', 0\)"),
+    ("None key", FORMATS, _put(None, torch.zeros(3)), r"state dict key None"),
+    ("model a list", FORMATS, lambda c: _top("model", list(c["model"].values()))(c),
+     rf"{NO_WEIGHTS}.*found a list"),
+    ("model a tensor", ("pth",), _top("model", torch.zeros(3)), rf"{NO_WEIGHTS}.*found a Tensor"),
+    ("model a str", FORMATS, _top("model", "weights"), rf"{NO_WEIGHTS}.*found a str"),
+    ("model None", FORMATS, _top("model", None), rf"{NO_WEIGHTS}.*found a NoneType"),
+    ("model empty", FORMATS, _top("model", {}), rf"{NO_WEIGHTS}.*found an empty dict"),
+    ("model without tensors", FORMATS, _top("model", {"lr": 0.02, "momentum": 0.9}),
+     rf"{NO_WEIGHTS}.*'lr', 'momentum'\] and no tensors"),
+    ("no 'model'", FORMATS, _without("model"), rf"{NO_WEIGHTS}.*'iteration'"),
+    ("checkpoint a list", FORMATS, lambda c: [c["model"]], rf"{NO_WEIGHTS}.*found a list"),
+    ("checkpoint None", FORMATS, lambda c: None, rf"{NO_WEIGHTS}.*found a NoneType"),
+    ("checkpoint an int", FORMATS, lambda c: 7, rf"{NO_WEIGHTS}.*found an int"),
+    ("checkpoint a tensor", ("pth",), lambda c: c["model"][CLS], rf"{NO_WEIGHTS}.*a Tensor"),
+    ("stored classes a str", FORMATS, _top(CLASSES_KEY, "square,circle"),
+     rf"'{CLASSES_KEY}' entry holds 'square,circle'"),
+    ("stored classes a list", FORMATS, _top(CLASSES_KEY, SIX), rf"'{CLASSES_KEY}' entry holds \["),
+    ("stored class list a str", FORMATS, _top(CLASSES_KEY, {"thing_classes": "square"}),
+     rf"'{CLASSES_KEY}' entry holds \{{'thing_classes': 'square'\}}"),
+    ("stored class names ints", FORMATS, _top(CLASSES_KEY, {"thing_classes": [1, 2, 3]}),
+     rf"'{CLASSES_KEY}' entry holds"),
+    ("stored class list None", FORMATS, _top(CLASSES_KEY, {"stuff_classes": None}),
+     rf"'{CLASSES_KEY}' entry holds"),
+    # What detectron2 passes through or converts must keep loading.
+    ("as saved", FORMATS, lambda c: c, None),
+    ("extras of any type", FORMATS,
+     lambda c: {**c, "iteration": "nine", "scheduler": None, "cfg": "MODEL:\n  MASK_ON: False",
+                "__author__": 5, "trainer": [1, 2]}, None),
+    ("other items beside the class names", FORMATS,
+     _top(CLASSES_KEY, {"thing_classes": SIX, "note": 5, 3: None}), None),
+    ("module. prefix", FORMATS, _prefixed, None),
+    ("no stored classes", FORMATS, _without(CLASSES_KEY), None),
+]
+
+
+@pytest.fixture(scope="module")
+def three():
+    """One three-class target for every mutation: a failed load must leave it as it was, and a
+    clean one maps it afresh, so cases do not depend on each other."""
+    return small_model(3, seed=10)
+
+
+def _load_outcome(model, path: str) -> Optional[ReclassError]:
+    """Load ``path`` into ``model`` (SIX -> THREE by name); the ReclassError, or None if it
+    loaded. Any other exception propagates."""
+    ckpt = ReclassCheckpointer(model, source_classes=SIX, target_classes=THREE)
+    try:
+        ckpt.load(path)
+    except ReclassError as e:
+        return e
+    return None
+
+
+@pytest.mark.parametrize("what, formats, edit, expected", STRUCTURAL_EDITS,
+                         ids=[e[0] for e in STRUCTURAL_EDITS])
+def test_edited_checkpoint_loads_or_is_one_checkpoint_error(six, three, tmp_path, what, formats,
+                                                           edit, expected):
+    model = three
+    for fmt in formats:
+        path = str(tmp_path / f"edited.{fmt}")
+        with open(path, "wb") as f:
+            f.write(checkpoint_bytes(edit(copy.deepcopy(mutation_source(six))), fmt))
+        before = params(model)
+        with captured_logs(*LOGGERS):  # a clean load warns of the keys the edit left out
+            error = _load_outcome(model, path)
+        if expected is None:
+            assert error is None, f"{fmt}: {error}"
+            _expect_mapped(model, six.state_dict())
+            continue
+        assert isinstance(error, CheckpointError), f"{fmt}: {error!r}"
+        assert re.search(expected, str(error)), f"{fmt}: {error}"
+        assert path in str(error)
+        assert_same_state(params(model), before)
+
+
+def test_entries_detectron2_drops_by_name_may_hold_anything(six, tmp_path):
+    """Caffe2 ``*_momentum`` blobs and pycls ``*num_batches_tracked`` entries are dropped before
+    any type check, by stock DetectionCheckpointer and so here: whatever they hold, they load."""
+    rng = np.random.default_rng(1)
+    cls_w = rng.normal(size=(7, 256)).astype(np.float32)
+    c2 = tmp_path / "c2.pkl"
+    with open(c2, "wb") as f:
+        pickle.dump({"blobs": {"cls_score_w": cls_w, "cls_score_b": np.zeros(7, np.float32),
+                               "cls_score_w_momentum": "not kept", "cls_score_b_momentum": None},
+                     "cfg": "MODEL:\n  TYPE: generalized_rcnn"}, f, protocol=2)
+    pycls = tmp_path / "pycls.pyth"
+    torch.save({"model_state": {**six.state_dict(), "stem.bn.num_batches_tracked": "not kept"},
+                "epoch": 99}, pycls)
+    for path in (c2, pycls):
+        DetectionCheckpointer(small_model(6, seed=11)).load(str(path))  # stock loads it too
+
+    target = small_model(3, seed=12)
+    ReclassCheckpointer(target, source_classes=SIX, target_classes=THREE).load(str(c2))
+    assert torch.equal(target.state_dict()[CLS][0], torch.from_numpy(cls_w[1 + 2]))  # triangle
+    target = small_model(3, seed=12)
+    ReclassCheckpointer(target, source_classes=SIX, target_classes=THREE).load(str(pycls))
+    _expect_mapped(target, six.state_dict())

@@ -12,6 +12,7 @@ import pickletools
 import pty
 import struct
 import sys
+from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator
@@ -654,3 +655,65 @@ def test_checkpoint_format_without_weights(obj, found):
     with pytest.raises(CheckpointError) as info:
         checkpoint_format(obj, "out/last_checkpoint.pth")
     assert_names(str(info.value), "out/last_checkpoint.pth", "contains no model weights", found)
+
+
+# ------------------------------------------------------------------------------------------------
+# check_state_dict
+# ------------------------------------------------------------------------------------------------
+
+
+def test_check_state_dict_accepts_what_detectron2_loads():
+    state = OrderedDict(
+        [("conv.weight", torch.randn(2, 3)), ("conv.bias", np.zeros(2, dtype=np.float32)),
+         ("bn.num_batches_tracked", torch.tensor(7)), ("mask", np.ones(3, dtype=bool)),
+         ("half", np.zeros(2, dtype=np.float16)), ("scalar", np.array(2.5))]
+    )
+    state._metadata = {"": {"version": 1}}  # what Module.state_dict() attaches
+    expected = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
+    serialization.check_state_dict(state, "model_final.pth")
+    assert_same_checkpoint(state, expected)  # checked, not converted
+    assert state._metadata == {"": {"version": 1}}
+
+
+@pytest.mark.parametrize(
+    "key, value, holds",
+    [
+        ("a.weight", "abc", "a str ('abc')"),
+        ("a.weight", "x" * 100, "a str ('" + "x" * 30),
+        ("a.weight", [1.0, 2.0], "a list of 2 items"),
+        ("a.weight", None, "None"),
+        ("a.weight", 3, "an int (3)"),
+        ("a.weight", np.float32(0.5), "a float32 (0.5)"),
+        ("a.weight", {"w": _T}, "a dict with keys ['w']"),
+        ("a.weight", np.array([1, "a"], dtype=object), "a numpy array of dtype |O, which torch"),
+        ("a.weight", np.array(["ab"]), "a numpy array of dtype <U2"),
+        ("a.weight", np.zeros(2, dtype=">f4"), "a numpy array of dtype >f4"),
+        ("a.weight", torch.eye(2).to_sparse(),
+         "a torch.sparse_coo cpu tensor of dtype torch.float32"),
+        ("a.weight", torch.zeros(2, device="meta"), "a torch.strided meta tensor"),
+    ],
+)
+def test_check_state_dict_names_the_entry_that_is_no_weight(key, value, holds):
+    state = {"b.weight": _T, key: value}
+    with pytest.raises(CheckpointError, match="where a model parameter needs a tensor") as info:
+        serialization.check_state_dict(state, "out/model.pth")
+    assert_names(str(info.value), "Checkpoint out/model.pth", f"entry {key!r} holds {holds}",
+                 "download or save it again", "delete that entry")
+
+
+@pytest.mark.parametrize("key", [7, None, ("res2", 0), b"a.weight"])
+def test_check_state_dict_refuses_keys_that_are_not_names(key):
+    with pytest.raises(CheckpointError, match="parameter names are strings") as info:
+        serialization.check_state_dict({"b.weight": _T, key: _T}, "out/model.pth")
+    assert_names(str(info.value), "out/model.pth", f"key {key!r}", "download or save it again")
+
+
+@pytest.mark.parametrize(
+    "state, found",
+    [({}, "an empty dict"), ([_T], "a list"), (None, "a NoneType"), (_T, "a Tensor"),
+     ({"lr": 0.1, "iteration": 3}, "['lr', 'iteration'] and no tensors")],
+)
+def test_check_state_dict_without_weights(state, found):
+    with pytest.raises(CheckpointError, match="contains no model weights") as info:
+        serialization.check_state_dict(state, "out/metrics.pth")
+    assert_names(str(info.value), "out/metrics.pth", found, "Check that this is a model checkpoint")
