@@ -10,6 +10,7 @@ import os
 import pickle
 import pickletools
 import pty
+import resource
 import struct
 import sys
 from collections import OrderedDict
@@ -226,6 +227,19 @@ def test_loads_caffe2_pickles(tmp_path):
     loaded = load_checkpoint_file(flat)
     assert_same_checkpoint(loaded, blobs)
     assert checkpoint_format(loaded, flat) == "caffe2 pkl"
+
+
+def test_huge_memo_index_loads_without_a_huge_allocation(tmp_path):
+    # A pickle may store an object under any memo index (one damaged byte makes one huge). C's
+    # unpickler allocates an array twice that long: 64 GB for this file of 228 bytes.
+    arrays = {"model": {"w": np.arange(3, dtype=np.float32)}, "__author__": "x"}
+    data = pickletools.optimize(pickle.dumps(arrays, protocol=2))
+    assert data[2:3] == pickle.EMPTY_DICT
+    data = data[:3] + pickle.LONG_BINPUT + struct.pack("<I", 2**32 - 1) + data[3:]
+    path = write(tmp_path / "model.pkl", data)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert_same_checkpoint(load_checkpoint_file(path), arrays)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib < 256 * 1024
 
 
 def test_reader_follows_content_not_extension(tmp_path):
