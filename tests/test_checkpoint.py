@@ -1,9 +1,14 @@
 """ReclassCheckpointer: everything DetectionCheckpointer does still holds, plus class surgery."""
 import copy
 import io
+import os
 import pickle
+import pickletools
+import random
 import re
-from typing import Any, Callable, Dict, Optional
+import struct
+import zipfile
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -316,6 +321,55 @@ def checkpoint_bytes(obj: Any, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def payload_ranges(data: bytes, fmt: str) -> List[Tuple[int, int]]:
+    """Where ``data`` holds raw tensor bytes; everything else is structure (names, shapes,
+    dtypes, zip records, pickle opcodes), where a flipped byte changes more than a value."""
+    if fmt == "pth":
+        ranges = []
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                if "/data/" in info.filename:
+                    start = info.header_offset + 30 + sum(
+                        struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30]))
+                    ranges.append((start, start + info.compress_size))
+        return ranges
+    ops = [pos for _, _, pos in pickletools.genops(data)] + [len(data)]
+    # Array bytes are the argument of one opcode; its first bytes (opcode, length) stay structure.
+    return [(a + 9, b) for a, b in zip(ops, ops[1:]) if b - a > 64]
+
+
+def structure_offsets(data: bytes, fmt: str) -> List[int]:
+    payload = sorted(payload_ranges(data, fmt))
+    offsets, at = [], 0
+    for start, end in payload:
+        offsets.extend(range(at, start))
+        at = end
+    offsets.extend(range(at, len(data)))
+    return offsets
+
+
+def byte_mutations(data: bytes, fmt: str, rng: random.Random, flips: int, cuts: int,
+                   inserts: int) -> Iterator[Tuple[str, bytes]]:
+    """(description, damaged bytes): flipped bytes, truncations, inserted junk; three in four
+    aimed at the structure, the rest anywhere."""
+    structure = structure_offsets(data, fmt)
+
+    def offset() -> int:
+        return rng.choice(structure) if rng.random() < 0.75 else rng.randrange(len(data))
+
+    for _ in range(flips):
+        at, mask = offset(), rng.randrange(1, 256)
+        damaged = bytearray(data)
+        damaged[at] ^= mask
+        yield f"{fmt} byte {at} ^= {mask:#x}", bytes(damaged)
+    for _ in range(cuts):
+        at = rng.randrange(1, len(data))
+        yield f"{fmt} cut to {at} bytes", data[:at]
+    for _ in range(inserts):
+        at, junk = offset(), bytes(rng.randrange(256) for _ in range(rng.randrange(1, 17)))
+        yield f"{fmt} {len(junk)} junk bytes at {at}", data[:at] + junk + data[at:]
+
+
 def _put(key: Any, value: Any) -> Callable[[Dict[str, Any]], Any]:
     def edit(ckpt):
         ckpt["model"][key] = value
@@ -426,6 +480,8 @@ def _load_outcome(model, path: str) -> Optional[ReclassError]:
     return None
 
 
+# torch notes that it validates the sparse tensor one edit stores; that is expected here.
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
 @pytest.mark.parametrize("what, formats, edit, expected", STRUCTURAL_EDITS,
                          ids=[e[0] for e in STRUCTURAL_EDITS])
 def test_edited_checkpoint_loads_or_is_one_checkpoint_error(six, three, tmp_path, what, formats,
@@ -470,3 +526,51 @@ def test_entries_detectron2_drops_by_name_may_hold_anything(six, tmp_path):
     target = small_model(3, seed=12)
     ReclassCheckpointer(target, source_classes=SIX, target_classes=THREE).load(str(pycls))
     _expect_mapped(target, six.state_dict())
+
+
+def run_byte_mutations(six, model, tmp_path, seed: int, flips: int, cuts: int,
+                       inserts: int) -> Dict[str, int]:
+    """Load every byte mutation of both formats into ``model``; count outcomes. Fails on any
+    exception that is not a ReclassError, and on any change to the model by a load that
+    failed."""
+    rng = random.Random(seed)
+    before = params(model)
+    counts = {"loaded": 0, "CheckpointError": 0, "other ReclassError": 0}
+    for fmt in FORMATS:
+        data = checkpoint_bytes(mutation_source(six), fmt)
+        for i, (what, damaged) in enumerate(byte_mutations(data, fmt, rng, flips, cuts, inserts)):
+            path = str(tmp_path / f"damaged{i}.{fmt}")
+            with open(path, "wb") as f:
+                f.write(damaged)
+            try:
+                with captured_logs(*LOGGERS):
+                    error = _load_outcome(model, path)
+            except Exception as e:  # anything but a ReclassError is the bug this test is for
+                pytest.fail(f"{what}: {type(e).__module__}.{type(e).__name__} escaped: {e}")
+            os.unlink(path)
+            if error is None:
+                counts["loaded"] += 1
+                before = params(model)  # a damaged value may load; later cases start from it
+                continue
+            assert_same_state(params(model), before)
+            if isinstance(error, CheckpointError):
+                counts["CheckpointError"] += 1
+                assert path in str(error), f"{what}: {error}"
+            else:
+                counts["other ReclassError"] += 1
+    return counts
+
+
+def test_damaged_bytes_load_or_are_one_reclass_error(six, three, tmp_path):
+    """Seeded byte flips, truncations and inserted junk in a .pth and a model-zoo .pkl."""
+    counts = run_byte_mutations(six, three, tmp_path, seed=0, flips=60, cuts=20, inserts=20)
+    assert sum(counts.values()) == 200
+    # Both outcomes happen: the mutations reach the structure, and damage to values alone loads.
+    assert counts["CheckpointError"] >= 50 and counts["loaded"] >= 10, counts
+
+
+@pytest.mark.slow
+def test_many_damaged_bytes_load_or_are_one_reclass_error(six, three, tmp_path):
+    counts = run_byte_mutations(six, three, tmp_path, seed=1, flips=600, cuts=200, inserts=200)
+    assert sum(counts.values()) == 2000
+    assert counts["CheckpointError"] >= 500 and counts["loaded"] >= 100, counts
