@@ -16,7 +16,13 @@ from .checkpoint import CLASSES_KEY, stored_classes
 from .errors import ClassListError, ReclassError
 from .layouts import THING, find_layouts, retarget
 from .recognize import guess_architecture, recognize_layouts
-from .serialization import checkpoint_format, load_checkpoint_file, same_file, save_checkpoint_file
+from .serialization import (
+    check_state_dict,
+    checkpoint_format,
+    load_checkpoint_file,
+    same_file,
+    save_checkpoint_file,
+)
 from .surgery import MODES, ClassSpec, reclass_state_dict
 
 __all__ = ["main", "inspect_checkpoint", "convert_checkpoint"]
@@ -31,16 +37,24 @@ def _local(path: str) -> str:
 
 
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
+    """The state dict ``obj`` holds, every entry checked by :func:`check_state_dict` before
+    anything reads it (CheckpointError naming ``path`` and the key otherwise)."""
     fmt = checkpoint_format(obj, path)
     if fmt == "caffe2 pkl":
         from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
         blobs = obj.get("blobs", obj)
-        blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        # Dropped before the check, as detectron2 drops them before its own.
+        blobs = {k: v for k, v in blobs.items()
+                 if not (isinstance(k, str) and k.endswith("_momentum"))}
+        check_state_dict(blobs, path)
         return convert_c2_detectron_names(blobs)[0]
     if fmt == "pycls pyth":
-        return dict(obj["model_state"])
-    return dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+        weights = dict(obj["model_state"])
+    else:
+        weights = dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+    check_state_dict(weights, path)
+    return weights
 
 
 def _shape(v: Any) -> List[int]:
