@@ -14,6 +14,10 @@ The reader is chosen from the file's first bytes, not its name, so a torch file 
 or a pickle named ``.pth`` still loads safely. Every failure is a :class:`CheckpointError` naming
 the file and the fix.
 
+Checking: :func:`check_state_dict` refuses a state dict with an entry a model cannot load (a
+string, ``None``, a nested dict, an object array, ...) before anything reads it, naming the file
+and the key.
+
 Saving writes a temporary file next to the target and renames it into place, so the target is
 either the old file or the complete new one, never a partial write.
 """
