@@ -228,7 +228,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         state = checkpoint["model"]
         # Every entry is checked before anything converts, matches or loads it, so a value that
         # is not a tensor (a damaged or edited file) is one CheckpointError, model untouched.
-        check_state_dict(state, source)
+        check_state_dict(state, source, allow_empty=not self.model.state_dict())
         self._convert_ndarray_to_tensor(state)
         _strip_prefix_if_present(state, "module.")
         if checkpoint.get("matching_heuristics", False):

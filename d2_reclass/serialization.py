@@ -807,7 +807,7 @@ def _unloadable(value: Any) -> Optional[str]:
     return _describe_value(value)
 
 
-def check_state_dict(state: Any, path: str) -> None:
+def check_state_dict(state: Any, path: str, *, allow_empty: bool = False) -> None:
     """Check that ``state`` is a state dict whose every entry a detectron2 model can load.
 
     Guarantees: if this returns, ``state`` is a dict whose keys are all strings and whose values
@@ -821,9 +821,10 @@ def check_state_dict(state: Any, path: str) -> None:
     Entries detectron2 drops by name before loading (Caffe2 ``*_momentum`` blobs, pycls
     ``*num_batches_tracked``) must be dropped before this check, as detectron2 drops them before
     its own; entries beside the state dict (``iteration``, ``__author__``, ...) are not its
-    business.
+    business. ``allow_empty`` accepts an empty dict: the state of a model with no parameters.
     """
-    if not isinstance(state, dict) or not any(map(_is_weight, state.values())):
+    if not isinstance(state, dict) or not (any(map(_is_weight, state.values()))
+                                           or (allow_empty and not state)):
         found = _describe_object(state)
         if isinstance(state, dict) and state:
             found += " and no tensors or arrays"
