@@ -7,6 +7,7 @@ carries each head's own init, against which fresh rows are compared.
 Import the plain helpers with ``from conftest import ...`` (pytest puts ``tests/`` on sys.path).
 """
 import functools
+import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -222,3 +223,18 @@ def msra_std(weight_shape: Sequence[int]) -> float:
 @pytest.fixture(scope="session")
 def coco_classes() -> List[str]:
     return COCO_CLASSES
+
+
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog, also attached to the ``d2_reclass`` logger.
+
+    That logger does not propagate (its lines go to detectron2's handlers, once): caplog's
+    root handler would see them only until some test sets up detectron2's logging.
+    """
+    package = logging.getLogger("d2_reclass")
+    package.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        package.removeHandler(caplog.handler)
