@@ -23,6 +23,7 @@ from .config import (
 from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
+from .new_classes import broadcast_thing_heads
 
 __all__ = ["ReclassTrainer", "ReclassTrainerMixin", "check_num_classes", "REPORT_FILE"]
 
@@ -128,6 +129,8 @@ class ReclassTrainerMixin:
                           target_classes(self.cfg, "stuff"))
         super().resume_or_load(resume=resume)
         report = self.checkpointer.report
+        if report is not None and report.new_classes is not None:
+            broadcast_thing_heads(self.checkpointer.model)
         if report is not None and comm.is_main_process():
             PathManager.mkdirs(self.cfg.OUTPUT_DIR)
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
