@@ -15,6 +15,7 @@ from tabulate import tabulate
 from .checkpoint import CLASSES_KEY, stored_classes
 from .errors import ClassListError, ReclassError
 from .layouts import THING, find_layouts, retarget
+from .new_classes import NEW_CLASS_INITS, NewClassExamples, NewClassReport, init_new_classes
 from .recognize import guess_architecture, recognize_layouts
 from .serialization import checkpoint_format, load_checkpoint_file, same_file, save_checkpoint_file
 from .surgery import MODES, ClassSpec, reclass_state_dict
@@ -115,7 +116,7 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
     merge_config_file(cfg, config_file)
     cfg.MODEL.DEVICE = "cpu"
     apply_num_classes(cfg, classes)
-    return build_model(cfg)
+    return build_model(cfg), cfg
 
 
 def convert_checkpoint(
@@ -131,14 +132,22 @@ def convert_checkpoint(
     seed: int = 0,
     force: bool = False,
     trust_pickle: bool = False,
+    new_class_init: str = "head",
+    init_images: int = 16,
+    coco_datasets: Sequence[Sequence[str]] = (),
 ):
     """Write ``out``: ``path``'s weights with every class-dependent tensor fitted to ``classes``,
     the class names stored, optimizer/scheduler state and iteration dropped. Returns the report.
+
+    ``new_class_init`` relative / imprint initialise new classes from the labelled examples of
+    ``coco_datasets`` ((name, json, image root) each), running the model of ``config_file``.
 
     Nothing is written unless every check passed; ``out`` is written atomically and never
     over ``path`` (nor over an existing file unless ``force``).
     """
     from .config import dataset_classes
+
+    _check_new_class_init(new_class_init, init_images, config_file, coco_datasets)
 
     local = _local(path)
     if same_file(local, out):
@@ -162,7 +171,7 @@ def convert_checkpoint(
     else:
         source, what = None, "the source classes"
     if config_file:
-        model = _model_from_config(config_file, classes)
+        model, cfg = _model_from_config(config_file, classes)
         layouts, target = find_layouts(model), model.state_dict()
     else:
         found, notes = recognize_layouts({k: _shape(v) for k, v in weights.items()})
@@ -178,8 +187,65 @@ def convert_checkpoint(
         weights, target, layouts,
         classes={THING: ClassSpec(source, list(classes), list(class_map), what, "--classes")},
         mode=mode, seed=seed, source=path)
+    if new_class_init != "head" and report.spaces.get(THING) is not None \
+            and report.spaces[THING].mapping.new:
+        report.new_classes = _init_new_classes(
+            model, cfg, weights, new, report.spaces[THING].mapping, method=new_class_init,
+            max_images=init_images, seed=seed, coco_datasets=coco_datasets)
     save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": list(classes)}}, out,
                          overwrite=force, progress=True, source=local)
+    return report
+
+
+def _check_new_class_init(method: str, images: int, config_file: str,
+                          coco_datasets: Sequence[Sequence[str]]) -> None:
+    """Raise before anything is read when --new-class-init cannot run."""
+    from .options import check_option_values
+
+    check_option_values({"new_class_init": method, "init_images": images},
+                        name=lambda option: "--" + option.replace("_", "-"))
+    if method == "head":
+        return
+    if not config_file:
+        raise ReclassError(f"--new-class-init {method} runs the model on labelled examples: "
+                           "pass --config-file (the config the checkpoint was built with).")
+    if not coco_datasets:
+        raise ReclassError(f"--new-class-init {method} reads labelled examples of the new "
+                           "classes: pass --coco-dataset NAME JSON IMAGE_ROOT.")
+
+
+def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, Any], mapping,
+                      *, method: str, max_images: int, seed: int,
+                      coco_datasets: Sequence[Sequence[str]]) -> NewClassReport:
+    """Initialise the new classes of ``converted`` (updated in place) from the datasets'
+    examples, the model of ``cfg`` holding the converted weights."""
+    import time
+
+    from detectron2.data.detection_utils import build_augmentation
+
+    from .datasets import register_coco_dataset
+
+    own = model.state_dict()
+    misfit = [k for k, v in own.items() if k not in converted or converted[k].shape != v.shape]
+    if misfit:
+        raise ReclassError(
+            f"--new-class-init {method} runs the model of --config-file with the checkpoint's "
+            f"weights, but {len(misfit)} of its tensors are not in the checkpoint with the "
+            f"model's shape (first: {misfit[0]}). Pass the config the checkpoint was trained "
+            "with, or use --new-class-init head.")
+    model.load_state_dict({k: converted[k] for k in own})
+    for name, json_file, image_root in coco_datasets:
+        register_coco_dataset(name, json_file, image_root)
+    t0 = time.perf_counter()
+    dicts, names = NewClassExamples(
+        datasets=tuple(d[0] for d in coco_datasets),
+        augmentations=tuple(build_augmentation(cfg, is_train=False)),
+        image_format=cfg.INPUT.FORMAT).load()
+    loaded = time.perf_counter() - t0
+    entries, report = init_new_classes(model, dicts, mapping, weights, method=method,
+                                       max_images=max_images, seed=seed, dataset_classes=names)
+    converted.update(entries)
+    report.seconds_dataset, report.seconds = loaded, report.seconds + loaded
     return report
 
 
@@ -220,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
     p.add_argument("--config-file", default="", help="build the model to read its heads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-class-init", default="head", choices=NEW_CLASS_INITS,
+                   help="how classes new to the checkpoint start (relative / imprint run the "
+                   "model of --config-file on --coco-dataset examples)")
+    p.add_argument("--init-images", type=int, default=16,
+                   help="labelled images read per new class for --new-class-init")
+    p.add_argument("--coco-dataset", nargs=3, action="append", default=[],
+                   metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                   help="labelled examples for --new-class-init (repeatable)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--trust-pickle", action="store_true")
     return parser
@@ -241,7 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.checkpoint, args.out, _read_classes(args), source_classes=source,
             source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
             config_file=args.config_file, seed=args.seed, force=args.force,
-            trust_pickle=args.trust_pickle)
+            trust_pickle=args.trust_pickle, new_class_init=args.new_class_init,
+            init_images=args.init_images, coco_datasets=args.coco_dataset)
         print(report)
         print(f"Wrote {args.out}")
         return 0
