@@ -95,8 +95,10 @@ class ReclassTrainerMixin:
     NUM_CLASSES follows the target classes (``self.cfg`` shows the counts used). Box
     predictors become ReclassFastRCNNOutputLayers before the optimizer and DDP exist, loads
     and saves go through :class:`ReclassCheckpointer`, class counts are checked against the
-    datasets, and ``reclass_report.json`` is written into OUTPUT_DIR. Multi-process CPU runs
-    (gloo) work too.
+    datasets, and ``reclass_report.json`` is written into OUTPUT_DIR. With
+    MODEL.RECLASS.NEW_CLASS_INIT relative / imprint, :meth:`resume_or_load` initialises new
+    classes from DATASETS.TRAIN examples right after the mapped weights load, before the first
+    optimizer step, and gives every rank rank 0's heads. Multi-process CPU runs (gloo) work too.
     """
 
     def __init__(self, cfg, *args, **kwargs):
