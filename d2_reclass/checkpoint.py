@@ -23,7 +23,13 @@ from .config import dataset_classes
 from .errors import CheckpointError, ClassMismatchError, ConfigError, ResumeClassMismatchError
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
-from .new_classes import NewClassExamples, apply_new_class_entries, init_new_classes
+from .new_classes import (
+    NewClassExamples,
+    NewClassInit,
+    NewClassReport,
+    apply_new_class_entries,
+    init_new_classes,
+)
 from .options import ReclassOptions
 from .report import ReclassReport
 from .serialization import load_checkpoint_file
@@ -254,8 +260,16 @@ class ReclassCheckpointer(DetectionCheckpointer):
             DatasetError: the datasets fail to load.
         """
         space = self.report.spaces.get(THING)
-        if self.reclass.new_class_init == "head" or space is None or space.mapping is None \
-                or space.resolution == "unchanged" or not space.mapping.new:
+        # Only where classes are mapped: MODE reinit asks for the head's init for every class.
+        if self.reclass.new_class_init == "head" or space is None or space.resolution != "map" \
+                or not space.mapping.new:
+            return None
+        if self.examples is None and self.reclass.new_class_init == "auto":
+            self.report.new_classes = NewClassReport("auto", self.reclass.init_images,
+                                                     self.reclass.seed, classes=[
+                NewClassInit(name, space.mapping.target.index(name), "head",
+                             reason="no labelled examples were given (DATASETS.TRAIN is empty); "
+                             "head init") for name in space.mapping.new])
             return None
         if self.examples is None:
             raise ConfigError(

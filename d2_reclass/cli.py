@@ -147,7 +147,8 @@ def convert_checkpoint(
     """
     from .config import dataset_classes
 
-    _check_new_class_init(new_class_init, init_images, config_file, coco_datasets)
+    new_class_init = _check_new_class_init(new_class_init, init_images, config_file,
+                                           coco_datasets)
 
     local = _local(path)
     if same_file(local, out):
@@ -187,8 +188,9 @@ def convert_checkpoint(
         weights, target, layouts,
         classes={THING: ClassSpec(source, list(classes), list(class_map), what, "--classes")},
         mode=mode, seed=seed, source=path)
-    if new_class_init != "head" and report.spaces.get(THING) is not None \
-            and report.spaces[THING].mapping.new:
+    thing = report.spaces.get(THING)
+    if new_class_init != "head" and thing is not None and thing.resolution == "map" \
+            and thing.mapping.new:
         report.new_classes = _init_new_classes(
             model, cfg, weights, new, report.spaces[THING].mapping, method=new_class_init,
             max_images=init_images, seed=seed, coco_datasets=coco_datasets)
@@ -198,20 +200,24 @@ def convert_checkpoint(
 
 
 def _check_new_class_init(method: str, images: int, config_file: str,
-                          coco_datasets: Sequence[Sequence[str]]) -> None:
-    """Raise before anything is read when --new-class-init cannot run."""
+                          coco_datasets: Sequence[Sequence[str]]) -> str:
+    """The method to run (``auto``: imprint with --config-file and --coco-dataset, else head);
+    raises before anything is read when an explicit --new-class-init cannot run."""
     from .options import check_option_values
 
     check_option_values({"new_class_init": method, "init_images": images},
                         name=lambda option: "--" + option.replace("_", "-"))
+    if method == "auto":
+        return "imprint" if config_file and coco_datasets else "head"
     if method == "head":
-        return
+        return method
     if not config_file:
         raise ReclassError(f"--new-class-init {method} runs the model on labelled examples: "
                            "pass --config-file (the config the checkpoint was built with).")
     if not coco_datasets:
         raise ReclassError(f"--new-class-init {method} reads labelled examples of the new "
                            "classes: pass --coco-dataset NAME JSON IMAGE_ROOT.")
+    return method
 
 
 def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, Any], mapping,
@@ -286,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
     p.add_argument("--config-file", default="", help="build the model to read its heads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--new-class-init", default="head", choices=NEW_CLASS_INITS,
-                   help="how classes new to the checkpoint start (relative / imprint run the "
-                   "model of --config-file on --coco-dataset examples)")
+    p.add_argument("--new-class-init", default="auto", choices=NEW_CLASS_INITS,
+                   help="how classes new to the checkpoint start: relative / imprint run the "
+                   "model of --config-file on --coco-dataset examples; auto (default): imprint "
+                   "when both are given, else head")
     p.add_argument("--init-images", type=int, default=16,
                    help="labelled images read per new class for --new-class-init")
     p.add_argument("--coco-dataset", nargs=3, action="append", default=[],

@@ -6,6 +6,8 @@ random rows, zero bias): it is never predicted until training teaches it. With
 measured on a few of the user's own labelled images:
 
 * ``head``: the head's own init (nothing here runs).
+* ``auto`` (the default): ``imprint`` where labelled examples are given, else ``head``:
+  imprint measured best in ``benchmarks/new_class_init.py`` (see the README).
 * ``relative``: the source model's classifiers score the new class's ground-truth boxes; the
   source class with the highest mean probability is its *relative*, and every class entry of
   every thing head (box classifier and regressor of every cascade stage, mask predictor,
@@ -404,8 +406,9 @@ def _dense_source_probs(model, dense, features, gt: torch.Tensor, image_size,
     weight = source_state.get(prefix + "cls_score.weight")
     bias = source_state.get(prefix + "cls_score.bias")
     conv = head.cls_score
+    anchors_per_location = head.bbox_pred.out_channels // 4  # as the layout reads A
     if weight is None or bias is None or weight.shape[1:] != conv.weight.shape[1:] \
-            or weight.shape[0] % num_source:
+            or weight.shape[0] != anchors_per_location * num_source:
         return None
     feats = [features[f] for f in model.head_in_features]
     logits = [F.conv2d(head.cls_subnet(f), weight.to(f), bias.to(f), conv.stride, conv.padding,
@@ -448,6 +451,8 @@ class _Plan:
 def _plan(dataset_dicts: Sequence[dict], per_image: List[List[_Box]], counts, mapping,
           new: List[int], kept: List[int], imprint: bool, seed: int, max_images: int,
           dataset_classes: Optional[Sequence[str]]) -> _Plan:
+    """The images each new class reads (at most ``max_images``, by :func:`choose_images`), and
+    for imprint, when those hold no kept-class box, up to ``max_images`` images that do."""
     files = [str(d.get("file_name", i)) for i, d in enumerate(dataset_dicts)]
     chosen: Dict[int, List[int]] = {}
     notes: Dict[int, str] = {}
@@ -756,7 +761,7 @@ def init_new_classes(
             target classes whose ``source_index`` is None are the new ones.
         source_state: the checkpoint's tensors under the model's keys; only the
             class-dependent ones are read (a relative may be a class the target dropped).
-        method: one of :data:`NEW_CLASS_INITS`.
+        method: one of :data:`NEW_CLASS_INITS` (``auto`` is ``imprint``: examples are given).
         max_images: at most this many images are read per new class.
         seed: with each class name, decides which images are chosen.
         dataset_classes: the names of the dicts' ``category_id`` values; None: they are
@@ -775,6 +780,7 @@ def init_new_classes(
     t0 = time.perf_counter()
     check_option_values({"new_class_init": method, "init_images": max_images})
     report = NewClassReport(method, max_images, seed)
+    method = "imprint" if method == "auto" else method
     new = [t for t, s in enumerate(mapping.source_index) if s is None]
     if method == "head" or not new:
         report.classes = [NewClassInit(mapping.target[t], t, "head") for t in new]

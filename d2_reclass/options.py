@@ -19,7 +19,7 @@ __all__ = ["MODES", "NEW_CLASS_INITS", "ReclassOptions", "check_option_values"]
 #: The values of ``MODEL.RECLASS.MODE``; see :mod:`d2_reclass.surgery`.
 MODES = ("auto", "map", "reinit", "strict")
 #: The values of ``MODEL.RECLASS.NEW_CLASS_INIT``; see :mod:`d2_reclass.new_classes`.
-NEW_CLASS_INITS = ("head", "relative", "imprint")
+NEW_CLASS_INITS = ("auto", "head", "relative", "imprint")
 
 _CLASS_LISTS = ("source_classes", "target_classes", "source_stuff_classes",
                 "target_stuff_classes")
@@ -48,7 +48,7 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
         raise ConfigError(
             f"{name('mode')} is {mode!r}; use one of {', '.join(MODES)}."
             + did_you_mean(str(mode), MODES))
-    init = values.get("new_class_init", "head")
+    init = values.get("new_class_init", "auto")
     if init not in NEW_CLASS_INITS:
         raise ConfigError(
             f"{name('new_class_init')} is {init!r}; use one of {', '.join(NEW_CLASS_INITS)}."
@@ -102,8 +102,9 @@ class ReclassOptions:
         source_dataset (str): a registered dataset naming the checkpoint's classes.
         only, rename (tuple[str]): checkpoint key prefixes to keep / ``"old=new"`` renames.
         trust_pickle (bool): allow full unpickling of files the user trusts.
-        new_class_init (str): one of :data:`NEW_CLASS_INITS`: how classes no source class maps
-            to start (see :mod:`d2_reclass.new_classes`).
+        new_class_init (str): one of :data:`NEW_CLASS_INITS`: how mapped classes that no source
+            class maps to start (see :mod:`d2_reclass.new_classes`); ``auto``: ``imprint``
+            where labelled examples are given, else ``head``.
         init_images (int): at most this many labelled images are read per new class.
     """
 
@@ -118,7 +119,7 @@ class ReclassOptions:
     only: Tuple[str, ...] = ()
     rename: Tuple[str, ...] = ()
     trust_pickle: bool = False
-    new_class_init: str = "head"
+    new_class_init: str = "auto"
     init_images: int = 16
 
     def __post_init__(self) -> None:

@@ -293,7 +293,7 @@ def test_head_and_no_new_class_read_nothing(data):
 
 def test_bad_values_are_config_errors_naming_the_key():
     with pytest.raises(ConfigError, match=r"MODEL.RECLASS.NEW_CLASS_INIT is 'imprnt'; use one of "
-                       r"head, relative, imprint. Did you mean 'imprint'"):
+                       r"auto, head, relative, imprint. Did you mean 'imprint'"):
         init_new_classes(small_model(3), [], None, {}, method="imprnt")
     with pytest.raises(ConfigError, match="MODEL.RECLASS.INIT_IMAGES is 0; it must be an integer"):
         init_new_classes(small_model(3), [], None, {}, max_images=0)
@@ -342,6 +342,26 @@ def test_checkpointer_without_examples_says_so_and_loads_nothing(tmp_path):
                        "DATASETS.TRAIN"):
         ReclassCheckpointer(model, reclass=options).load(path)
     assert_same_state(params(model), before)
+
+
+def test_auto_imprints_with_examples_and_keeps_the_head_init_without(data, tmp_path):
+    _, _, dicts = data
+    path, _ = _six_checkpoint(tmp_path)
+    options = ReclassOptions(mode="map", target_classes=THREE)
+    assert options.new_class_init == "auto"
+    without = ReclassCheckpointer(small_model(3, seed=2), reclass=options)
+    without.load(path)
+    star = without.report.new_classes.classes[0]
+    assert star.method == "head" and "no labelled examples were given" in star.reason
+    with_examples = ReclassCheckpointer(small_model(3, seed=2), reclass=options, examples=(
+        NewClassExamples(dataset_dicts=dicts, class_names=THREE)))
+    with_examples.load(path)
+    assert with_examples.report.new_classes.classes[0].method == "imprint"
+    # MODE reinit asks for the head's init for every class: nothing is read.
+    reinit = ReclassCheckpointer(small_model(3, seed=2), reclass=ReclassOptions(
+        mode="reinit", target_classes=THREE), examples=NewClassExamples(dataset_dicts=dicts))
+    reinit.load(path)
+    assert reinit.report.new_classes is None
 
 
 _DETERMINISM = """
