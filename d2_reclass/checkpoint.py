@@ -132,9 +132,10 @@ class ReclassCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that maps or reinitialises class-dependent tensors.
 
     It takes the parent's arguments unchanged, plus one keyword, ``reclass``: the
-    :class:`ReclassOptions` (default: ``MODE auto`` and nothing else known), and, for
-    ``new_class_init`` relative / imprint, ``examples``: the :class:`NewClassExamples` whose
-    labelled images initialise new classes right after the mapped weights are loaded. After
+    :class:`ReclassOptions` (default: ``MODE auto`` and nothing else known), and
+    ``examples``: the :class:`NewClassExamples` whose labelled images initialise new classes
+    (``new_class_init``) right after the mapped weights are loaded; needed for ``relative`` /
+    ``imprint``, while ``auto`` without them keeps the head's init. After
     :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for a
     resume, which never does surgery).
     """

@@ -132,7 +132,7 @@ def convert_checkpoint(
     seed: int = 0,
     force: bool = False,
     trust_pickle: bool = False,
-    new_class_init: str = "head",
+    new_class_init: str = "auto",
     init_images: int = 16,
     coco_datasets: Sequence[Sequence[str]] = (),
 ):
@@ -140,7 +140,8 @@ def convert_checkpoint(
     the class names stored, optimizer/scheduler state and iteration dropped. Returns the report.
 
     ``new_class_init`` relative / imprint initialise new classes from the labelled examples of
-    ``coco_datasets`` ((name, json, image root) each), running the model of ``config_file``.
+    ``coco_datasets`` ((name, json, image root) each), running the model of ``config_file``;
+    ``auto`` imprints when both are given, else keeps the head's init.
 
     Nothing is written unless every check passed; ``out`` is written atomically and never
     over ``path`` (nor over an existing file unless ``force``).
