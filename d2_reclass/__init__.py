@@ -37,6 +37,13 @@ from .fast_rcnn import (
 from .fresh import InitSpec
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
 from .live import reclass_model
+from .new_classes import (
+    NEW_CLASS_INITS,
+    NewClassExamples,
+    NewClassReport,
+    apply_new_class_entries,
+    init_new_classes,
+)
 from .options import ReclassOptions
 from .report import ReclassReport
 from .surgery import ClassSpec, reclass_state_dict
@@ -58,6 +65,9 @@ __all__ = [
     "DatasetError",
     "InitSpec",
     "KEYPOINT",
+    "NEW_CLASS_INITS",
+    "NewClassExamples",
+    "NewClassReport",
     "ReclassCheckpointer",
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
@@ -71,11 +81,13 @@ __all__ = [
     "UnsafeCheckpointError",
     "add_reclass_config",
     "adopt_box_predictors",
+    "apply_new_class_entries",
     "apply_num_classes",
     "build_class_mapping",
     "check_resume",
     "check_num_classes",
     "find_layouts",
+    "init_new_classes",
     "merge_config_file",
     "normalize_class_name",
     "prepare_reclass_config",

@@ -8,8 +8,9 @@ fvcore's shape check (so none is "skipped"), and saved checkpoints store the cla
 """
 import logging
 import os
+import time
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -23,6 +24,13 @@ from .config import dataset_classes
 from .errors import CheckpointError, ClassMismatchError, ConfigError, ResumeClassMismatchError
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
+from .new_classes import (
+    NewClassExamples,
+    NewClassInit,
+    NewClassReport,
+    apply_new_class_entries,
+    init_new_classes,
+)
 from .options import ReclassOptions
 from .report import ReclassReport
 from .serialization import check_state_dict, load_checkpoint_file
@@ -146,7 +154,10 @@ class ReclassCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that maps or reinitialises class-dependent tensors.
 
     It takes the parent's arguments unchanged, plus one keyword, ``reclass``: the
-    :class:`ReclassOptions` (default: ``MODE auto`` and nothing else known). After
+    :class:`ReclassOptions` (default: ``MODE auto`` and nothing else known), and
+    ``examples``: the :class:`NewClassExamples` whose labelled images initialise new classes
+    (``new_class_init``) right after the mapped weights are loaded; needed for ``relative`` /
+    ``imprint``, while ``auto`` without them keeps the head's init. After
     :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for a
     resume, which never does surgery).
     """
@@ -157,6 +168,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         save_dir: str = "",
         *,
         reclass: Optional[ReclassOptions] = None,
+        examples: Optional[NewClassExamples] = None,
         save_to_disk: Optional[bool] = None,
         **checkpointables: Any,
     ):
@@ -166,14 +178,18 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 f"ReclassCheckpointer(reclass=...) takes a ReclassOptions, not "
                 f"{type(reclass).__name__}; e.g. reclass=ReclassOptions(mode='map').")
         self.reclass = reclass or ReclassOptions()
+        self.examples = examples
         self.report: Optional[ReclassReport] = None
         self._resuming = False
         self._loading = ""
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables):
-        """Build from ``cfg.MODEL.RECLASS`` (its defaults where the config has none)."""
-        return cls(model, save_dir, reclass=ReclassOptions.from_config(cfg), **checkpointables)
+        """Build from ``cfg.MODEL.RECLASS`` (its defaults where the config has none); new
+        classes take their examples from DATASETS.TRAIN."""
+        examples = NewClassExamples.from_config(cfg) if cfg.DATASETS.TRAIN else None
+        return cls(model, save_dir, reclass=ReclassOptions.from_config(cfg), examples=examples,
+                   **checkpointables)
 
     # ------------------------------------------------------------------ loading
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
@@ -239,6 +255,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         classes = self._class_specs(stored_classes(checkpoint, source=source))
         layouts = find_layouts(self.model)
         model_state = self.model.state_dict()
+        examples = None
         if self._resuming:
             try:
                 reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
@@ -247,14 +264,65 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 raise ResumeClassMismatchError(
                     resume_mismatch_message(source, "; ".join(e.problems), e.tensors)) from None
         else:
+            source_state = state
             state, self.report = reclass_state_dict(
                 state, model_state, layouts, classes=classes, mode=self.reclass.mode,
                 seed=self.reclass.seed, source=source)
             _warn_non_finite(state, layouts, source)
-            if self.report.changed or self.report.mismatches:
-                logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
+            # Read before anything is loaded: a dataset that fails leaves the model as it was.
+            examples = self._new_class_examples()
         checkpoint["model"] = state
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if examples is not None:
+            self._init_new_classes(source_state, *examples)
+        if self.report is not None and (self.report.changed or self.report.mismatches):
+            logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
+        return incompatible
+
+    def _new_class_examples(self) -> Optional[Tuple[List[dict], Optional[List[str]], float]]:
+        """(dataset dicts, their class names, seconds to load them) when this load has new
+        thing classes for NEW_CLASS_INIT relative / imprint to initialise, else None.
+
+        Raises:
+            ConfigError: examples are needed but the checkpointer has none.
+            DatasetError: the datasets fail to load.
+        """
+        space = self.report.spaces.get(THING)
+        # Only where classes are mapped: MODE reinit asks for the head's init for every class.
+        if self.reclass.new_class_init == "head" or space is None or space.resolution != "map" \
+                or not space.mapping.new:
+            return None
+        if self.examples is None and self.reclass.new_class_init == "auto":
+            self.report.new_classes = NewClassReport("auto", self.reclass.init_images,
+                                                     self.reclass.seed, classes=[
+                NewClassInit(name, space.mapping.target.index(name), "head",
+                             reason="no labelled examples were given (DATASETS.TRAIN is empty); "
+                             "head init") for name in space.mapping.new])
+            return None
+        if self.examples is None:
+            raise ConfigError(
+                f"MODEL.RECLASS.NEW_CLASS_INIT is {self.reclass.new_class_init!r}, which reads "
+                f"labelled examples of the new classes ({', '.join(space.mapping.new)}), but "
+                "there are none: set DATASETS.TRAIN (or pass ReclassCheckpointer(..., "
+                "examples=NewClassExamples(...))), or use NEW_CLASS_INIT head.")
+        t0 = time.perf_counter()
+        dicts, names = self.examples.load()
+        return dicts, names, time.perf_counter() - t0
+
+    def _init_new_classes(self, source_state: Dict[str, Any], dicts: List[dict],
+                          names: Optional[List[str]], seconds_dataset: float) -> None:
+        """Initialise the new thing classes of the loaded model from ``dicts``' examples."""
+        r, examples = self.reclass, self.examples
+        entries, report = init_new_classes(
+            self.model, dicts, self.report.spaces[THING].mapping, source_state,
+            method=r.new_class_init, max_images=r.init_images, seed=r.seed,
+            # Without target names the model's classes are the datasets' ids, in order.
+            dataset_classes=names if r.target_classes else None,
+            augmentations=examples.augmentations, image_format=examples.image_format)
+        apply_new_class_entries(self.model, entries)
+        report.seconds_dataset = seconds_dataset
+        report.seconds += seconds_dataset
+        self.report.new_classes = report
 
     def _class_specs(self, stored: Dict[str, List[str]]) -> Dict[str, ClassSpec]:
         """Per class space, what is known of the checkpoint's and the model's classes."""

@@ -19,6 +19,7 @@ from .checkpoint import CLASSES_KEY, stored_classes
 from .classes import check_class_list, pick_source_classes
 from .errors import CheckpointError, ClassListError, ReclassError
 from .layouts import THING, find_layouts, retarget
+from .new_classes import NEW_CLASS_INITS, NewClassExamples, NewClassReport, init_new_classes
 from .recognize import guess_architecture, recognize_layouts
 from .serialization import (
     check_output_path,
@@ -159,7 +160,7 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
     merge_config_file(cfg, config_file)
     cfg.MODEL.DEVICE = "cpu"
     apply_num_classes(cfg, classes)
-    return build_model(cfg)
+    return build_model(cfg), cfg
 
 
 def _check_arguments(path: str, out: str, config_file: str, force: bool) -> None:
@@ -203,6 +204,9 @@ def convert_checkpoint(
     seed: int = 0,
     force: bool = False,
     trust_pickle: bool = False,
+    new_class_init: str = "auto",
+    init_images: int = 16,
+    coco_datasets: Sequence[Sequence[str]] = (),
 ):
     """Write ``out``: ``path``'s weights with every class-dependent tensor fitted to ``classes``,
     the class names stored, optimizer/scheduler state and iteration dropped. Returns the report.
@@ -211,10 +215,14 @@ def convert_checkpoint(
     else those of ``source_dataset``; a warning is logged when a list given loses to a
     different one, or overrides different stored names. The report names the list used.
 
+    ``new_class_init`` relative / imprint initialise new classes from the labelled examples of
+    ``coco_datasets`` ((name, json, image root) each), running the model of ``config_file``;
+    ``auto`` imprints when both are given, else keeps the head's init.
+
     Nothing is written unless every check passed; the checks on the arguments (``out``, the
-    class lists, the dataset, the config file) run before anything is downloaded or loaded.
-    ``out`` is written atomically and never over ``path`` (nor over an existing file unless
-    ``force``).
+    class lists, the dataset, the config file, the new-class init) run before anything is
+    downloaded or loaded. ``out`` is written atomically and never over ``path`` (nor over an
+    existing file unless ``force``).
     """
     _check_arguments(path, out, config_file, force)
     classes = list(check_class_list(classes, "--classes"))
@@ -222,6 +230,9 @@ def convert_checkpoint(
         check_class_list(source_classes, "--source-classes")
     # Checked even when stored names will win, so that a mistyped name never passes silently.
     from_dataset = _dataset_classes(source_dataset) if source_dataset else None
+
+    new_class_init = _check_new_class_init(new_class_init, init_images, config_file,
+                                           coco_datasets)
 
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
@@ -238,7 +249,7 @@ def convert_checkpoint(
             "--source-classes or --source-dataset, map classes by index with --class-map "
             "TARGET=INDEX, or use --mode reinit.")
     if config_file:
-        model = _model_from_config(config_file, classes)
+        model, cfg = _model_from_config(config_file, classes)
         layouts, target = find_layouts(model), model.state_dict()
     else:
         found, notes = recognize_layouts({k: _shape(v) for k, v in weights.items()})
@@ -254,8 +265,70 @@ def convert_checkpoint(
         weights, target, layouts,
         classes={THING: ClassSpec(source, classes, list(class_map), what, "--classes")},
         mode=mode, seed=seed, source=path)
-    save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": classes}}, out,
+    thing = report.spaces.get(THING)
+    if new_class_init != "head" and thing is not None and thing.resolution == "map" \
+            and thing.mapping.new:
+        report.new_classes = _init_new_classes(
+            model, cfg, weights, new, report.spaces[THING].mapping, method=new_class_init,
+            max_images=init_images, seed=seed, coco_datasets=coco_datasets)
+    save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": list(classes)}}, out,
                          overwrite=force, progress=True, source=local)
+    return report
+
+
+def _check_new_class_init(method: str, images: int, config_file: str,
+                          coco_datasets: Sequence[Sequence[str]]) -> str:
+    """The method to run (``auto``: imprint with --config-file and --coco-dataset, else head);
+    raises before anything is read when an explicit --new-class-init cannot run."""
+    from .options import check_option_values
+
+    check_option_values({"new_class_init": method, "init_images": images},
+                        name=lambda option: "--" + option.replace("_", "-"))
+    if method == "auto":
+        return "imprint" if config_file and coco_datasets else "head"
+    if method == "head":
+        return method
+    if not config_file:
+        raise ReclassError(f"--new-class-init {method} runs the model on labelled examples: "
+                           "pass --config-file (the config the checkpoint was built with).")
+    if not coco_datasets:
+        raise ReclassError(f"--new-class-init {method} reads labelled examples of the new "
+                           "classes: pass --coco-dataset NAME JSON IMAGE_ROOT.")
+    return method
+
+
+def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, Any], mapping,
+                      *, method: str, max_images: int, seed: int,
+                      coco_datasets: Sequence[Sequence[str]]) -> NewClassReport:
+    """Initialise the new classes of ``converted`` (updated in place) from the datasets'
+    examples, the model of ``cfg`` holding the converted weights."""
+    import time
+
+    from detectron2.data.detection_utils import build_augmentation
+
+    from .datasets import register_coco_dataset
+
+    own = model.state_dict()
+    misfit = [k for k, v in own.items() if k not in converted or converted[k].shape != v.shape]
+    if misfit:
+        raise ReclassError(
+            f"--new-class-init {method} runs the model of --config-file with the checkpoint's "
+            f"weights, but {len(misfit)} of its tensors are not in the checkpoint with the "
+            f"model's shape (first: {misfit[0]}). Pass the config the checkpoint was trained "
+            "with, or use --new-class-init head.")
+    model.load_state_dict({k: converted[k] for k in own})
+    for name, json_file, image_root in coco_datasets:
+        register_coco_dataset(name, json_file, image_root)
+    t0 = time.perf_counter()
+    dicts, names = NewClassExamples(
+        datasets=tuple(d[0] for d in coco_datasets),
+        augmentations=tuple(build_augmentation(cfg, is_train=False)),
+        image_format=cfg.INPUT.FORMAT).load()
+    loaded = time.perf_counter() - t0
+    entries, report = init_new_classes(model, dicts, mapping, weights, method=method,
+                                       max_images=max_images, seed=seed, dataset_classes=names)
+    converted.update(entries)
+    report.seconds_dataset, report.seconds = loaded, report.seconds + loaded
     return report
 
 
@@ -304,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
     p.add_argument("--config-file", default="", help="build the model to read its heads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-class-init", default="auto", choices=NEW_CLASS_INITS,
+                   help="how classes new to the checkpoint start: relative / imprint run the "
+                   "model of --config-file on --coco-dataset examples; auto (default): imprint "
+                   "when both are given, else head")
+    p.add_argument("--init-images", type=int, default=16,
+                   help="labelled images read per new class for --new-class-init")
+    p.add_argument("--coco-dataset", nargs=3, action="append", default=[],
+                   metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                   help="labelled examples for --new-class-init (repeatable)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--trust-pickle", action="store_true")
     return parser
@@ -359,7 +441,8 @@ def _run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, _read_classes(args), source_classes=source,
         source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
         config_file=args.config_file, seed=args.seed, force=args.force,
-        trust_pickle=args.trust_pickle)
+        trust_pickle=args.trust_pickle, new_class_init=args.new_class_init,
+        init_images=args.init_images, coco_datasets=args.coco_dataset)
     print(report)
     print(f"Wrote {args.out}")
     return 0

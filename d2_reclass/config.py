@@ -65,6 +65,16 @@ def add_reclass_config(cfg: CN) -> None:
     _C.RENAME = []
     # Allow full unpickling of .pkl / legacy .pth files. Only for files you trust.
     _C.TRUST_PICKLE = False
+    # How a mapped target class that no source class maps to starts: "head" (the head's own
+    # init), "relative" (every entry copied from the source class that scores highest on its
+    # labelled examples in DATASETS.TRAIN), "imprint" (box classifier rows from the mean box
+    # feature of those examples, the other entries from the relative), "auto" (imprint when
+    # DATASETS.TRAIN is set, else head). Measured in benchmarks/new_class_init.py; see
+    # d2_reclass/new_classes.py. MODE reinit keeps the head's init for every class.
+    _C.NEW_CLASS_INIT = "auto"
+    # At most this many labelled images per new class are read for NEW_CLASS_INIT (chosen by
+    # SEED and the class name); the rest of the dataset is never read for it.
+    _C.INIT_IMAGES = 16
 
 
 def _thing_or_stuff(kind: str) -> str:

@@ -14,10 +14,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from .classes import _parse_class_map, check_class_list, did_you_mean
 from .errors import ConfigError
 
-__all__ = ["MODES", "ReclassOptions", "check_option_values"]
+__all__ = ["MODES", "NEW_CLASS_INITS", "ReclassOptions", "check_option_values"]
 
 #: The values of ``MODEL.RECLASS.MODE``; see :mod:`d2_reclass.surgery`.
 MODES = ("auto", "map", "reinit", "strict")
+#: The values of ``MODEL.RECLASS.NEW_CLASS_INIT``; see :mod:`d2_reclass.new_classes`.
+NEW_CLASS_INITS = ("auto", "head", "relative", "imprint")
 
 _CLASS_LISTS = ("source_classes", "target_classes", "source_stuff_classes",
                 "target_stuff_classes")
@@ -37,7 +39,8 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
         name: how messages name an option (a config key by default).
 
     Raises:
-        ConfigError: a mode, seed, prefix list, rename or flag of the wrong kind.
+        ConfigError: a mode, new-class init, image count, seed, prefix list, rename or flag of
+            the wrong kind.
         ClassListError: a malformed class list or class map entry.
     """
     mode = values.get("mode", "auto")
@@ -45,6 +48,15 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
         raise ConfigError(
             f"{name('mode')} is {mode!r}; use one of {', '.join(MODES)}."
             + did_you_mean(str(mode), MODES))
+    init = values.get("new_class_init", "auto")
+    if init not in NEW_CLASS_INITS:
+        raise ConfigError(
+            f"{name('new_class_init')} is {init!r}; use one of {', '.join(NEW_CLASS_INITS)}."
+            + did_you_mean(str(init), NEW_CLASS_INITS))
+    images = values.get("init_images", 16)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ConfigError(f"{name('init_images')} is {images!r}; it must be an integer >= 1 "
+                          "(images read per new class).")
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{name('seed')} is {seed!r}; it must be an integer.")
@@ -90,6 +102,10 @@ class ReclassOptions:
         source_dataset (str): a registered dataset naming the checkpoint's classes.
         only, rename (tuple[str]): checkpoint key prefixes to keep / ``"old=new"`` renames.
         trust_pickle (bool): allow full unpickling of files the user trusts.
+        new_class_init (str): one of :data:`NEW_CLASS_INITS`: how mapped classes that no source
+            class maps to start (see :mod:`d2_reclass.new_classes`); ``auto``: ``imprint``
+            where labelled examples are given, else ``head``.
+        init_images (int): at most this many labelled images are read per new class.
     """
 
     mode: str = "auto"
@@ -103,6 +119,8 @@ class ReclassOptions:
     only: Tuple[str, ...] = ()
     rename: Tuple[str, ...] = ()
     trust_pickle: bool = False
+    new_class_init: str = "auto"
+    init_images: int = 16
 
     def __post_init__(self) -> None:
         # Lists from YAML, OmegaConf or callers become tuples: the options are one frozen value.

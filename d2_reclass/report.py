@@ -1,7 +1,7 @@
 """What a reclass did: per tensor and per class space, as a log table and as JSON."""
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from tabulate import tabulate
 
@@ -63,6 +63,8 @@ class ReclassReport:
     tensors: List[TensorAction] = field(default_factory=list)
     mismatches: List[TensorAction] = field(default_factory=list)
     source: str = ""
+    #: What MODEL.RECLASS.NEW_CLASS_INIT did after the mapping (a new_classes.NewClassReport).
+    new_classes: Optional[Any] = None
 
     @property
     def changed(self) -> bool:
@@ -83,6 +85,7 @@ class ReclassReport:
             "spaces": {k: v.to_dict() for k, v in self.spaces.items()},
             "tensors": [asdict(t) for t in self.tensors],
             "mismatches": [asdict(t) for t in self.mismatches],
+            "new_classes": self.new_classes.to_dict() if self.new_classes is not None else None,
         }
 
     def to_json(self, path: Optional[str] = None) -> str:
@@ -148,4 +151,6 @@ class ReclassReport:
             parts.append(self.mapping_table())
         if self.tensors or self.mismatches:
             parts.append(self.table())
+        if self.new_classes is not None and self.new_classes.classes:
+            parts.append(str(self.new_classes))
         return "\n".join(parts)

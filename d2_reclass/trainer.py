@@ -23,6 +23,7 @@ from .config import (
 from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
+from .new_classes import broadcast_thing_heads
 
 __all__ = ["ReclassTrainer", "ReclassTrainerMixin", "check_num_classes", "REPORT_FILE"]
 
@@ -94,8 +95,10 @@ class ReclassTrainerMixin:
     NUM_CLASSES follows the target classes (``self.cfg`` shows the counts used). Box
     predictors become ReclassFastRCNNOutputLayers before the optimizer and DDP exist, loads
     and saves go through :class:`ReclassCheckpointer`, class counts are checked against the
-    datasets, and ``reclass_report.json`` is written into OUTPUT_DIR. Multi-process CPU runs
-    (gloo) work too.
+    datasets, and ``reclass_report.json`` is written into OUTPUT_DIR. With
+    MODEL.RECLASS.NEW_CLASS_INIT relative / imprint, :meth:`resume_or_load` initialises new
+    classes from DATASETS.TRAIN examples right after the mapped weights load, before the first
+    optimizer step, and gives every rank rank 0's heads. Multi-process CPU runs (gloo) work too.
     """
 
     def __init__(self, cfg, *args, **kwargs):
@@ -128,6 +131,8 @@ class ReclassTrainerMixin:
                           target_classes(self.cfg, "stuff"))
         super().resume_or_load(resume=resume)
         report = self.checkpointer.report
+        if report is not None and report.new_classes is not None:
+            broadcast_thing_heads(self.checkpointer.model)
         if report is not None and comm.is_main_process():
             PathManager.mkdirs(self.cfg.OUTPUT_DIR)
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
