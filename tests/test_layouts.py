@@ -25,6 +25,7 @@ from d2_reclass.layouts import (
     STUFF,
     THING,
     ClassLayout,
+    SourceAxis,
     find_layouts,
     layouts_for_module,
     register_layout,
@@ -62,20 +63,29 @@ def test_length_and_count_classes():
     assert ClassLayout("w", THING, 1, ZERO, background=True).count_classes(1) is None
 
 
+def positions(layout, source_index, num_source, *, source_agnostic=False,
+              target_agnostic=False):
+    """For each target entry, the source entry it copies, or -1 for fresh (no class merged)."""
+    plan = layout.entry_sources(source_index, [SourceAxis(num_source, source_agnostic)],
+                                target_agnostic=target_agnostic)
+    assert not plan.merged.any()
+    return torch.where(plan.fresh, -1, plan.index[0])
+
+
 def test_source_positions():
     # Softmax + background, K 4 -> [2, 0, new]: the background block is carried.
     cls = ClassLayout("w", THING, 3, NORMAL_001, background=True)
-    assert cls.source_positions([2, 0, None], 4).tolist() == [2, 0, -1, 4]
+    assert positions(cls, [2, 0, None], 4).tolist() == [2, 0, -1, 4]
     # Class-major blocks of B=2, A=2 anchor-major repeats, 3 leading non-class entries.
     lay = ClassLayout("w", THING, 2, NORMAL_001, block=2, repeat=2, offset=3)
-    got = lay.source_positions([1, None], 3).tolist()
+    got = positions(lay, [1, None], 3).tolist()
     assert got == [0, 1, 2] + [5, 6, -1, -1] + [11, 12, -1, -1]
     # Agnostic source feeds every target class; agnostic target from specific source is fresh.
     box = ClassLayout("w", THING, 3, NORMAL_0001, block=4, can_be_agnostic=True)
-    assert box.source_positions([5, None, 0], 80, source_agnostic=True).tolist() == \
+    assert positions(box, [5, None, 0], 80, source_agnostic=True).tolist() == \
         [0, 1, 2, 3] * 3
-    assert box.source_positions([5, None, 0], 80, target_agnostic=True).tolist() == [-1] * 4
-    assert box.source_positions([5], 80, source_agnostic=True, target_agnostic=True).tolist() \
+    assert positions(box, [5, None, 0], 80, target_agnostic=True).tolist() == [-1] * 4
+    assert positions(box, [5], 80, source_agnostic=True, target_agnostic=True).tolist() \
         == [0, 1, 2, 3]
 
 
