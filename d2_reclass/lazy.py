@@ -1,7 +1,8 @@
 """The same options for LazyConfig (Python) configs: a ``reclass`` dict beside ``train``.
 
     reclass = dict(mode="map", source_dataset="coco_2017_train", target_classes=[],
-                   class_map=[], seed=0, only=[], rename=[], trust_pickle=False)
+                   class_map=[], seed=0, only=[], rename=[], trust_pickle=False,
+                   combine=[], combine_allow_different_weights=False)
 
 ``train.init_checkpoint`` is the checkpoint; the target classes default to the metadata of
 ``dataloader.train.dataset.names``. Keys mirror ``MODEL.RECLASS`` in lower case.
@@ -15,7 +16,8 @@ from .options import ReclassOptions
 __all__ = ["lazy_reclass_options", "lazy_target_classes", "apply_lazy_num_classes"]
 
 _KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_map", "seed",
-         "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes")
+         "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes",
+         "combine", "combine_allow_different_weights")
 
 
 def _reclass(cfg) -> Dict[str, Any]:

@@ -149,15 +149,6 @@ class _Further(NamedTuple):
     what: str  # its class list, for messages
 
 
-@dataclass
-class _Space:
-    """A class space once resolved: its mapping, and the checkpoints the mapping's checkpoint
-    numbers stand for (``sources[c]``: an index into the engine's checkpoints)."""
-
-    report: SpaceReport
-    sources: List[int]
-
-
 def _read(layout: ClassLayout, ckpt: torch.Tensor, model: torch.Tensor) -> Optional[_Reading]:
     if ckpt.dim() != model.dim() or layout.axis >= model.dim():
         return None
@@ -247,7 +238,6 @@ def reclass_state_dict(
     states = [state_dict] + [m.state_dict for m in more]
 
     heads = _read_heads(states, model_state, layouts, report)
-    spaces: Dict[str, _Space] = {}
     strict_errors: List[str] = []
     for space in sorted({lay.space for head in heads.values() for lay in head.layouts}):
         spec = _named(space, classes.get(space, ClassSpec()))
@@ -255,9 +245,8 @@ def reclass_state_dict(
         further = [_Further(i, list(m.classes[space]), m.name, f"the {space} classes of {m.name}")
                    for i, m in enumerate(more, 1) if m.classes.get(space)]
         k_src, k_tgt = _count_classes(space, heads, spec, source, further)
-        spaces[space] = _resolve_space(space, spec, k_src, k_tgt, mode, source, further,
-                                       strict_errors)
-        report.spaces[space] = spaces[space].report
+        report.spaces[space] = _resolve_space(space, spec, k_src, k_tgt, mode, source,
+                                              further, len(more), strict_errors)
     _raise_if_strict(report, heads, state_dict, model_state, strict_errors, source)
 
     # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
@@ -268,7 +257,8 @@ def reclass_state_dict(
     if metadata is not None:
         out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
     for key, head in heads.items():
-        refit = _refit_head(head, spaces[head.layouts[0].space], states, model_state[key], seed)
+        refit = _refit_head(head, report.spaces[head.layouts[0].space], states, model_state[key],
+                            seed)
         if refit is not None:
             out[key], action = refit
             report.tensors.append(action)
@@ -406,10 +396,14 @@ def _resolve_space(
     mode: str,
     source: str,
     further: Sequence[_Further],
+    num_further: int,
     strict_errors: List[str],
-) -> _Space:
+) -> SpaceReport:
     """How ``space`` is fitted: ``unchanged``, ``reinit``, ``map`` (with its mapping), or
-    ``strict`` (its problem appended to ``strict_errors``, raised once all are known)."""
+    ``strict`` (its problem appended to ``strict_errors``, raised once all are known).
+
+    The mapping numbers checkpoints as the engine does (0 the first, i the i-th of the
+    ``num_further`` further ones), those that name no class of ``space`` included."""
     k_first = k_src[0]
     if k_tgt is None:
         k_tgt = len(spec.target) if spec.target is not None else k_first
@@ -429,16 +423,15 @@ def _resolve_space(
         resolution = "reinit"
     source_names = tuple(spec.source) if spec.source is not None else None
     if resolution == "map":
-        mapping = _name_mapping(space, spec, k_first, source, further)
+        mapping = _name_mapping(space, spec, k_first, source, further, num_further)
     elif resolution == "unchanged":
         mapping = ClassMapping(source_names, _target_names(spec, k_tgt), tuple(range(k_tgt)),
                                k_first)
     else:
         mapping = ClassMapping(source_names, _target_names(spec, k_tgt), (None,) * k_tgt,
                                k_first)
-    return _Space(SpaceReport(space, resolution, k_first, k_tgt, mapping,
-                              spec.source_what if spec.source is not None else None),
-                  [0] + [f.index for f in further])
+    return SpaceReport(space, resolution, k_first, k_tgt, mapping,
+                       spec.source_what if spec.source is not None else None)
 
 
 def _target_names(spec: ClassSpec, k_tgt: int) -> Tuple[str, ...]:
@@ -446,7 +439,7 @@ def _target_names(spec: ClassSpec, k_tgt: int) -> Tuple[str, ...]:
 
 
 def _name_mapping(space: str, spec: ClassSpec, k_src: int, source: str,
-                  further: Sequence[_Further]) -> ClassMapping:
+                  further: Sequence[_Further], num_further: int) -> ClassMapping:
     """The ``map`` resolution's mapping, by names (and CLASS_MAP), across the checkpoints."""
     if spec.target is None:
         raise ClassListError(
@@ -458,10 +451,18 @@ def _name_mapping(space: str, spec: ClassSpec, k_src: int, source: str,
         raise ClassListError(
             f"MODE map needs the {space} class names of {source}, which stores none: "
             f"{_source_names_hint(space)}.")
-    return build_class_mapping(
+    mapping = build_class_mapping(
         spec.source, spec.target, spec.class_map, num_source=k_src,
         source_what=spec.source_what, target_what=spec.target_what,
         more=[(f.names, f.what) for f in further])
+    if not num_further:
+        return mapping
+    # build_class_mapping numbers only the checkpoints it was given.
+    names = {f.index: tuple(f.names) for f in further}
+    index = [0] + [f.index for f in further]
+    return dataclasses.replace(
+        mapping, checkpoint=tuple(index[c] for c in mapping.checkpoint),
+        more=tuple(names.get(i, ()) for i in range(1, num_further + 1)))
 
 
 def _raise_if_strict(
@@ -497,7 +498,7 @@ def _raise_if_strict(
 # ---------------------------------------------------------------------------------------------
 def _refit_head(
     head: _Head,
-    space: _Space,
+    space: SpaceReport,
     states: Sequence[Mapping[str, torch.Tensor]],
     model: torch.Tensor,
     seed: int,
@@ -507,30 +508,30 @@ def _refit_head(
     lay0 = head.layouts[0]
     ckpt = states[0][head.key]
     if lay0.keep_model:
-        if space.report.resolution == "unchanged" and ckpt.shape == model.shape:
+        if space.resolution == "unchanged" and ckpt.shape == model.shape:
             return None
         return model.detach().clone(), TensorAction(
             head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape), "model's own",
             layout=lay0.kind)
     if head.readings[0] is None:
         return None
-    plans = {lay.axis: _entry_plan(head, i, space) for i, lay in enumerate(head.layouts)}
+    plans = {lay.axis: _entry_plan(head, i, space.mapping) for i, lay in enumerate(head.layouts)}
     if ckpt.shape == model.shape and all(
             plan.is_identity(model.shape[axis]) for axis, plan in plans.items()):
         return None
-    tensors = [states[c][head.key] if head.readings[c] is not None else None
-               for c in space.sources]
+    tensors = [state[head.key] if reads is not None else None
+               for state, reads in zip(states, head.readings)]
     new = _assemble(plans, tensors, model.shape, lay0.init, seeded_generator(seed, head.key))
     return new, _tensor_action(head, plans[lay0.axis], ckpt, model)
 
 
-def _entry_plan(head: _Head, i: int, space: _Space) -> EntrySources:
+def _entry_plan(head: _Head, i: int, mapping: ClassMapping) -> EntrySources:
     """The weighted source entries of every entry of ``head``'s ``i``-th class axis."""
-    layout, mapping = head.layouts[i], space.report.mapping
-    sources = []
-    for c, checkpoint in enumerate(space.sources):
-        reads = head.readings[checkpoint]
-        if reads is None:
+    layout = head.layouts[i]
+    sources: List[Optional[SourceAxis]] = []
+    for c, reads in enumerate(head.readings):
+        # A further checkpoint that names no class of this space gives it nothing.
+        if reads is None or (c and not (c <= len(mapping.more) and mapping.more[c - 1])):
             sources.append(None)
             continue
         k = mapping.num_classes_of(c)
