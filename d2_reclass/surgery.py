@@ -11,7 +11,7 @@ nothing is returned unless every check passed, so an error leaves the caller's d
 2. :func:`_count_classes`: the classes of each space, on both sides (every head must agree);
 3. :func:`_resolve_space`: each space is unchanged, reinitialised, or mapped by name (classes
    kept, reordered, split, merged, new; from the first checkpoint that knows them);
-4. :func:`_refit_head`: every tensor, each target entry made from a weighted set of source
+4. :func:`_refit_tensors`: every tensor, each target entry made from a weighted set of source
    entries (:mod:`d2_reclass.entries`): copies gathered bit for bit, merges computed by the
    head's rule (:mod:`d2_reclass.layouts`), new classes drawn from the head's own init.
 
@@ -248,21 +248,7 @@ def reclass_state_dict(
         report.spaces[space] = _resolve_space(space, spec, k_src, k_tgt, mode, source,
                                               further, len(more), strict_errors)
     _raise_if_strict(report, heads, state_dict, model_state, strict_errors, source)
-
-    # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
-    # do: without it, modules with versioned state dicts (PointRend's heads) would take the
-    # checkpoint for an old format and apply their upgrade conversions on load.
-    out = OrderedDict(state_dict)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
-    for key, head in heads.items():
-        refit = _refit_head(head, report.spaces[head.layouts[0].space], states, model_state[key],
-                            seed)
-        if refit is not None:
-            out[key], action = refit
-            report.tensors.append(action)
-    return out, report
+    return _refit_tensors(heads, report, states, model_state, seed), report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +482,31 @@ def _raise_if_strict(
 # ---------------------------------------------------------------------------------------------
 # 4. Refitting each tensor
 # ---------------------------------------------------------------------------------------------
+def _refit_tensors(
+    heads: Mapping[str, _Head],
+    report: ReclassReport,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    model_state: Mapping[str, torch.Tensor],
+    seed: int,
+) -> Dict[str, torch.Tensor]:
+    """The first checkpoint's state dict with every refitted tensor replaced (each listed in
+    ``report.tensors``); tensors left as they were are the checkpoint's own objects."""
+    # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
+    # do: without it, modules with versioned state dicts (PointRend's heads) would take the
+    # checkpoint for an old format and apply their upgrade conversions on load.
+    out = OrderedDict(states[0])
+    metadata = getattr(states[0], "_metadata", None)
+    if metadata is not None:
+        out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
+    for key, head in heads.items():
+        refit = _refit_head(head, report.spaces[head.layouts[0].space], states, model_state[key],
+                            seed)
+        if refit is not None:
+            out[key], action = refit
+            report.tensors.append(action)
+    return out
+
+
 def _refit_head(
     head: _Head,
     space: SpaceReport,
