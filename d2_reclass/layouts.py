@@ -208,12 +208,12 @@ class ClassLayout:
         starts = [_segment_starts(self, s) if s is not None else None for s in sources]
         runs: List[EntrySources] = []
         for i, seg in enumerate(self.all_segments()):
-            first = starts[0][i]
-            runs.append(_plain_run(first - seg.offset, seg.offset))
+            runs.append(_plain_run(starts[0][i] - seg.offset, seg.offset))
             for a in range(seg.repeat):
+                # Where repeat ``a`` of this segment starts in each checkpoint's tensor.
                 bases = torch.tensor([
-                    0 if start is None else start[i] + a * seg.per_repeat(s.num_classes, s.agnostic)
-                    * seg.block for start, s in zip(starts, sources)], dtype=torch.long)
+                    start[i] + a * seg.per_repeat(s.num_classes, s.agnostic) * seg.block
+                    if s is not None else 0 for start, s in zip(starts, sources)])
                 runs.append(slots.blocks(bases, seg.block, seg.background))
         return EntrySources.cat(runs)
 
