@@ -272,15 +272,15 @@ class _ClassSlots:
             if any(seg.background for seg in layout.all_segments()):
                 slots.append(((() if first.agnostic else (first.num_classes,)), 0, BACKGROUND))
         depth = max(1, max(len(parts) for parts, _, _ in slots))
-        index = torch.full((depth, len(slots)), -1, dtype=torch.long)
-        weight = torch.zeros(depth, len(slots), dtype=torch.float64)
-        shift = torch.zeros(len(slots), dtype=torch.float64)
-        for j, (parts, _, _) in enumerate(slots):
-            if parts:
-                w, shift[j] = merge_weights(layout.merge, len(parts))
-                index[:len(parts), j] = torch.tensor(parts)
-                weight[:len(parts), j] = w
-        return _ClassSlots(index, weight, shift, torch.tensor([c for _, c, _ in slots]),
+        rules = [merge_weights(layout.merge, len(parts)) if parts else (0.0, 0.0)
+                 for parts, _, _ in slots]
+        index = torch.tensor([[parts[r] if r < len(parts) else -1 for parts, _, _ in slots]
+                              for r in range(depth)], dtype=torch.long)
+        weight = torch.tensor([[w if r < len(parts) else 0.0 for (parts, _, _), (w, _) in
+                                zip(slots, rules)] for r in range(depth)], dtype=torch.float64)
+        return _ClassSlots(index, weight, torch.tensor([shift for _, shift in rules],
+                                                       dtype=torch.float64),
+                           torch.tensor([c for _, c, _ in slots]),
                            torch.tensor([k for _, _, k in slots]))
 
     def blocks(self, bases: torch.Tensor, block: int, background: bool) -> EntrySources:

@@ -524,7 +524,7 @@ def _refit_head(
         return model.detach().clone(), TensorAction(
             head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape), "model's own",
             layout=lay0.kind)
-    if head.readings[0] is None:
+    if head.readings[0] is None or (space.resolution == "unchanged" and ckpt.shape == model.shape):
         return None
     plans = {lay.axis: _entry_plan(head, i, space.mapping) for i, lay in enumerate(head.layouts)}
     if ckpt.shape == model.shape and all(
