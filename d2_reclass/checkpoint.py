@@ -33,7 +33,7 @@ from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
 from .options import ReclassOptions
 from .report import ReclassReport
-from .serialization import load_checkpoint_file
+from .serialization import check_state_dict, load_checkpoint_file
 from .surgery import ClassSpec, SourceCheckpoint, describe_class_change, reclass_state_dict
 
 __all__ = [
@@ -51,10 +51,31 @@ logger = logging.getLogger(__name__)
 CLASSES_KEY = "d2_reclass"
 
 
-def stored_classes(checkpoint: Dict[str, Any]) -> Dict[str, List[str]]:
-    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint."""
+def stored_classes(checkpoint: Dict[str, Any], *, source: str = "the checkpoint"
+                   ) -> Dict[str, List[str]]:
+    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint.
+
+    Raises :class:`CheckpointError` naming ``source`` if the entry is there but is not a dict
+    whose ``*_classes`` items are lists of names (a damaged or hand-edited file); other items
+    of the entry are ignored.
+    """
     stored = checkpoint.get(CLASSES_KEY) if isinstance(checkpoint, dict) else None
-    return {k: list(v) for k, v in (stored or {}).items() if k.endswith("_classes") and v}
+    if stored is None:
+        return {}
+    if isinstance(stored, dict):
+        lists = {k: v for k, v in stored.items() if isinstance(k, str) and k.endswith("_classes")}
+        if all(_is_name_list(v) for v in lists.values()):
+            return {k: list(v) for k, v in lists.items() if v}
+    raise CheckpointError(
+        f"Checkpoint {source}: its '{CLASSES_KEY}' entry holds {stored!r:.80}, not the class "
+        f"names d2_reclass saves ({{'thing_classes': [name, ...]}}). The file is damaged or was "
+        f"edited: save it again, or delete that entry and give the checkpoint's classes with "
+        f"MODEL.RECLASS.SOURCE_CLASSES."
+    )
+
+
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
 
 
 def _existing_local_path(path: str, path_manager=PathManager,
@@ -71,7 +92,7 @@ def _existing_local_path(path: str, path_manager=PathManager,
 def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, List[str]]:
     """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
     return stored_classes(load_checkpoint_file(_existing_local_path(path),
-                                               trust_pickle=trust_pickle))
+                                               trust_pickle=trust_pickle), source=path)
 
 
 def resume_mismatch_message(source: str, difference: str, tensors: Sequence[str] = ()) -> str:
@@ -184,7 +205,10 @@ class ReclassCheckpointer(DetectionCheckpointer):
             self._loading = ""
 
     def _torch_load(self, f: str) -> Any:
-        return load_checkpoint_file(f, trust_pickle=self.reclass.trust_pickle, progress=True)
+        data = load_checkpoint_file(f, trust_pickle=self.reclass.trust_pickle, progress=True)
+        if not isinstance(data, dict):  # DetectionCheckpointer._load_file looks "model" up in it
+            check_state_dict(data, f)  # raises: a file holding no dict holds no weights
+        return data
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         # detectron2 unpickles .pkl (and torch.loads .pyth) itself; read them safely instead,
@@ -196,8 +220,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 return data
             if isinstance(data, dict) and "blobs" in data:
                 data = data["blobs"]
-            _check_weights(data, filename)
-            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            data = _without_suffix(data, "_momentum")
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         if filename.endswith(".pyth"):
             data = self._torch_load(filename)
@@ -205,15 +228,14 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(
                     f"{filename} is not a pycls checkpoint: it has no 'model_state' entry."
                 )
-            state = {k: v for k, v in data["model_state"].items()
-                     if not k.endswith("num_batches_tracked")}
+            state = _without_suffix(data["model_state"], "num_batches_tracked")
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         source = self._loading or "the checkpoint"
         state = self._weights(checkpoint, source)
-        classes = self._class_specs(stored_classes(checkpoint))
+        classes = self._class_specs(stored_classes(checkpoint, source=source))
         layouts = find_layouts(self.model)
         model_state = self.model.state_dict()
         if self._resuming:
@@ -245,7 +267,9 @@ class ReclassCheckpointer(DetectionCheckpointer):
         ``module.`` prefix, names matched for Caffe2 / ``matching_heuristics`` files, and
         MODEL.RECLASS.ONLY / RENAME applied."""
         state = checkpoint["model"]
-        _check_weights(state, source)
+        # Every entry is checked before anything converts, matches or loads it, so a value that
+        # is not a tensor (a damaged or edited file) is one CheckpointError, model untouched.
+        check_state_dict(state, source, allow_empty=not self.model.state_dict())
         self._convert_ndarray_to_tensor(state)
         _strip_prefix_if_present(state, "module.")
         if checkpoint.get("matching_heuristics", False):
@@ -262,7 +286,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         """
         checkpoint = self._load_file(
             _existing_local_path(path, self.path_manager, "MODEL.RECLASS.COMBINE"))
-        stored = stored_classes(checkpoint)
+        stored = stored_classes(checkpoint, source=path)
         if not stored:
             raise CombineError(
                 f"MODEL.RECLASS.COMBINE names {path}, which stores no class names, and combining "
@@ -322,14 +346,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
         super().save(name, **kwargs)
 
 
-def _check_weights(state: Any, source: str) -> None:
-    if not isinstance(state, dict) or not any(
-        hasattr(v, "shape") for v in state.values()
-    ):
-        raise CheckpointError(
-            f"{source} contains no model weights: expected a 'model' entry holding a state dict "
-            "(name -> tensor). Is it an optimizer-only or metrics file?"
-        )
+def _without_suffix(state: Any, suffix: str) -> Any:
+    """``state`` without the entries detectron2 drops by name (keys ending in ``suffix``), as
+    detectron2 drops them before its own type check; anything but a dict is returned as it is,
+    for :func:`check_state_dict` to refuse."""
+    if not isinstance(state, dict):
+        return state
+    return {k: v for k, v in state.items() if not (isinstance(k, str) and k.endswith(suffix))}
 
 
 def _warn_non_finite(state: Dict[str, torch.Tensor], layouts, source: str) -> None:

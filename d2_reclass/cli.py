@@ -23,6 +23,7 @@ from .layouts import THING, find_layouts, retarget
 from .recognize import guess_architecture, recognize_layouts
 from .serialization import (
     check_output_path,
+    check_state_dict,
     checkpoint_format,
     load_checkpoint_file,
     save_checkpoint_file,
@@ -67,16 +68,24 @@ def _drop_record(record: logging.LogRecord) -> bool:
 
 
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
+    """The state dict ``obj`` holds, every entry checked by :func:`check_state_dict` before
+    anything reads it (CheckpointError naming ``path`` and the key otherwise)."""
     fmt = checkpoint_format(obj, path)
     if fmt == "caffe2 pkl":
         from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
         blobs = obj.get("blobs", obj)
-        blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        # Dropped before the check, as detectron2 drops them before its own.
+        blobs = {k: v for k, v in blobs.items()
+                 if not (isinstance(k, str) and k.endswith("_momentum"))}
+        check_state_dict(blobs, path)
         return convert_c2_detectron_names(blobs)[0]
     if fmt == "pycls pyth":
-        return dict(obj["model_state"])
-    return dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+        weights = dict(obj["model_state"])
+    else:
+        weights = dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+    check_state_dict(weights, path)
+    return weights
 
 
 def _shape(v: Any) -> List[int]:
@@ -107,7 +116,7 @@ def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, An
             for lay in layouts
         ],
         "num_classes": {space: k for space, k in counts},
-        "stored_classes": stored_classes(extras),
+        "stored_classes": stored_classes(extras, source=path),
         "iteration": extras.get("iteration"),
         "optimizer_state": "optimizer" in extras or "trainer" in extras,
         "scheduler_state": "scheduler" in extras or "trainer" in extras,
@@ -240,7 +249,7 @@ def _read_checkpoint(path: str, trust_pickle: bool):
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
     weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                for k, v in _weights(obj, local).items()}
-    return local, weights, stored_classes(obj if isinstance(obj, dict) else {}).get(
+    return local, weights, stored_classes(obj if isinstance(obj, dict) else {}, source=path).get(
         "thing_classes")
 
 

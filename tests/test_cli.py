@@ -348,3 +348,26 @@ def test_checkpoint_without_weights_and_truncated_file(tmp_path, six_ckpt):
     with pytest.raises(CheckpointError, match="truncated|damaged|corrupt"):
         ReclassCheckpointer(model).load(str(tmp_path / "truncated.pth"))
     assert_same_state(params(model), before)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "pkl"])
+def test_non_tensor_entry_is_one_line_exit_1_and_no_file(tmp_path, capsys, fmt):
+    state = {k: v.numpy() if fmt == "pkl" else v
+             for k, v in small_model(6, seed=1).state_dict().items()}
+    state["roi_heads.box_predictor.cls_score.bias"] = "edited"
+    path = tmp_path / f"edited.{fmt}"
+    if fmt == "pkl":
+        with open(path, "wb") as f:
+            pickle.dump({"model": state, "__author__": "test"}, f, protocol=2)
+    else:
+        torch.save({"model": state}, path)
+    out = tmp_path / "out.pth"
+    for command in (["inspect", str(path)], ["convert", str(path), "--out", str(out),
+                                              "--classes", ",".join(THREE)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        for part in (str(path), "delete that entry",
+                     "'roi_heads.box_predictor.cls_score.bias' holds a str ('edited')"):
+            assert part in err[0], err
+    assert sorted(os.listdir(tmp_path)) == [path.name]

@@ -227,10 +227,6 @@ def test_a_checkpointable_named_trust_pickle_does_not_trust_pickles(tmp_path):
     assert_same_state(params(model), before)
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "found by the drop-in harness: ReclassCheckpointer refuses a checkpoint whose model state is "
-    "empty (CheckpointError: 'contains no model weights'), even one it saved itself; "
-    "DetectionCheckpointer loads it. Awaiting the lead's decision."))
 def test_checkpoint_of_a_model_without_parameters_loads_back(tmp_path):
     """Mirrors DetectionCheckpointer.save then load of a model with no parameters of its own."""
     extra = _tiny_checkpointable(0)
