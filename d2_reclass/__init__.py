@@ -12,6 +12,7 @@ from .checkpoint import (
     stored_classes,
 )
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
+from .combine import combine_state_dicts
 from .config import (
     add_reclass_config,
     apply_num_classes,
@@ -23,6 +24,7 @@ from .errors import (
     CheckpointError,
     ClassListError,
     ClassMismatchError,
+    CombineError,
     ConfigError,
     DatasetError,
     ReclassError,
@@ -46,7 +48,7 @@ from .new_classes import (
 )
 from .options import ReclassOptions
 from .report import ReclassReport
-from .surgery import ClassSpec, reclass_state_dict
+from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
 from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
 
 _logger.install_detectron2_forwarding()
@@ -61,6 +63,7 @@ __all__ = [
     "ClassMapping",
     "ClassMismatchError",
     "ClassSpec",
+    "CombineError",
     "ConfigError",
     "DatasetError",
     "InitSpec",
@@ -77,6 +80,7 @@ __all__ = [
     "ReclassTrainerMixin",
     "ResumeClassMismatchError",
     "STUFF",
+    "SourceCheckpoint",
     "THING",
     "UnsafeCheckpointError",
     "add_reclass_config",
@@ -86,6 +90,7 @@ __all__ = [
     "build_class_mapping",
     "check_resume",
     "check_num_classes",
+    "combine_state_dicts",
     "find_layouts",
     "init_new_classes",
     "merge_config_file",

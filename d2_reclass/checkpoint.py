@@ -4,7 +4,8 @@ It loads everything DetectionCheckpointer loads and keeps all it does (PathManag
 ``?matching_heuristics=True``, Detectron1/Caffe2 name matching, ``module.`` prefixes,
 ``pixel_mean``/``cell_anchors`` handling). The differences: files are read safely
 (:mod:`d2_reclass.serialization`), the engine fits every class-dependent tensor *before*
-fvcore's shape check (so none is "skipped"), and saved checkpoints store the class names.
+fvcore's shape check (so none is "skipped"), further checkpoints (``MODEL.RECLASS.COMBINE``)
+give the classes the loaded one does not know, and saved checkpoints store the class names.
 """
 import logging
 import os
@@ -20,8 +21,15 @@ from fvcore.common.checkpoint import _strip_prefix_if_present
 from torch.nn.parallel import DistributedDataParallel
 
 from .classes import normalize_class_name, pick_source_classes
+from .combine import combine_state_dicts
 from .config import dataset_classes
-from .errors import CheckpointError, ClassMismatchError, ConfigError, ResumeClassMismatchError
+from .errors import (
+    CheckpointError,
+    ClassMismatchError,
+    CombineError,
+    ConfigError,
+    ResumeClassMismatchError,
+)
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import (
@@ -34,7 +42,7 @@ from .new_classes import (
 from .options import ReclassOptions
 from .report import ReclassReport
 from .serialization import check_state_dict, load_checkpoint_file
-from .surgery import ClassSpec, describe_class_change, reclass_state_dict
+from .surgery import ClassSpec, SourceCheckpoint, describe_class_change, reclass_state_dict
 
 __all__ = [
     "CLASSES_KEY",
@@ -78,12 +86,13 @@ def _is_name_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
 
 
-def _existing_local_path(path: str, path_manager=PathManager) -> str:
+def _existing_local_path(path: str, path_manager=PathManager,
+                         key: str = "MODEL.WEIGHTS") -> str:
     """``path`` (local, URL or detectron2://, query dropped) as a local file that exists."""
     local = path_manager.get_local_path(path.split("?")[0])
     if not os.path.isfile(local):
         raise CheckpointError(
-            f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS (or the path you gave)."
+            f"Checkpoint {path!r} not found. Check {key} (or the path you gave)."
         )
     return local
 
@@ -241,22 +250,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         source = self._loading or "the checkpoint"
-        state = checkpoint["model"]
-        # Every entry is checked before anything converts, matches or loads it, so a value that
-        # is not a tensor (a damaged or edited file) is one CheckpointError, model untouched.
-        check_state_dict(state, source, allow_empty=not self.model.state_dict())
-        self._convert_ndarray_to_tensor(state)
-        _strip_prefix_if_present(state, "module.")
-        if checkpoint.get("matching_heuristics", False):
-            state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
-            checkpoint["matching_heuristics"] = False
-        state = select_and_rename(state, self.reclass.only, self.reclass.rename)
-
+        state = self._weights(checkpoint, source)
         classes = self._class_specs(stored_classes(checkpoint, source=source))
         layouts = find_layouts(self.model)
         model_state = self.model.state_dict()
         examples = None
         if self._resuming:
+            # The run's own checkpoint holds every class already: nothing is combined.
             try:
                 reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
                                    seed=self.reclass.seed, source=source)
@@ -265,9 +265,15 @@ class ReclassCheckpointer(DetectionCheckpointer):
                     resume_mismatch_message(source, "; ".join(e.problems), e.tensors)) from None
         else:
             source_state = state
-            state, self.report = reclass_state_dict(
-                state, model_state, layouts, classes=classes, mode=self.reclass.mode,
-                seed=self.reclass.seed, source=source)
+            options = dict(classes=classes, mode=self.reclass.mode, seed=self.reclass.seed,
+                           source=source)
+            if self.reclass.combine:
+                more = [self._further_checkpoint(path) for path in self.reclass.combine]
+                state, self.report = combine_state_dicts(
+                    state, more, model_state, layouts, **options,
+                    allow_different_weights=self.reclass.combine_allow_different_weights)
+            else:
+                state, self.report = reclass_state_dict(state, model_state, layouts, **options)
             _warn_non_finite(state, layouts, source)
             # Read before anything is loaded: a dataset that fails leaves the model as it was.
             examples = self._new_class_examples()
@@ -278,6 +284,21 @@ class ReclassCheckpointer(DetectionCheckpointer):
         if self.report is not None and (self.report.changed or self.report.mismatches):
             logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
         return incompatible
+
+    def _weights(self, checkpoint: Dict[str, Any], source: str) -> Dict[str, torch.Tensor]:
+        """The state dict of a loaded checkpoint as the engine reads it: tensors, no
+        ``module.`` prefix, names matched for Caffe2 / ``matching_heuristics`` files, and
+        MODEL.RECLASS.ONLY / RENAME applied."""
+        state = checkpoint["model"]
+        # Every entry is checked before anything converts, matches or loads it, so a value that
+        # is not a tensor (a damaged or edited file) is one CheckpointError, model untouched.
+        check_state_dict(state, source, allow_empty=not self.model.state_dict())
+        self._convert_ndarray_to_tensor(state)
+        _strip_prefix_if_present(state, "module.")
+        if checkpoint.get("matching_heuristics", False):
+            state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
+            checkpoint["matching_heuristics"] = False
+        return select_and_rename(state, self.reclass.only, self.reclass.rename)
 
     def _new_class_examples(self) -> Optional[Tuple[List[dict], Optional[List[str]], float]]:
         """(dataset dicts, their class names, seconds to load them) when this load has new
@@ -323,6 +344,25 @@ class ReclassCheckpointer(DetectionCheckpointer):
         report.seconds_dataset = seconds_dataset
         report.seconds += seconds_dataset
         self.report.new_classes = report
+
+    def _further_checkpoint(self, path: str) -> SourceCheckpoint:
+        """A checkpoint of MODEL.RECLASS.COMBINE, read as the loaded one is.
+
+        Raises:
+            CheckpointError: it is missing or not a checkpoint.
+            CombineError: it stores no class names (combining goes by names).
+        """
+        checkpoint = self._load_file(
+            _existing_local_path(path, self.path_manager, "MODEL.RECLASS.COMBINE"))
+        stored = stored_classes(checkpoint, source=path)
+        if not stored:
+            raise CombineError(
+                f"MODEL.RECLASS.COMBINE names {path}, which stores no class names, and combining "
+                "goes by names. Store them with `d2-reclass convert "
+                f"{path} --out named.pth --classes A,B --source-classes A,B`, or combine on the "
+                f"command line: `d2-reclass combine ... {path} --names {path}=A,B`.")
+        return SourceCheckpoint(self._weights(checkpoint, path), {
+            THING: stored.get("thing_classes"), STUFF: stored.get("stuff_classes")}, path)
 
     def _class_specs(self, stored: Dict[str, List[str]]) -> Dict[str, ClassSpec]:
         """Per class space, what is known of the checkpoint's and the model's classes."""

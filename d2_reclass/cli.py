@@ -1,4 +1,4 @@
-"""The ``d2-reclass`` command line: ``inspect`` and ``convert`` checkpoints offline.
+"""The ``d2-reclass`` command line: ``inspect``, ``convert`` and ``combine`` checkpoints offline.
 
 Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 usage.
 """
@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 from .checkpoint import CLASSES_KEY, stored_classes
 from .classes import check_class_list, pick_source_classes
+from .combine import combine_state_dicts, union_classes
 from .errors import CheckpointError, ClassListError, ReclassError
 from .layouts import THING, find_layouts, retarget
 from .new_classes import NEW_CLASS_INITS, NewClassExamples, NewClassReport, init_new_classes
@@ -28,9 +29,9 @@ from .serialization import (
     load_checkpoint_file,
     save_checkpoint_file,
 )
-from .surgery import MODES, ClassSpec, reclass_state_dict
+from .surgery import MODES, ClassSpec, SourceCheckpoint, reclass_state_dict
 
-__all__ = ["main", "inspect_checkpoint", "convert_checkpoint"]
+__all__ = ["main", "inspect_checkpoint", "convert_checkpoint", "combine_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +235,7 @@ def convert_checkpoint(
     new_class_init = _check_new_class_init(new_class_init, init_images, config_file,
                                            coco_datasets)
 
-    local = _local(path)
-    obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
-    weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
-               for k, v in _weights(obj, local).items()}
-    stored = stored_classes(obj if isinstance(obj, dict) else {}, source=path).get(
-        "thing_classes")
+    local, weights, stored = _read_checkpoint(path, trust_pickle)
     source, what = pick_source_classes([
         (source_classes, "--source-classes"), (stored, f"the class list stored in {path}"),
         (from_dataset, f"--source-dataset {source_dataset}")])
@@ -248,19 +244,7 @@ def convert_checkpoint(
             f"--mode map needs the class names of {path}, which stores none: pass "
             "--source-classes or --source-dataset, map classes by index with --class-map "
             "TARGET=INDEX, or use --mode reinit.")
-    if config_file:
-        model, cfg = _model_from_config(config_file, classes)
-        layouts, target = find_layouts(model), model.state_dict()
-    else:
-        found, notes = recognize_layouts({k: _shape(v) for k, v in weights.items()})
-        layouts = [lay for lay in found if lay.space == THING]
-        if not layouts:
-            raise ReclassError(
-                f"{path}: no standard detectron2 class-dependent head found "
-                f"({'; '.join(notes) or 'no box predictor, mask, RetinaNet or sem-seg keys'}); "
-                "pass --config-file to build the model and read its heads.")
-        layouts, target = retarget(layouts, {k: _shape(v) for k, v in weights.items()},
-                                   len(classes))
+    layouts, target, model, cfg = _target_heads(path, weights, classes, config_file)
     new, report = reclass_state_dict(
         weights, target, layouts,
         classes={THING: ClassSpec(source, classes, list(class_map), what, "--classes")},
@@ -332,7 +316,121 @@ def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, 
     return report
 
 
-def _read_classes(args) -> List[str]:
+def _read_checkpoint(path: str, trust_pickle: bool):
+    """(local file, weights as tensors, the thing class names it stores or None) of ``path``."""
+    local = _local(path)
+    obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
+    weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+               for k, v in _weights(obj, local).items()}
+    return local, weights, stored_classes(obj if isinstance(obj, dict) else {}, source=path).get(
+        "thing_classes")
+
+
+def _target_heads(path: str, weights: Dict[str, Any], classes: Sequence[str], config_file: str):
+    """(layouts, target state dict, model, cfg) of the heads built for ``classes``: from the
+    model of ``config_file``, else from the standard heads recognised in ``path``'s ``weights``
+    (model and cfg None)."""
+    if config_file:
+        model, cfg = _model_from_config(config_file, classes)
+        return find_layouts(model), model.state_dict(), model, cfg
+    found, notes = recognize_layouts({k: _shape(v) for k, v in weights.items()})
+    layouts = [lay for lay in found if lay.space == THING]
+    if not layouts:
+        raise ReclassError(
+            f"{path}: no standard detectron2 class-dependent head found "
+            f"({'; '.join(notes) or 'no box predictor, mask, RetinaNet or sem-seg keys'}); "
+            "pass --config-file to build the model and read its heads.")
+    return (*retarget(layouts, {k: _shape(v) for k, v in weights.items()}, len(classes)), None,
+            None)
+
+
+def _parse_names(entries: Sequence[str], paths: Sequence[str]) -> Dict[str, List[str]]:
+    """``--names CHECKPOINT=a,b,c`` entries as {checkpoint: class names}.
+
+    Raises:
+        ClassListError: an entry is malformed or names a checkpoint not combined.
+    """
+    out = {}
+    for entry in entries:
+        path, sep, names = entry.rpartition("=")
+        if not sep or path not in paths:
+            raise ClassListError(
+                f"--names {entry!r}: write CHECKPOINT=class,class,... with CHECKPOINT one of "
+                f"the checkpoints combined ({', '.join(paths)}).")
+        out[path] = list(check_class_list([c.strip() for c in names.split(",")],
+                                          f"--names {path}"))
+    return out
+
+
+def combine_checkpoints(
+    paths: Sequence[str],
+    out: str,
+    classes: Optional[Sequence[str]] = None,
+    *,
+    names: Sequence[str] = (),
+    class_map: Sequence[str] = (),
+    config_file: str = "",
+    seed: int = 0,
+    force: bool = False,
+    trust_pickle: bool = False,
+    allow_different_weights: bool = False,
+):
+    """Write ``out``: one checkpoint whose target classes each take their entries from the
+    first of ``paths`` that knows them, every other tensor from the first. Returns the report.
+
+    Args:
+        paths: the checkpoints, in order of precedence (e.g. base model, then novel model).
+        classes: the target classes; default: every class of ``paths``, in order of appearance.
+        names: ``"CHECKPOINT=a,b,c"`` class names of checkpoints that store none (or to
+            override stored ones).
+        class_map: ``"target=source"`` overrides, merges (``"vehicle=car+truck"``) and splits.
+        allow_different_weights: the checkpoints' non-class tensors may differ.
+        config_file, seed, force, trust_pickle: as :func:`convert_checkpoint`.
+
+    Nothing is written unless every check passed; the arguments are checked before anything is
+    downloaded or loaded.
+
+    Raises:
+        ClassListError: a checkpoint with no class names, or a malformed list or map.
+        CombineError: non-class tensors differ (and that was not allowed), or a checkpoint
+            gives no class.
+    """
+    if len(paths) < 2:
+        raise ReclassError("combine needs at least two checkpoints (e.g. base.pth novel.pth).")
+    for path in paths:
+        _check_arguments(path, out, config_file, force)
+    given = _parse_names(names, paths)
+    if classes is not None:
+        classes = list(check_class_list(classes, "--classes"))
+    checkpoints = []
+    for path in paths:
+        local, weights, stored = _read_checkpoint(path, trust_pickle)
+        what = f"--names {path}" if path in given else f"the class list stored in {path}"
+        source = given.get(path, stored)
+        if source is None:
+            raise ClassListError(
+                f"{path} stores no class names, and combining goes by names: pass "
+                f"--names {path}=CLASS,CLASS,... (its classes, in its order).")
+        checkpoints.append((path, local, weights, source, what))
+    classes = classes or union_classes([c[3] for c in checkpoints])
+    first_path, first_local, first_weights, first_names, first_what = checkpoints[0]
+    layouts, target, _, _ = _target_heads(first_path, first_weights, classes, config_file)
+    more = [SourceCheckpoint(weights, {THING: names}, path)
+            for path, _, weights, names, _ in checkpoints[1:]]
+    new, report = combine_state_dicts(
+        first_weights, more, target, layouts,
+        classes={THING: ClassSpec(first_names, classes, list(class_map), first_what,
+                                  "--classes")},
+        mode="map", seed=seed, source=first_path,
+        allow_different_weights=allow_different_weights,
+        allow_option="--allow-different-weights")
+    save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": classes}}, out,
+                         overwrite=force, progress=True, source=first_local)
+    return report
+
+
+def _read_classes(args) -> Optional[List[str]]:
+    """The target classes of ``--classes`` / ``--classes-file``; None when neither is given."""
     if args.classes_file:
         try:
             with open(args.classes_file) as f:
@@ -340,7 +438,7 @@ def _read_classes(args) -> List[str]:
         except OSError as e:
             raise ClassListError(f"--classes-file {args.classes_file}: {e.strerror}.") from None
         return names
-    return [c.strip() for c in args.classes.split(",")]
+    return [c.strip() for c in args.classes.split(",")] if args.classes else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +484,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-dataset", nargs=3, action="append", default=[],
                    metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="labelled examples for --new-class-init (repeatable)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--trust-pickle", action="store_true")
+
+    p = sub.add_parser(
+        "combine", help="one checkpoint from several: each class from the first that knows it",
+        description="Combine checkpoints (e.g. a base model and its copy fine-tuned on novel "
+        "classes, as TFA does): each target class takes its rows from the first checkpoint "
+        "that knows it (by the names it stores, or --names), every other tensor comes from the "
+        "first. Non-class tensors that differ are an error unless --allow-different-weights.")
+    p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
+                   help="two or more .pth / .pkl files, URLs or detectron2:// paths, first first")
+    p.add_argument("--out", required=True, help="output .pth (not an input)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--classes", help="target classes, comma-separated, in order (default: "
+                       "every class of the checkpoints, in order of appearance)")
+    group.add_argument("--classes-file", help="target classes, one per line")
+    p.add_argument("--names", nargs="+", default=[], metavar="CHECKPOINT=A,B,...",
+                   help="the classes of a checkpoint that stores none, in its order")
+    p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
+    p.add_argument("--allow-different-weights", action="store_true",
+                   help="the checkpoints' non-class tensors may differ (the first's are used)")
+    p.add_argument("--config-file", default="", help="build the model to read its heads")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--trust-pickle", action="store_true")
     return parser
@@ -435,18 +556,24 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _print_inspect(info)
         return 0
-    source = [c.strip() for c in args.source_classes.split(",")] if args.source_classes \
-        else None
-    report = convert_checkpoint(
-        args.checkpoint, args.out, _read_classes(args), source_classes=source,
-        source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
-        config_file=args.config_file, seed=args.seed, force=args.force,
-        trust_pickle=args.trust_pickle, new_class_init=args.new_class_init,
-        init_images=args.init_images, coco_datasets=args.coco_dataset)
+    if args.command == "combine":
+        report = combine_checkpoints(
+            args.checkpoints, args.out, _read_classes(args), names=args.names,
+            class_map=args.class_map, config_file=args.config_file, seed=args.seed,
+            force=args.force, trust_pickle=args.trust_pickle,
+            allow_different_weights=args.allow_different_weights)
+    else:
+        source = [c.strip() for c in args.source_classes.split(",")] if args.source_classes \
+            else None
+        report = convert_checkpoint(
+            args.checkpoint, args.out, _read_classes(args), source_classes=source,
+            source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
+            config_file=args.config_file, seed=args.seed, force=args.force,
+            trust_pickle=args.trust_pickle, new_class_init=args.new_class_init,
+            init_images=args.init_images, coco_datasets=args.coco_dataset)
     print(report)
     print(f"Wrote {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,7 +52,8 @@ def add_reclass_config(cfg: CN) -> None:
     _C.SOURCE_STUFF_CLASSES = []
     _C.TARGET_STUFF_CLASSES = []
     # "target=source" pairs overriding name matching, e.g. ["automobile=car"]; "target=" marks
-    # a class as new on purpose.
+    # a class as new on purpose; "vehicle=car+truck+bus" merges classes into one, and two
+    # targets naming one source ("alive tree=tree", "dead tree=tree") split it.
     _C.CLASS_MAP = []
     # Seeds fresh rows, together with each parameter's name: every rank and rerun agrees.
     _C.SEED = 0
@@ -75,6 +76,13 @@ def add_reclass_config(cfg: CN) -> None:
     # At most this many labelled images per new class are read for NEW_CLASS_INIT (chosen by
     # SEED and the class name); the rest of the dataset is never read for it.
     _C.INIT_IMAGES = 16
+    # Further checkpoints, storing their class names, to combine with MODEL.WEIGHTS: a target
+    # class takes its rows from the first of MODEL.WEIGHTS and these that knows it; every other
+    # tensor is MODEL.WEIGHTS's (e.g. a base model, then its copy fine-tuned on novel classes).
+    _C.COMBINE = []
+    # The checkpoints of COMBINE may differ from MODEL.WEIGHTS in tensors that are not class
+    # rows (an error otherwise: their classes were trained on other features).
+    _C.COMBINE_ALLOW_DIFFERENT_WEIGHTS = False
 
 
 def _thing_or_stuff(kind: str) -> str:

@@ -10,6 +10,7 @@ __all__ = [
     "ClassListError",
     "ClassMismatchError",
     "CheckpointError",
+    "CombineError",
     "DatasetError",
     "UnsafeCheckpointError",
     "ResumeClassMismatchError",
@@ -42,6 +43,11 @@ class ClassMismatchError(ReclassError):
 
 class CheckpointError(ReclassError, OSError):
     """A checkpoint file is missing, unreadable, or not a checkpoint."""
+
+
+class CombineError(ReclassError):
+    """Checkpoints cannot be combined as asked: their non-class tensors differ (and that was
+    not allowed), or one of them gives the model no class."""
 
 
 class DatasetError(ReclassError):

@@ -2,7 +2,8 @@
 
     reclass = dict(mode="map", source_dataset="coco_2017_train", target_classes=[],
                    class_map=[], seed=0, only=[], rename=[], trust_pickle=False,
-                   new_class_init="imprint", init_images=16)
+                   new_class_init="imprint", init_images=16, combine=[],
+                   combine_allow_different_weights=False)
 
 ``train.init_checkpoint`` is the checkpoint; the target classes default to the metadata of
 ``dataloader.train.dataset.names``. Keys mirror ``MODEL.RECLASS`` in lower case. New classes
@@ -21,7 +22,7 @@ __all__ = ["lazy_new_class_examples", "lazy_reclass_options", "lazy_target_class
 
 _KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_map", "seed",
          "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes",
-         "new_class_init", "init_images")
+         "new_class_init", "init_images", "combine", "combine_allow_different_weights")
 
 
 def _reclass(cfg) -> Dict[str, Any]:

@@ -78,8 +78,9 @@ from torch import distributed as dist
 from torch import nn
 
 from .classes import ClassMapping, normalize_class_name
+from .entries import CLASS
 from .errors import ConfigError, DatasetError
-from .layouts import THING, ClassLayout, find_layouts
+from .layouts import THING, ClassLayout, SourceAxis, find_layouts
 from .options import NEW_CLASS_INITS, check_option_values
 
 __all__ = [
@@ -647,17 +648,6 @@ def _imprint(path: _BoxPath, new_feats: torch.Tensor, reference: List[_Example],
 
 
 # ------------------------------------------------------------------------------ entries
-def _class_mask(lay: ClassLayout, num_classes: int, classes: Sequence[int]) -> torch.Tensor:
-    """Along ``lay``'s axis (for ``num_classes`` classes), True at the entries of ``classes``."""
-    mask = torch.zeros(lay.length(num_classes), dtype=torch.bool)
-    per_repeat = (num_classes + int(lay.background)) * lay.block
-    for a in range(lay.repeat):
-        for c in classes:
-            start = lay.offset + a * per_repeat + c * lay.block
-            mask[start:start + lay.block] = True
-    return mask
-
-
 def _relative_entries(model_state: Mapping[str, torch.Tensor],
                       source_state: Mapping[str, torch.Tensor], layouts: Sequence[ClassLayout],
                       mapping: ClassMapping, relatives: Dict[int, int]) -> Dict[str, torch.Tensor]:
@@ -687,23 +677,35 @@ def _copy_relatives(src: torch.Tensor, own: torch.Tensor, lays: List[ClassLayout
                     new: List[int]) -> Optional[torch.Tensor]:
     """``own`` with the entries of classes ``new`` (on every class axis) gathered from
     ``src`` through ``index``; None when ``src`` does not read as ``num_source`` classes
-    (it differs for other reasons, and the engine skipped it too)."""
+    (it differs for other reasons, and the engine skipped it too).
+
+    The engine's own layouts place every entry (:meth:`ClassLayout.entry_sources`): an entry is
+    taken from ``src`` when it belongs to a new class on some class axis and is a plain copy of
+    one source entry on every class axis.
+    """
     axes = {lay.axis for lay in lays}
     if src.dim() != own.dim() or any(
             src.shape[d] != own.shape[d] for d in range(own.dim()) if d not in axes):
         return None
-    gathered, mask = src, torch.zeros(own.shape, dtype=torch.bool)
+    only_new = [index[t] if t in new else None for t in range(len(index))]
+    gathered = src
+    copy = torch.ones(own.shape, dtype=torch.bool)
+    of_new = torch.zeros(own.shape, dtype=torch.bool)
     for lay in sorted(lays, key=lambda lay: lay.axis):
         n = src.shape[lay.axis]
         src_agnostic = lay.is_agnostic_length(n) and not (lay.count_classes(n) == num_source == 1)
         if not src_agnostic and lay.count_classes(n) != num_source:
             return None
-        positions = lay.source_positions(index, num_source, source_agnostic=src_agnostic)
+        axis = [SourceAxis(num_source, src_agnostic)]
+        every = lay.entry_sources(index, axis)
+        new_entries = lay.entry_sources(only_new, axis)
+        positions = torch.where(every.copies, every.index[0], -1)
         gathered = gathered.index_select(lay.axis, positions.clamp(min=0).to(src.device))
         shape = [1] * own.dim()
         shape[lay.axis] = -1
-        mask |= (_class_mask(lay, len(index), new) & (positions >= 0)).view(shape)
-    return torch.where(mask.to(own.device), gathered.to(own), own)
+        copy &= (positions >= 0).view(shape)
+        of_new |= ((new_entries.kind == CLASS) & new_entries.copies).view(shape)
+    return torch.where((copy & of_new).to(own.device), gathered.to(own), own)
 
 
 def apply_new_class_entries(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> None:

@@ -60,13 +60,14 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{name('seed')} is {seed!r}; it must be an integer.")
-    flag = values.get("trust_pickle", False)
-    if not isinstance(flag, bool):
-        raise ConfigError(f"{name('trust_pickle')} is {flag!r}; use True or False.")
+    for option in ("trust_pickle", "combine_allow_different_weights"):
+        flag = values.get(option, False)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name(option)} is {flag!r}; use True or False.")
     dataset = values.get("source_dataset", "")
     if not isinstance(dataset, str):
         raise ConfigError(f"{name('source_dataset')} is {dataset!r}; give a dataset name.")
-    for option in ("only", "rename", "class_map", *_CLASS_LISTS):
+    for option in ("only", "rename", "class_map", "combine", *_CLASS_LISTS):
         value = values.get(option) or ()
         if isinstance(value, str) or not all(isinstance(v, str) for v in value):
             raise ConfigError(
@@ -106,6 +107,10 @@ class ReclassOptions:
             class maps to start (see :mod:`d2_reclass.new_classes`); ``auto``: ``imprint``
             where labelled examples are given, else ``head``.
         init_images (int): at most this many labelled images are read per new class.
+        combine (tuple[str]): further checkpoints (storing their class names) whose classes
+            the model takes where the first checkpoint does not know them.
+        combine_allow_different_weights (bool): the combined checkpoints' non-class tensors
+            may differ (the first's are used).
     """
 
     mode: str = "auto"
@@ -121,12 +126,14 @@ class ReclassOptions:
     trust_pickle: bool = False
     new_class_init: str = "auto"
     init_images: int = 16
+    combine: Tuple[str, ...] = ()
+    combine_allow_different_weights: bool = False
 
     def __post_init__(self) -> None:
         # Lists from YAML, OmegaConf or callers become tuples: the options are one frozen value.
         for option in _CLASS_LISTS:
             object.__setattr__(self, option, _strings(getattr(self, option)))
-        for option in ("class_map", "only", "rename"):
+        for option in ("class_map", "only", "rename", "combine"):
             value = getattr(self, option)
             if not isinstance(value, str):
                 object.__setattr__(self, option, tuple(value or ()))

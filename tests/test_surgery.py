@@ -35,6 +35,7 @@ from conftest import (
     source_state,
     thing,
 )
+from d2_fixtures import captured_logs
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -325,17 +326,54 @@ def test_point_rend_semantic():
     load_strict(model, new)
 
 
-def test_point_rend_loads_without_format_upgrade(caplog):
+def test_implicit_point_rend_parameter_head():
+    """Its parameter head predicts the point head's MLP as one flat vector: the last layer's
+    weights (K blocks of C) end the weights, its biases (K) end the vector."""
+    src = point_rend_state(80, implicit=True)
+    model = build_point_rend(3, implicit=True)
+    new, report = reclass(src, model, thing(), mode="map")
+    head = model.roi_heads.mask_head.point_head
+    c = head.channels
+    weights, biases = sum(head.num_weight_params[:-1]), sum(head.num_bias_params[:-1])
+    key = "roi_heads.mask_head.parameter_head.prediction."
+    for p in ("weight", "bias"):
+        s, n = src[key + p], new[key + p]
+        assert n.shape[0] == weights + 3 * c + biases + 3 == model.state_dict()[key + p].shape[0]
+        assert torch.equal(n[:weights], s[:weights])  # earlier layers' weights, as they were
+        t_bias, s_bias = weights + 3 * c, weights + 80 * c  # where the biases start
+        assert torch.equal(n[t_bias:t_bias + biases], s[s_bias:s_bias + biases])
+        for j, k in enumerate(TARGET_SOURCE):
+            got_w, got_b = n[weights + j * c:weights + (j + 1) * c], n[t_bias + biases + j]
+            if k is None:  # the parameter head's own init: N(0, 0.001) weights, zero biases
+                fresh = torch.cat([got_w.flatten(), got_b.flatten()])
+                if p == "bias":
+                    assert not fresh.any()
+                else:
+                    assert_std(fresh, 0.001)
+            else:
+                assert torch.equal(got_w, s[weights + k * c:weights + (k + 1) * c])
+                assert torch.equal(got_b, s[s_bias + biases + k])
+    assert report.tensor(key + "weight").action == "mapped"
+    assert report.tensor(key + "weight").fresh == c + 1
+    load_strict(model, new)
+
+
+def test_point_rend_loads_without_format_upgrade():
     """The result keeps torch's ``_metadata``: PointRend must not mistake it for an old format."""
     src = point_rend_state(80)
     model = build_point_rend(3)
     new, _ = reclass(src, model, thing(), mode="map")
-    caplog.clear()
-    load_strict(model, new)
-    assert "Weight format of PointRend models have changed" not in caplog.text
+    # Captured at PointRend's loggers: once an earlier test has run setup_logger, the
+    # "detectron2" logger stops propagating to the root logger, where pytest's caplog listens.
+    point_rend = ("detectron2.projects.point_rend.mask_head",
+                  "detectron2.projects.point_rend.roi_heads")
+    with captured_logs(*point_rend) as logs:
+        load_strict(model, new)
+    assert not any("Weight format of PointRend models have changed" in m for m in logs)
     # Without the metadata, PointRend takes the state dict for its old format: the check bites.
-    load_strict(model, dict(new))
-    assert "Weight format of PointRend models have changed" in caplog.text
+    with captured_logs(*point_rend) as logs:
+        load_strict(model, dict(new))
+    assert any("Weight format of PointRend models have changed" in m for m in logs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from d2_reclass import (
     read_stored_classes,
     register_coco_dataset,
 )
+from d2_reclass.combine import union_classes
 from d2_reclass.config import log_num_classes_changes, target_classes
 
 logger = logging.getLogger("d2_reclass.train_net")
@@ -46,9 +47,13 @@ def setup(args):
     if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
         # A checkpoint that stores its classes is evaluated with them, whatever the base
         # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
-        stored = read_stored_classes(cfg.MODEL.WEIGHTS, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
-        cfg.MODEL.RECLASS.TARGET_CLASSES = stored.get("thing_classes", [])
-        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = stored.get("stuff_classes", [])
+        # Combined with further checkpoints, with every class of them all.
+        stored = [read_stored_classes(path, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
+                  for path in [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]]
+        cfg.MODEL.RECLASS.TARGET_CLASSES = union_classes([s.get("thing_classes", [])
+                                                          for s in stored])
+        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = union_classes([s.get("stuff_classes", [])
+                                                                for s in stored])
     cfg, changes = prepare_reclass_config(cfg)
     if args.resume:
         check_resume(cfg.OUTPUT_DIR, target_classes(cfg, "thing"), target_classes(cfg, "stuff"),
