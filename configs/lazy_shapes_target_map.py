@@ -55,7 +55,8 @@ train.eval_period = 100
 train.checkpointer.period = 100
 optimizer.lr = 0.005
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[75]),
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1], milestones=[75], num_updates=100),  # as shapes_target_map.yaml
     warmup_length=20 / 100,
     warmup_factor=0.001,
 )
