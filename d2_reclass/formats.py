@@ -105,8 +105,6 @@ def describe_foreign(head: bytes) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-
-
 def _is_weight(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, np.ndarray))
 

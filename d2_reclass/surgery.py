@@ -193,7 +193,6 @@ def _consensus(values: Dict[str, int], what: str, exc: type) -> Optional[int]:
     return distinct[0] if distinct else None
 
 
-
 def reclass_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     model_state: Mapping[str, torch.Tensor],

@@ -22,8 +22,6 @@ import numpy as np
 __all__ = ["Refused", "RestrictedUnpickler", "is_unresolvable"]
 
 
-
-
 class Refused(Exception):
     """Raised inside unpickling when the file asks for something outside the allow-list.
 
