@@ -71,6 +71,7 @@ from detectron2.structures import Boxes, Instances
 from tabulate import tabulate
 
 from d2_reclass import ClassLayout, ReclassCheckpointer, ReclassOptions, find_layouts
+from d2_reclass.threads import configure_torch_threads
 
 __all__ = [
     "FAST",
@@ -907,4 +908,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    configure_torch_threads()
     sys.exit(main())

@@ -1,27 +1,42 @@
 #!/usr/bin/env python
 """The d2_reclass demo: map a trained detector's heads to a new class set, against reinit.
 
-    .venv/bin/python tools/demo.py          # what `make demo` runs
-    .venv/bin/python tools/demo.py --force  # regenerate and retrain everything
+    .venv/bin/python tools/demo.py                 # what `make demo` runs
+    .venv/bin/python tools/demo.py --seeds 1 2 3   # the fine-tuning seeds (this is the default)
+    .venv/bin/python tools/demo.py --force         # regenerate and retrain everything
 
-1. Writes two synthetic COCO-format tasks under ``data/demo/``: "source" (square, circle,
-   triangle, diamond, hexagon, cross) and "target" (triangle, square, star: two source classes
-   in another order, plus one the source never saw).
-2. Trains the source model with ``tools/train_net.py --config-file configs/shapes_source.yaml``.
-3. Fine-tunes it to the target task twice, with ``configs/shapes_target_map.yaml`` (head rows
-   mapped by class name) and ``configs/shapes_target_reinit.yaml`` (every class row fresh),
-   same seeds and iterations; evaluates both before the first iteration (``--eval-only``) and
-   at the end.
-4. Prints one table of box AP, AP50 and per-class AP, the two ``reclass_report.json`` paths,
-   and saves the mapped model's predictions on a val image to ``data/demo/predictions.png``.
+1. Writes two synthetic COCO-format tasks under ``data/demo/datasets/``: "source" (square,
+   circle, triangle, diamond, hexagon, cross) and "target" (triangle, square, star: two source
+   classes in another order, plus one the source never saw).
+2. Trains the source model with ``tools/train_net.py --config-file configs/shapes_source.yaml``
+   into that config's OUTPUT_DIR, ``output/shapes_source/``, whose ``model_final.pth`` is the
+   MODEL.WEIGHTS of both target configs.
+3. For every seed s, fine-tunes it to the target task twice, with
+   ``configs/shapes_target_map.yaml`` (head rows mapped by class name) and
+   ``configs/shapes_target_reinit.yaml`` (every class row fresh), both with ``SEED s
+   MODEL.RECLASS.SEED s`` (seed 1 is what the configs hold), into
+   ``output/shapes_target_<mode>/seed<s>/``; each is evaluated before the first iteration
+   (``--eval-only``, in ``iter0/``) and at the end (``train/``).
+4. Prints box AP, AP50 and per-class AP as the mean and min-max over the seeds, AP per seed,
+   the ``reclass_report.json`` paths, and saves the seed-1 mapped model's predictions on a val
+   image to ``output/demo_predictions.png``.
+
+Reproducibility: every run is seeded, and every process uses the same number of torch threads
+(1 unless OMP_NUM_THREADS is set; see d2_reclass/threads.py). At a given thread count a rerun
+writes bit-identical weights and prints the same table; the count itself changes the order of
+floating-point sums and so the numbers, which is why it is printed with the results and is part
+of every cache key. What varies legitimately, with the training seed and the seed of the fresh
+rows, is shown as the spread over the seeds, not as one run.
 
 Every step runs ``tools/train_net.py`` as a subprocess, exactly as a user would; the commands
-are printed. Results are cached under ``data/demo/`` keyed by a hash of everything that defines
-them (dataset settings, generator code, config files, command-line options), so a rerun takes
-seconds and a changed setting retrains only what depends on it.
+are printed. Each step's directory holds ``demo_done.json`` with a hash of everything that
+defines the step (dataset settings, generator code, config files, command-line options, thread
+count, the source weights), so a rerun takes seconds and a changed setting redoes only what
+depends on it.
 
-Measured on a 2-core x86 CPU (no GPU): about 6 minutes from nothing (source model 3.7 min,
-each fine-tune 1 min, each evaluation 4 s plus 7 s of start-up), 5 s when everything is cached.
+Measured on a 2-core x86-64 CPU (no GPU) busy with other processes (load average 3-4): 14-16
+minutes from nothing (source model 5-6 min, each of the 6 fine-tunes 60-85 s, each evaluation
+7-13 s, mostly start-up), 8-10 s when everything is cached.
 """
 import argparse
 import contextlib
@@ -32,14 +47,16 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "data", "demo")
+DATASETS_DIR = os.path.join(ROOT, "data", "demo", "datasets")
+PREDICTIONS_PNG = os.path.join(ROOT, "output", "demo_predictions.png")
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 
 SOURCE_CLASSES = ["square", "circle", "triangle", "diamond", "hexagon", "cross"]
@@ -57,6 +74,9 @@ SOURCE_CONFIG = "configs/shapes_source.yaml"
 TARGET_CONFIGS = {"map": "configs/shapes_target_map.yaml",
                   "reinit": "configs/shapes_target_reinit.yaml"}
 BASE_CONFIG = "configs/Base-Shapes-RCNN.yaml"
+#: Fine-tuning seeds: each sets SEED (data order, flips, RPN/ROI sampling) and
+#: MODEL.RECLASS.SEED (the fresh class rows). The target configs hold the first.
+DEFAULT_SEEDS = (1, 2, 3)
 #: Target class names for an --eval-only run of the *source* weights through a target config:
 #: without them, train_net.py takes the six class names stored in the checkpoint.
 TARGET_CLASSES_OPT = ["MODEL.RECLASS.TARGET_CLASSES", json.dumps(TARGET_CLASSES)]
@@ -87,6 +107,19 @@ def digest(*parts) -> str:
     return h.hexdigest()[:10]
 
 
+def run_key(*parts) -> str:
+    """:func:`digest` of ``parts`` and of the torch thread count the train_net.py runs use.
+
+    Call :func:`prepare` (which sets the count) first.
+    """
+    return digest(*parts, {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
+
+
+def seed_opts(seed: int) -> List[str]:
+    """train_net.py opts for fine-tuning seed ``seed``."""
+    return ["SEED", str(seed), "MODEL.RECLASS.SEED", str(seed)]
+
+
 def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
@@ -98,29 +131,54 @@ def timed(what: str):
     print(f"   [{what}: {time.time() - t0:.1f} s]", flush=True)
 
 
-def cached(run_dir: str, force: bool = False) -> Optional[dict]:
-    """The record of a finished step in ``run_dir``; a half-finished one is deleted."""
+def cached(run_dir: str, key: str, force: bool = False) -> Optional[dict]:
+    """The record of the step finished in ``run_dir`` with ``key``, else None.
+
+    A directory without such a record (half-finished, or made with other settings) is deleted,
+    so the step starts from nothing.
+    """
     done = os.path.join(run_dir, DONE)
     if os.path.exists(done) and not force:
         with open(done) as f:
-            return json.load(f)
+            record = json.load(f)
+        if record.get("key") == key:
+            return record
     if os.path.exists(run_dir):
         shutil.rmtree(run_dir)
     return None
 
 
-def mark_done(run_dir: str, record: dict) -> dict:
+def mark_done(run_dir: str, key: str, record: dict) -> dict:
+    """Store ``record`` as the result of the step in ``run_dir`` made with ``key``."""
+    record = {"key": key, **record}
     with open(os.path.join(run_dir, DONE), "w") as f:
         json.dump(record, f, indent=2)
     return record
 
 
+def load_config(config: str):
+    """A config file in configs/ (with its bases), as train_net.py reads it."""
+    from detectron2.config import get_cfg
+
+    from d2_reclass import add_reclass_config, merge_config_file
+
+    cfg = get_cfg()
+    add_reclass_config(cfg)
+    merge_config_file(cfg, os.path.join(ROOT, config))
+    return cfg
+
+
+def target_dir(mode: str, seed: int) -> str:
+    """Where the demo's fine-tune in ``mode`` with ``seed`` lives: under the config's OUTPUT_DIR."""
+    return os.path.join(ROOT, load_config(TARGET_CONFIGS[mode]).OUTPUT_DIR, f"seed{seed}")
+
+
 # ----------------------------------------------------------------------------- datasets
-def dataset_args(data_dir: str) -> List[str]:
-    """``--coco-dataset NAME JSON IMAGE_ROOT`` for every task and split."""
+def dataset_args(data_dir: str, tasks: Sequence[str] = tuple(TASKS)) -> List[str]:
+    """``--coco-dataset NAME JSON IMAGE_ROOT`` for every split of ``tasks``."""
     args = []
-    for task, (_, splits) in TASKS.items():
-        for split in splits:
+    for task in tasks:
+        for split in TASKS[task][1]:
             args += ["--coco-dataset", f"shapes_{task}_{split}",
                      rel(os.path.join(data_dir, task, f"{split}.json")),
                      rel(os.path.join(data_dir, task, split))]
@@ -137,48 +195,37 @@ def register_datasets(data_dir: str) -> None:
                               os.path.join(ROOT, args[i + 3]))
 
 
-def prepare_datasets(force: bool = False) -> str:
-    """Write both tasks under data/demo/datasets-<hash>/ (once); return that directory."""
+def prepare_datasets(force: bool = False) -> Tuple[str, str]:
+    """Write both tasks under data/demo/datasets/ (once); return (that directory, its key)."""
     from d2_reclass.synthetic import make_shapes_dataset
 
-    data_dir = os.path.join(DATA, "datasets-" + digest(TASKS, "d2_reclass/synthetic.py"))
-    if cached(data_dir, force) is not None:
-        print(f"   cached: {rel(data_dir)}")
-        return data_dir
+    key = digest(TASKS, "d2_reclass/synthetic.py")
+    if cached(DATASETS_DIR, key, force) is not None:
+        print(f"   cached: {rel(DATASETS_DIR)}")
+        return DATASETS_DIR, key
     for task, (classes, splits) in TASKS.items():
         for split, (n, seed) in splits.items():
-            make_shapes_dataset(os.path.join(data_dir, task), split, classes, n, seed=seed)
+            make_shapes_dataset(os.path.join(DATASETS_DIR, task), split, classes, n, seed=seed)
             print(f"   {task}/{split}: {n} images of {', '.join(classes)} (seed {seed})")
-    mark_done(data_dir, {"tasks": TASKS})
-    return data_dir
+    mark_done(DATASETS_DIR, key, {"tasks": TASKS})
+    return DATASETS_DIR, key
 
 
 # ----------------------------------------------------------------------------- train_net.py
 _PROGRESS = re.compile(r"eta: (\S+)\s+iter: (\d+)\s+total_loss: (\S+)")
 
 
-def train_env() -> Dict[str, str]:
-    """The environment of train_net.py runs: one intra-op thread unless OMP_NUM_THREADS is set.
-
-    Measured on the 2-core machine this demo targets: with torch's default two threads an
-    iteration takes 0.41 s when nothing else runs, but 3-6 s as soon as any other process
-    (or the data-loader worker) wants a core, as the threads wait on each other at every op;
-    with one thread it takes 0.5 s either way, and inference is 4x faster (0.035 s per image).
-    """
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 def train_net(args: Sequence[str], log_path: str) -> None:
-    """Run tools/train_net.py with ``args``; full output to ``log_path``, progress to stdout."""
+    """Run tools/train_net.py with ``args``; full output to ``log_path``, progress to stdout.
+
+    It inherits this process's environment, OMP_NUM_THREADS included (set by :func:`prepare`).
+    """
     cmd = [sys.executable, TRAIN_NET, *args]
-    env = train_env()
-    print(f"   $ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
+    print(f"   $ OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
           + shlex.join([rel(cmd[0]), rel(cmd[1]), *cmd[2:]]), flush=True)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log, subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         for line in proc.stdout:
             log.write(line)
@@ -197,7 +244,7 @@ def coco_metrics(gt_json: str, results_json: str, classes: Sequence[str]) -> Dic
     """Box AP / AP50, overall and per class, from a COCOEvaluator results file (in %).
 
     Per-class AP is computed as detectron2's COCOEvaluator does; the overall numbers are
-    checked against detectron2's own by :func:`check_against_detectron2`.
+    checked against detectron2's own by :func:`evaluate_run`.
     """
     import io
 
@@ -259,95 +306,107 @@ def evaluate_run(run_dir: str, data_dir: str, task: str) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- the steps
-def train_source(data_dir: str, force: bool = False) -> dict:
-    """Train (once) the six-class source model; return its record (weights path, metrics)."""
-    opts: List[str] = []
-    run_dir = os.path.join(DATA, "source-" + digest(
-        os.path.basename(data_dir), BASE_CONFIG, SOURCE_CONFIG, opts))
+def train_source(data_dir: str, data_key: str, force: bool = False) -> dict:
+    """Train (once) the six-class source model into the source config's OUTPUT_DIR; return its
+    record (weights path relative to the repository, seconds, metrics on the source val set)."""
+    run_dir = os.path.join(ROOT, load_config(SOURCE_CONFIG).OUTPUT_DIR)
     weights = os.path.join(run_dir, "model_final.pth")
-    record = cached(run_dir, force)
+    key = run_key(data_key, BASE_CONFIG, SOURCE_CONFIG)
+    record = cached(run_dir, key, force)
+    if record is not None and digest(rel(weights)) != record["weights_digest"]:
+        # Something else (train_net.py run by hand with other options) wrote to this
+        # OUTPUT_DIR since: the stored metrics would not describe these weights.
+        print(f"   {rel(weights)} is not the model the demo trained there: training again")
+        record = cached(run_dir, key, force=True)
     if record is None:
         t0 = time.time()
-        train_net(["--config-file", SOURCE_CONFIG, *dataset_args(data_dir),
-                   "OUTPUT_DIR", rel(run_dir), *opts], os.path.join(run_dir, "train.log"))
-        record = mark_done(run_dir, {
-            "weights": rel(weights), "seconds": time.time() - t0,
-            "metrics": evaluate_run(run_dir, data_dir, "source")})
+        train_net(["--config-file", SOURCE_CONFIG, *dataset_args(data_dir, ["source"])],
+                  os.path.join(run_dir, "train.log"))
+        record = mark_done(run_dir, key, {
+            "weights": rel(weights), "weights_digest": digest(rel(weights)),
+            "seconds": time.time() - t0, "metrics": evaluate_run(run_dir, data_dir, "source")})
     else:
         print(f"   cached: {record['weights']} (trained in {record['seconds']:.0f} s)")
     return record
 
 
-def target_run_dir(mode: str, source: dict, extra_opts: Sequence[str] = ()) -> str:
-    """Where the fine-tune of ``source`` in ``mode`` with ``extra_opts`` lives."""
-    key = digest(source["weights"], BASE_CONFIG, TARGET_CONFIGS[mode], list(extra_opts))
-    return os.path.join(DATA, f"target_{mode}-{key}")
+def check_target_weights(source: dict) -> None:
+    """Exit unless every target config's MODEL.WEIGHTS is the source model the demo wrote."""
+    for config in TARGET_CONFIGS.values():
+        weights = load_config(config).MODEL.WEIGHTS
+        if os.path.normpath(weights) != os.path.normpath(source["weights"]):
+            sys.exit(f"{config}: MODEL.WEIGHTS is {weights!r}, but {SOURCE_CONFIG} writes its "
+                     f"model to {source['weights']!r}: make them agree.")
 
 
-def eval_iteration0(mode: str, data_dir: str, source: dict, force: bool = False) -> dict:
-    """--eval-only of the source weights through the target config: the model as fine-tuning
-    starts, heads mapped (or reinitialised) to the target classes."""
-    run_dir = os.path.join(target_run_dir(mode, source), "iter0")
-    record = cached(run_dir, force)
+def eval_iteration0(mode: str, seed: int, data_dir: str, source: dict,
+                    force: bool = False) -> dict:
+    """--eval-only of the source weights through the target config in ``mode`` with ``seed``:
+    the model as fine-tuning starts, heads mapped (or reinitialised) to the target classes."""
+    config = TARGET_CONFIGS[mode]
+    opts = [*seed_opts(seed), *TARGET_CLASSES_OPT]
+    run_dir = os.path.join(target_dir(mode, seed), "iter0")
+    key = run_key(source["weights"], BASE_CONFIG, config, opts)
+    record = cached(run_dir, key, force)
     if record is None:
-        train_net(["--eval-only", "--config-file", TARGET_CONFIGS[mode], *dataset_args(data_dir),
-                   "MODEL.WEIGHTS", source["weights"], *TARGET_CLASSES_OPT,
-                   "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "eval.log"))
-        record = mark_done(run_dir, {"metrics": evaluate_run(run_dir, data_dir, "target")})
+        train_net(["--eval-only", "--config-file", config, *dataset_args(data_dir, ["target"]),
+                   *opts, "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "eval.log"))
+        record = mark_done(run_dir, key, {
+            "metrics": evaluate_run(run_dir, data_dir, "target")})
     else:
         print(f"   cached: {rel(run_dir)}")
     return record
 
 
-def fine_tune(mode: str, data_dir: str, source: dict, extra_opts: Sequence[str] = (),
-              force: bool = False) -> dict:
-    """Fine-tune the source model to the target task in ``mode``; evaluated at the end."""
-    train_dir = os.path.join(target_run_dir(mode, source, extra_opts), "train")
-    record = cached(train_dir, force)
+def fine_tune(mode: str, seed: int, data_dir: str, source: dict, force: bool = False) -> dict:
+    """Fine-tune the source model to the target task in ``mode`` with ``seed``, evaluated at
+    the end; return its record (weights, reclass report, iterations, seconds, metrics)."""
+    config = TARGET_CONFIGS[mode]
+    opts = seed_opts(seed)
+    run_dir = os.path.join(target_dir(mode, seed), "train")
+    key = run_key(source["weights"], BASE_CONFIG, config, opts)
+    record = cached(run_dir, key, force)
     if record is None:
         t0 = time.time()
-        train_net(["--config-file", TARGET_CONFIGS[mode], *dataset_args(data_dir),
-                   "MODEL.WEIGHTS", source["weights"], "OUTPUT_DIR", rel(train_dir),
-                   *extra_opts], os.path.join(train_dir, "train.log"))
-        record = mark_done(train_dir, {
-            "seconds": time.time() - t0, "weights": rel(os.path.join(train_dir, "model_final.pth")),
-            "report": rel(os.path.join(train_dir, "reclass_report.json")),
-            "max_iter": solver_max_iter(train_dir),
-            "metrics": evaluate_run(train_dir, data_dir, "target")})
+        train_net(["--config-file", config, *dataset_args(data_dir, ["target"]), *opts,
+                   "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "train.log"))
+        record = mark_done(run_dir, key, {
+            "seconds": time.time() - t0, "weights": rel(os.path.join(run_dir, "model_final.pth")),
+            "report": rel(os.path.join(run_dir, "reclass_report.json")),
+            "max_iter": int(load_config(config).SOLVER.MAX_ITER),
+            "metrics": evaluate_run(run_dir, data_dir, "target")})
     else:
-        print(f"   cached: {rel(train_dir)} (trained in {record['seconds']:.0f} s)")
+        print(f"   cached: {rel(run_dir)} (trained in {record['seconds']:.0f} s)")
     return record
 
 
-def solver_max_iter(run_dir: str) -> int:
-    """SOLVER.MAX_ITER of a finished run, from the config.yaml detectron2 wrote there."""
-    import yaml
-
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        return int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
-
-
-def config_solver(config: str):
-    """The SOLVER node of a config file in configs/ (with its bases)."""
-    from detectron2.config import get_cfg
-
-    from d2_reclass import add_reclass_config, merge_config_file
-
-    cfg = get_cfg()
-    add_reclass_config(cfg)
-    merge_config_file(cfg, os.path.join(ROOT, config))
-    return cfg.SOLVER
-
-
 # ----------------------------------------------------------------------------- output
-def results_table(rows: Sequence[tuple]) -> str:
-    """``rows``: (label, metrics dict) -> pipe table of AP, AP50 and per-class AP."""
+def spread(values: Sequence[float]) -> str:
+    """``values`` as "mean (min-max)", or the value alone when there is one."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def results_table(rows: Sequence[Tuple[str, Sequence[dict]]]) -> str:
+    """``rows``: (label, metrics of each seed) -> pipe table of AP, AP50 and per-class AP,
+    each as the mean and min-max over the seeds."""
     from tabulate import tabulate
 
+    keys = ["AP", "AP50", *(f"AP-{c}" for c in TARGET_CLASSES)]
     headers = ["model", "AP", "AP50", *(f"AP {c}" for c in TARGET_CLASSES)]
-    body = [[label, m["AP"], m["AP50"], *(m[f"AP-{c}"] for c in TARGET_CLASSES)]
-            for label, m in rows]
-    return tabulate(body, headers=headers, tablefmt="pipe", floatfmt=".1f")
+    body = [[label, *(spread([m[k] for m in runs]) for k in keys)] for label, runs in rows]
+    return tabulate(body, headers=headers, tablefmt="pipe",
+                    colalign=["left"] + ["right"] * (len(headers) - 1))
+
+
+def per_seed_table(rows: Sequence[Tuple[str, Sequence[dict]]], seeds: Sequence[int]) -> str:
+    """``rows`` as in :func:`results_table` -> pipe table of AP for each seed."""
+    from tabulate import tabulate
+
+    body = [[label, *(m["AP"] for m in runs)] for label, runs in rows]
+    return tabulate(body, headers=["model", *(f"AP seed {s}" for s in seeds)],
+                    tablefmt="pipe", floatfmt=".1f")
 
 
 def pick_val_image(data_dir: str) -> dict:
@@ -366,8 +425,8 @@ def save_predictions(weights: str, data_dir: str, out_png: str, score: float = 0
     import cv2
     import torch
     from detectron2.config import get_cfg
-    from detectron2.data import MetadataCatalog
     from detectron2.data import transforms as T
+    from detectron2.utils.colormap import colormap
     from detectron2.utils.visualizer import Visualizer
 
     from d2_reclass import (
@@ -398,23 +457,35 @@ def save_predictions(weights: str, data_dir: str, out_png: str, score: float = 0
         out = model([{"image": torch.as_tensor(inp.transpose(2, 0, 1).copy()),
                       "height": bgr.shape[0], "width": bgr.shape[1]}])[0]
     instances = out["instances"].to("cpu")
-    vis = Visualizer(bgr[:, :, ::-1], MetadataCatalog.get("shapes_target_val"), scale=4.0)
-    cv2.imwrite(out_png, vis.draw_instance_predictions(instances).get_image()[:, :, ::-1])
     names = [TARGET_CLASSES[i] for i in instances.pred_classes.tolist()]
+    # One fixed colour per class: draw_instance_predictions would draw them from the global
+    # numpy RNG, and the picture would change from run to run.
+    palette = colormap(rgb=True, maximum=1)
+    vis = Visualizer(bgr[:, :, ::-1], scale=4.0).overlay_instances(
+        boxes=instances.pred_boxes,
+        labels=[f"{n} {s:.0%}" for n, s in zip(names, instances.scores.tolist())],
+        assigned_colors=[palette[i] for i in instances.pred_classes.tolist()])
+    os.makedirs(os.path.dirname(out_png), exist_ok=True)
+    cv2.imwrite(out_png, vis.get_image()[:, :, ::-1])
     print(f"   {image['file_name']}: {len(instances)} detections with score >= {score}: "
           + ", ".join(f"{n} {s:.2f}" for n, s in zip(names, instances.scores.tolist())))
     return len(instances)
 
 
 # ----------------------------------------------------------------------------- main
-def prepare(force: bool = False):
-    """Datasets and source model, from the cache when possible: (data_dir, source record)."""
-    step("1. Datasets")
+def prepare(force: bool = False) -> Tuple[str, dict]:
+    """Thread count, datasets and source model, from the cache when possible:
+    (data_dir, source record)."""
+    from d2_reclass.threads import configure_torch_threads
+
+    threads = configure_torch_threads()
+    step(f"1. Datasets (torch threads per process: {threads}, OMP_NUM_THREADS)")
     with timed("datasets"):
-        data_dir = prepare_datasets(force)
+        data_dir, data_key = prepare_datasets(force)
     step(f"2. Source model ({len(SOURCE_CLASSES)} classes): {SOURCE_CONFIG}")
     with timed("source model"):
-        source = train_source(data_dir, force)
+        source = train_source(data_dir, data_key, force)
+    check_target_weights(source)
     m = source["metrics"]
     print(f"   source model, val: AP {m['AP']:.1f}, AP50 {m['AP50']:.1f}; "
           + ", ".join(f"{c} AP {m[f'AP-{c}']:.1f} / AP50 {m[f'AP50-{c}']:.1f}"
@@ -428,39 +499,48 @@ def prepare(force: bool = False):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--force", action="store_true", help="ignore the cache under data/demo")
+    parser.add_argument("--force", action="store_true", help="ignore the cache")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="fine-tuning seeds (SEED and MODEL.RECLASS.SEED); default: "
+                        "%(default)s")
     args = parser.parse_args(argv)
     t_start = time.time()
-    os.makedirs(DATA, exist_ok=True)
 
     data_dir, source = prepare(args.force)
-    rows, reports, finals = [], {}, {}
-    for mode in ("map", "reinit"):
-        step(f"3. Target model, MODEL.RECLASS.MODE {mode}: {TARGET_CONFIGS[mode]}")
-        with timed(f"{mode}, iteration 0 (--eval-only)"):
-            start = eval_iteration0(mode, data_dir, source, args.force)
-        with timed(f"{mode}, fine-tune"):
-            finals[mode] = fine_tune(mode, data_dir, source, force=args.force)
-        reports[mode] = finals[mode]["report"]
-        rows.append((f"{mode}, iteration 0", start["metrics"]))
-    for mode in ("map", "reinit"):
-        rows.append((f"{mode}, iteration {finals[mode]['max_iter']}", finals[mode]["metrics"]))
+    starts: Dict[str, List[dict]] = {}
+    finals: Dict[str, List[dict]] = {}
+    for mode in TARGET_CONFIGS:
+        step(f"3. Target model, MODEL.RECLASS.MODE {mode}: {TARGET_CONFIGS[mode]}, "
+             f"seeds {args.seeds}")
+        starts[mode], finals[mode] = [], []
+        for seed in args.seeds:
+            with timed(f"{mode}, seed {seed}, iteration 0 (--eval-only)"):
+                starts[mode].append(eval_iteration0(mode, seed, data_dir, source, args.force))
+            with timed(f"{mode}, seed {seed}, fine-tune"):
+                finals[mode].append(fine_tune(mode, seed, data_dir, source, args.force))
+    rows = [(f"{mode}, iteration 0", [r["metrics"] for r in starts[mode]])
+            for mode in TARGET_CONFIGS]
+    rows += [(f"{mode}, iteration {finals[mode][0]['max_iter']}",
+              [r["metrics"] for r in finals[mode]]) for mode in TARGET_CONFIGS]
 
     step("4. Results on the target val set (box AP, %)")
-    print(f"source model on the source val set: AP {source['metrics']['AP']:.1f}, AP50 "
-          f"{source['metrics']['AP50']:.1f}; "
-          + ", ".join(f"{c} AP {source['metrics'][f'AP-{c}']:.1f}" for c in KEPT))
-    print()
+    m = source["metrics"]
+    print(f"source model (one model, {SOURCE_CONFIG}) on the source val set: AP {m['AP']:.1f}, "
+          f"AP50 {m['AP50']:.1f}; " + ", ".join(f"{c} AP {m[f'AP-{c}']:.1f}" for c in KEPT))
+    print(f"\nMean and (min-max) over {len(args.seeds)} fine-tuning seeds {args.seeds}, "
+          f"{os.environ['OMP_NUM_THREADS']} torch thread(s) per process:\n")
     print(results_table(rows))
+    print()
+    print(per_seed_table(rows, args.seeds))
     print(f"\nAt iteration 0, map keeps what the source model knew of {' and '.join(KEPT)}; "
           "reinit is not at 0 AP because its class rows are fresh but near 0, so every box gets "
           "about the same score for each class (the background row and the box head are kept): "
-          "a class-agnostic detector, right about one time in three.\n")
-    for mode, path in reports.items():
-        print(f"reclass report ({mode}): {path}")
-    png = os.path.join(DATA, "predictions.png")
-    save_predictions(os.path.join(ROOT, finals["map"]["weights"]), data_dir, png)
-    print(f"predictions of the mapped model: {rel(png)}")
+          "a class-agnostic detector, right about one time in three, and which classes it gets "
+          "right depends on the fresh rows' seed.\n")
+    for mode in TARGET_CONFIGS:
+        print(f"reclass report ({mode}, seed {args.seeds[0]}): {finals[mode][0]['report']}")
+    save_predictions(os.path.join(ROOT, finals["map"][0]["weights"]), data_dir, PREDICTIONS_PNG)
+    print(f"predictions of the mapped model (seed {args.seeds[0]}): {rel(PREDICTIONS_PNG)}")
     print(f"\ndemo finished in {time.time() - t_start:.0f} s")
 
 

@@ -35,6 +35,7 @@ from d2_reclass.lazy import (
     lazy_target_classes,
 )
 from d2_reclass.new_classes import broadcast_thing_heads
+from d2_reclass.threads import configure_torch_threads
 from d2_reclass.trainer import REPORT_FILE
 
 logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
@@ -110,6 +111,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    configure_torch_threads()  # before launch(), whose worker processes inherit it
     args = argument_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -28,6 +28,7 @@ from d2_reclass import (
 )
 from d2_reclass.combine import union_classes
 from d2_reclass.config import log_num_classes_changes, target_classes
+from d2_reclass.threads import configure_torch_threads
 
 logger = logging.getLogger("d2_reclass.train_net")
 
@@ -93,6 +94,7 @@ def argument_parser():
 
 
 if __name__ == "__main__":
+    configure_torch_threads()  # before launch(), whose worker processes inherit it
     args = argument_parser().parse_args()
     logger.info("Command Line Args: %s", args)
     launch(
