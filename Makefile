@@ -25,6 +25,8 @@ bench: setup
 	$(PY) benchmarks/load_cost.py
 	$(PY) benchmarks/coverage_matrix.py
 	$(PY) benchmarks/map_vs_reinit.py
+	$(PY) benchmarks/new_class_init.py
+	$(PY) benchmarks/merge_ap.py
 
 clean:
 	rm -rf $(VENV) output data .pytest_cache

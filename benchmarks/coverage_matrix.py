@@ -70,7 +70,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Boxes, Instances
 from tabulate import tabulate
 
-from d2_reclass import ClassLayout, ReclassCheckpointer, find_layouts
+from d2_reclass import ClassLayout, ReclassCheckpointer, ReclassOptions, find_layouts
 from d2_reclass.threads import configure_torch_threads
 
 __all__ = [
@@ -568,9 +568,9 @@ class _Records(logging.Handler):
 def _load(model, path: str, classes: Dict[str, Tuple[List[str], List[str]]]):
     thing_src, thing_tgt = classes.get("thing", (None, None))
     stuff_src, stuff_tgt = classes.get("stuff", (None, None))
-    ckpt = _ProbeCheckpointer(
-        model, mode="map", source_classes=thing_src, target_classes=thing_tgt,
-        source_stuff_classes=stuff_src, target_stuff_classes=stuff_tgt)
+    ckpt = _ProbeCheckpointer(model, reclass=ReclassOptions(
+        mode="map", source_classes=thing_src, target_classes=thing_tgt,
+        source_stuff_classes=stuff_src, target_stuff_classes=stuff_tgt))
     # Capture warnings (fvcore's "Skip loading parameter ...", missing / unexpected keys,
     # d2_reclass's own) without printing them.
     handler = _Records()
@@ -593,18 +593,26 @@ def _load(model, path: str, classes: Dict[str, Tuple[List[str], List[str]]]):
 def _copied_entries(lay: ClassLayout, n_src: int, n_tgt: int,
                     source_index: Sequence[Optional[int]]) -> Tuple[List[int], List[int]]:
     """(target entries, source entries) along ``lay.axis`` that must be copies, restated here
-    from the layout's declared structure (offset, repeat x (K blocks [+ background]))."""
-    bg = int(lay.background)
-    per_tgt, per_src = (n_tgt + bg) * lay.block, (n_src + bg) * lay.block
-    classes = list(enumerate(source_index)) + ([(n_tgt, n_src)] if bg else [])
-    dst, src = list(range(lay.offset)), list(range(lay.offset))
-    for a in range(lay.repeat):
-        for j, s in classes:
-            if s is None:
-                continue
-            for b in range(lay.block):
-                dst.append(lay.offset + a * per_tgt + j * lay.block + b)
-                src.append(lay.offset + a * per_src + s * lay.block + b)
+    from the layout's declared structure: per segment, offset non-class entries, then repeat x
+    (K blocks [+ background])."""
+    dst: List[int] = []
+    src: List[int] = []
+    dst_start = src_start = 0
+    for seg in lay.all_segments():
+        bg = int(seg.background)
+        per_tgt, per_src = (n_tgt + bg) * seg.block, (n_src + bg) * seg.block
+        classes = list(enumerate(source_index)) + ([(n_tgt, n_src)] if bg else [])
+        dst += range(dst_start, dst_start + seg.offset)
+        src += range(src_start, src_start + seg.offset)
+        dst_start, src_start = dst_start + seg.offset, src_start + seg.offset
+        for a in range(seg.repeat):
+            for j, s in classes:
+                if s is None:
+                    continue
+                for b in range(seg.block):
+                    dst.append(dst_start + a * per_tgt + j * seg.block + b)
+                    src.append(src_start + a * per_src + s * seg.block + b)
+        dst_start, src_start = dst_start + seg.repeat * per_tgt, src_start + seg.repeat * per_src
     return dst, src
 
 
@@ -622,9 +630,10 @@ def _check_tensor(key: str, lays: List[ClassLayout], src: torch.Tensor, tgt_shap
             continue
         source, target = names[lay.space]
         n_src, n_tgt = len(source), len(target)
-        bg = int(lay.background)
-        want_src = lay.offset + lay.repeat * (n_src + bg) * lay.block
-        want_tgt = lay.offset + lay.repeat * (n_tgt + bg) * lay.block
+        want_src = sum(seg.offset + seg.repeat * (n_src + int(seg.background)) * seg.block
+                       for seg in lay.all_segments())
+        want_tgt = sum(seg.offset + seg.repeat * (n_tgt + int(seg.background)) * seg.block
+                       for seg in lay.all_segments())
         if (src.shape[lay.axis], tgt_shape[lay.axis]) != (want_src, want_tgt):
             raise CheckFailed(
                 f"{key}: layout ({lay.describe()}, axis {lay.axis}) implies {want_src} -> "

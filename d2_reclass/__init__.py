@@ -3,14 +3,30 @@
 Public surface: the engine (layouts, class mapping, :func:`reclass_state_dict`) and its
 detectron2 glue (config keys, checkpointer, box predictor, trainer).
 """
-from .checkpoint import CLASSES_KEY, ReclassCheckpointer, read_stored_classes, stored_classes
+from . import logger as _logger
+from .checkpoint import (
+    CLASSES_KEY,
+    ReclassCheckpointer,
+    check_resume,
+    read_stored_classes,
+    stored_classes,
+)
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
-from .config import add_reclass_config, apply_num_classes, merge_config_file
+from .combine import combine_state_dicts
+from .config import (
+    add_reclass_config,
+    apply_num_classes,
+    merge_config_file,
+    prepare_reclass_config,
+)
 from .datasets import register_coco_dataset
 from .errors import (
     CheckpointError,
     ClassListError,
     ClassMismatchError,
+    CombineError,
+    ConfigError,
+    DatasetError,
     ReclassError,
     ResumeClassMismatchError,
     UnsafeCheckpointError,
@@ -23,9 +39,19 @@ from .fast_rcnn import (
 from .fresh import InitSpec
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
 from .live import reclass_model
+from .new_classes import (
+    NEW_CLASS_INITS,
+    NewClassExamples,
+    NewClassReport,
+    apply_new_class_entries,
+    init_new_classes,
+)
+from .options import ReclassOptions
 from .report import ReclassReport
-from .surgery import ClassSpec, reclass_state_dict
+from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
 from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
+
+_logger.install_detectron2_forwarding()
 
 __version__ = "0.1.0"
 
@@ -37,26 +63,39 @@ __all__ = [
     "ClassMapping",
     "ClassMismatchError",
     "ClassSpec",
+    "CombineError",
+    "ConfigError",
+    "DatasetError",
     "InitSpec",
     "KEYPOINT",
+    "NEW_CLASS_INITS",
+    "NewClassExamples",
+    "NewClassReport",
     "ReclassCheckpointer",
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
+    "ReclassOptions",
     "ReclassReport",
     "ReclassTrainer",
     "ReclassTrainerMixin",
     "ResumeClassMismatchError",
     "STUFF",
+    "SourceCheckpoint",
     "THING",
     "UnsafeCheckpointError",
     "add_reclass_config",
     "adopt_box_predictors",
+    "apply_new_class_entries",
     "apply_num_classes",
     "build_class_mapping",
+    "check_resume",
     "check_num_classes",
+    "combine_state_dicts",
     "find_layouts",
+    "init_new_classes",
     "merge_config_file",
     "normalize_class_name",
+    "prepare_reclass_config",
     "read_stored_classes",
     "reclass_model",
     "reclass_state_dict",

@@ -4,28 +4,53 @@ It loads everything DetectionCheckpointer loads and keeps all it does (PathManag
 ``?matching_heuristics=True``, Detectron1/Caffe2 name matching, ``module.`` prefixes,
 ``pixel_mean``/``cell_anchors`` handling). The differences: files are read safely
 (:mod:`d2_reclass.serialization`), the engine fits every class-dependent tensor *before*
-fvcore's shape check (so none is "skipped"), and saved checkpoints store the class names.
+fvcore's shape check (so none is "skipped"), further checkpoints (``MODEL.RECLASS.COMBINE``)
+give the classes the loaded one does not know, and saved checkpoints store the class names.
 """
 import logging
+import os
+import time
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
+from torch.nn.parallel import DistributedDataParallel
 
-from .classes import check_class_list
-from .config import dataset_classes, target_classes
-from .errors import CheckpointError, ClassMismatchError, ResumeClassMismatchError
+from .classes import normalize_class_name, pick_source_classes
+from .combine import combine_state_dicts
+from .config import dataset_classes
+from .errors import (
+    CheckpointError,
+    ClassMismatchError,
+    CombineError,
+    ConfigError,
+    ResumeClassMismatchError,
+)
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
+from .new_classes import (
+    NewClassExamples,
+    NewClassInit,
+    NewClassReport,
+    apply_new_class_entries,
+    init_new_classes,
+)
+from .options import ReclassOptions
 from .report import ReclassReport
-from .serialization import load_checkpoint_file
-from .surgery import MODES, ClassSpec, reclass_state_dict
+from .serialization import check_state_dict, load_checkpoint_file
+from .surgery import ClassSpec, SourceCheckpoint, describe_class_change, reclass_state_dict
 
-__all__ = ["ReclassCheckpointer", "CLASSES_KEY", "read_stored_classes", "stored_classes"]
+__all__ = [
+    "CLASSES_KEY",
+    "ReclassCheckpointer",
+    "check_resume",
+    "read_stored_classes",
+    "stored_classes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +59,40 @@ logger = logging.getLogger(__name__)
 CLASSES_KEY = "d2_reclass"
 
 
-def stored_classes(checkpoint: Dict[str, Any]) -> Dict[str, List[str]]:
-    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint."""
+def stored_classes(checkpoint: Dict[str, Any], *, source: str = "the checkpoint"
+                   ) -> Dict[str, List[str]]:
+    """``{"thing_classes": [...], "stuff_classes": [...]}`` stored in a loaded checkpoint.
+
+    Raises :class:`CheckpointError` naming ``source`` if the entry is there but is not a dict
+    whose ``*_classes`` items are lists of names (a damaged or hand-edited file); other items
+    of the entry are ignored.
+    """
     stored = checkpoint.get(CLASSES_KEY) if isinstance(checkpoint, dict) else None
-    return {k: list(v) for k, v in (stored or {}).items() if k.endswith("_classes") and v}
+    if stored is None:
+        return {}
+    if isinstance(stored, dict):
+        lists = {k: v for k, v in stored.items() if isinstance(k, str) and k.endswith("_classes")}
+        if all(_is_name_list(v) for v in lists.values()):
+            return {k: list(v) for k, v in lists.items() if v}
+    raise CheckpointError(
+        f"Checkpoint {source}: its '{CLASSES_KEY}' entry holds {stored!r:.80}, not the class "
+        f"names d2_reclass saves ({{'thing_classes': [name, ...]}}). The file is damaged or was "
+        f"edited: save it again, or delete that entry and give the checkpoint's classes with "
+        f"MODEL.RECLASS.SOURCE_CLASSES."
+    )
 
 
-def _existing_local_path(path: str) -> str:
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
+
+
+def _existing_local_path(path: str, path_manager=PathManager,
+                         key: str = "MODEL.WEIGHTS") -> str:
     """``path`` (local, URL or detectron2://, query dropped) as a local file that exists."""
-    local = PathManager.get_local_path(path.split("?")[0])
-    if not PathManager.exists(local):
+    local = path_manager.get_local_path(path.split("?")[0])
+    if not os.path.isfile(local):
         raise CheckpointError(
-            f"Checkpoint {path!r} not found. Check MODEL.WEIGHTS (or the path you gave)."
+            f"Checkpoint {path!r} not found. Check {key} (or the path you gave)."
         )
     return local
 
@@ -53,7 +100,50 @@ def _existing_local_path(path: str) -> str:
 def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, List[str]]:
     """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
     return stored_classes(load_checkpoint_file(_existing_local_path(path),
-                                               trust_pickle=trust_pickle))
+                                               trust_pickle=trust_pickle), source=path)
+
+
+def resume_mismatch_message(source: str, difference: str, tensors: Sequence[str] = ()) -> str:
+    """The one message for resuming from a checkpoint trained for other classes."""
+    return (
+        f"Cannot resume from {source}: it was trained for other classes than the model's "
+        f"({difference}). Its optimizer and scheduler state belong to those classes and cannot "
+        "be mapped. Use a new OUTPUT_DIR, or start without --resume with MODEL.WEIGHTS "
+        f"{source} to map its weights to the model's classes."
+        + "".join(f"\n{t}" for t in tensors)
+    )
+
+
+def check_resume(
+    save_dir: str,
+    thing_classes: Optional[Sequence[str]],
+    stuff_classes: Optional[Sequence[str]] = None,
+    *,
+    trust_pickle: bool = False,
+) -> None:
+    """Raise before anything is written when ``--resume`` would resume from a checkpoint in
+    ``save_dir`` that stores other class names than the target's (a reorder included).
+
+    Checkpoints that store no names are checked when they are loaded instead.
+
+    Raises:
+        ResumeClassMismatchError: naming the checkpoint, both class lists and what to do.
+    """
+    marker = os.path.join(save_dir, "last_checkpoint")
+    if not PathManager.isfile(marker):
+        return
+    with PathManager.open(marker) as f:
+        path = os.path.join(save_dir, f.read().strip())
+    if not PathManager.isfile(path):
+        return
+    stored = read_stored_classes(path, trust_pickle=trust_pickle)
+    for space, target in ((THING, thing_classes), (STUFF, stuff_classes)):
+        source = stored.get(f"{space}_classes")
+        spec = ClassSpec(source, target)
+        if source and target and [normalize_class_name(c) for c in source] != [
+                normalize_class_name(c) for c in target]:
+            raise ResumeClassMismatchError(resume_mismatch_message(
+                path, f"{space} classes: {describe_class_change(spec, None, None)}"))
 
 
 class _AnyShape(tuple):
@@ -72,8 +162,13 @@ class _AnyShape(tuple):
 class ReclassCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that maps or reinitialises class-dependent tensors.
 
-    After :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for
-    a resume, which never does surgery). Keyword-only options follow ``MODEL.RECLASS``.
+    It takes the parent's arguments unchanged, plus one keyword, ``reclass``: the
+    :class:`ReclassOptions` (default: ``MODE auto`` and nothing else known), and
+    ``examples``: the :class:`NewClassExamples` whose labelled images initialise new classes
+    (``new_class_init``) right after the mapped weights are loaded; needed for ``relative`` /
+    ``imprint``, while ``auto`` without them keeps the head's init. After
+    :meth:`load`, :attr:`report` holds the :class:`ReclassReport` of that load (None for a
+    resume, which never does surgery).
     """
 
     def __init__(
@@ -81,61 +176,29 @@ class ReclassCheckpointer(DetectionCheckpointer):
         model: torch.nn.Module,
         save_dir: str = "",
         *,
-        mode: str = "auto",
-        source_classes: Optional[Sequence[str]] = None,
-        target_classes: Optional[Sequence[str]] = None,
-        class_map: Optional[Sequence[str]] = None,
-        seed: int = 0,
-        source_dataset: str = "",
-        source_stuff_classes: Optional[Sequence[str]] = None,
-        target_stuff_classes: Optional[Sequence[str]] = None,
-        only: Sequence[str] = (),
-        rename: Sequence[str] = (),
-        trust_pickle: bool = False,
+        reclass: Optional[ReclassOptions] = None,
+        examples: Optional[NewClassExamples] = None,
         save_to_disk: Optional[bool] = None,
         **checkpointables: Any,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
-        if mode not in MODES:
-            raise ClassMismatchError(f"MODEL.RECLASS.MODE is {mode!r}; use one of {MODES}.")
-        self.mode = mode
-        self.seed = int(seed)
-        self.class_map = list(class_map or [])
-        self.source_dataset = source_dataset
-        if source_dataset:  # checked now: stored names would otherwise hide a typo here
-            dataset_classes(source_dataset, what="MODEL.RECLASS.SOURCE_DATASET")
-        self.only, self.rename = list(only), list(rename)
-        self.trust_pickle = trust_pickle
-        self.source_classes = _checked(source_classes, "MODEL.RECLASS.SOURCE_CLASSES")
-        self.target_classes = _checked(target_classes, "MODEL.RECLASS.TARGET_CLASSES")
-        self.source_stuff_classes = _checked(
-            source_stuff_classes, "MODEL.RECLASS.SOURCE_STUFF_CLASSES")
-        self.target_stuff_classes = _checked(
-            target_stuff_classes, "MODEL.RECLASS.TARGET_STUFF_CLASSES")
+        if reclass is not None and not isinstance(reclass, ReclassOptions):
+            raise ConfigError(
+                f"ReclassCheckpointer(reclass=...) takes a ReclassOptions, not "
+                f"{type(reclass).__name__}; e.g. reclass=ReclassOptions(mode='map').")
+        self.reclass = reclass or ReclassOptions()
+        self.examples = examples
         self.report: Optional[ReclassReport] = None
         self._resuming = False
         self._loading = ""
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables):
-        """Build from ``cfg.MODEL.RECLASS`` (see :func:`add_reclass_config`)."""
-        r = cfg.MODEL.RECLASS
-        return cls(
-            model,
-            save_dir,
-            mode=r.MODE,
-            source_classes=list(r.SOURCE_CLASSES) or None,
-            target_classes=target_classes(cfg, "thing"),
-            class_map=list(r.CLASS_MAP),
-            seed=r.SEED,
-            source_dataset=r.SOURCE_DATASET,
-            source_stuff_classes=list(r.SOURCE_STUFF_CLASSES) or None,
-            target_stuff_classes=target_classes(cfg, "stuff"),
-            only=list(r.ONLY),
-            rename=list(r.RENAME),
-            trust_pickle=r.TRUST_PICKLE,
-            **checkpointables,
-        )
+        """Build from ``cfg.MODEL.RECLASS`` (its defaults where the config has none); new
+        classes take their examples from DATASETS.TRAIN."""
+        examples = NewClassExamples.from_config(cfg) if cfg.DATASETS.TRAIN else None
+        return cls(model, save_dir, reclass=ReclassOptions.from_config(cfg), examples=examples,
+                   **checkpointables)
 
     # ------------------------------------------------------------------ loading
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
@@ -147,8 +210,10 @@ class ReclassCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         self.report = None
-        if path:
-            _existing_local_path(path)
+        # A DDP model's workers may lack the file: DetectionCheckpointer.load then loads it on
+        # the main worker and syncs the others, so only a single-process load is checked here.
+        if path and not isinstance(self.model, DistributedDataParallel):
+            _existing_local_path(path, self.path_manager)
         self._loading = path
         try:
             return super().load(path, checkpointables)
@@ -156,86 +221,177 @@ class ReclassCheckpointer(DetectionCheckpointer):
             self._loading = ""
 
     def _torch_load(self, f: str) -> Any:
-        return load_checkpoint_file(f, trust_pickle=self.trust_pickle, progress=True)
+        data = load_checkpoint_file(f, trust_pickle=self.reclass.trust_pickle, progress=True)
+        if not isinstance(data, dict):  # DetectionCheckpointer._load_file looks "model" up in it
+            check_state_dict(data, f)  # raises: a file holding no dict holds no weights
+        return data
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         # detectron2 unpickles .pkl (and torch.loads .pyth) itself; read them safely instead,
         # then give them the same shape as DetectionCheckpointer._load_file does.
         if filename.endswith(".pkl"):
-            data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
+            data = self._torch_load(filename)
             if isinstance(data, dict) and "model" in data and "__author__" in data:
                 self.logger.info(f"Reading a file from '{data['__author__']}'")
                 return data
             if isinstance(data, dict) and "blobs" in data:
                 data = data["blobs"]
-            _check_weights(data, filename)
-            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            data = _without_suffix(data, "_momentum")
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         if filename.endswith(".pyth"):
-            data = load_checkpoint_file(filename, trust_pickle=self.trust_pickle, progress=True)
+            data = self._torch_load(filename)
             if not isinstance(data, dict) or "model_state" not in data:
                 raise CheckpointError(
                     f"{filename} is not a pycls checkpoint: it has no 'model_state' entry."
                 )
-            state = {k: v for k, v in data["model_state"].items()
-                     if not k.endswith("num_batches_tracked")}
+            state = _without_suffix(data["model_state"], "num_batches_tracked")
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         source = self._loading or "the checkpoint"
+        state = self._weights(checkpoint, source)
+        classes = self._class_specs(stored_classes(checkpoint, source=source))
+        layouts = find_layouts(self.model)
+        model_state = self.model.state_dict()
+        examples = None
+        if self._resuming:
+            # The run's own checkpoint holds every class already: nothing is combined.
+            try:
+                reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
+                                   seed=self.reclass.seed, source=source)
+            except ClassMismatchError as e:
+                raise ResumeClassMismatchError(
+                    resume_mismatch_message(source, "; ".join(e.problems), e.tensors)) from None
+        else:
+            source_state = state
+            options = dict(classes=classes, mode=self.reclass.mode, seed=self.reclass.seed,
+                           source=source)
+            if self.reclass.combine:
+                more = [self._further_checkpoint(path) for path in self.reclass.combine]
+                state, self.report = combine_state_dicts(
+                    state, more, model_state, layouts, **options,
+                    allow_different_weights=self.reclass.combine_allow_different_weights)
+            else:
+                state, self.report = reclass_state_dict(state, model_state, layouts, **options)
+            _warn_non_finite(state, layouts, source)
+            # Read before anything is loaded: a dataset that fails leaves the model as it was.
+            examples = self._new_class_examples()
+        checkpoint["model"] = state
+        incompatible = super()._load_model(checkpoint)
+        if examples is not None:
+            self._init_new_classes(source_state, *examples)
+        if self.report is not None and (self.report.changed or self.report.mismatches):
+            logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
+        return incompatible
+
+    def _weights(self, checkpoint: Dict[str, Any], source: str) -> Dict[str, torch.Tensor]:
+        """The state dict of a loaded checkpoint as the engine reads it: tensors, no
+        ``module.`` prefix, names matched for Caffe2 / ``matching_heuristics`` files, and
+        MODEL.RECLASS.ONLY / RENAME applied."""
         state = checkpoint["model"]
-        _check_weights(state, source)
+        # Every entry is checked before anything converts, matches or loads it, so a value that
+        # is not a tensor (a damaged or edited file) is one CheckpointError, model untouched.
+        check_state_dict(state, source, allow_empty=not self.model.state_dict())
         self._convert_ndarray_to_tensor(state)
         _strip_prefix_if_present(state, "module.")
         if checkpoint.get("matching_heuristics", False):
             state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
             checkpoint["matching_heuristics"] = False
-        state = select_and_rename(state, self.only, self.rename)
+        return select_and_rename(state, self.reclass.only, self.reclass.rename)
 
-        stored = stored_classes(checkpoint)
-        thing_source, thing_what = self._source(stored, "thing", self.source_classes)
-        stuff_source, stuff_what = self._source(stored, "stuff", self.source_stuff_classes)
-        classes = {
-            THING: ClassSpec(thing_source, self.target_classes, self.class_map, thing_what,
+    def _new_class_examples(self) -> Optional[Tuple[List[dict], Optional[List[str]], float]]:
+        """(dataset dicts, their class names, seconds to load them) when this load has new
+        thing classes for NEW_CLASS_INIT relative / imprint to initialise, else None.
+
+        Raises:
+            ConfigError: examples are needed but the checkpointer has none.
+            DatasetError: the datasets fail to load.
+        """
+        space = self.report.spaces.get(THING)
+        # Only where classes are mapped: MODE reinit asks for the head's init for every class.
+        if self.reclass.new_class_init == "head" or space is None or space.resolution != "map" \
+                or not space.mapping.new:
+            return None
+        if self.examples is None and self.reclass.new_class_init == "auto":
+            self.report.new_classes = NewClassReport("auto", self.reclass.init_images,
+                                                     self.reclass.seed, classes=[
+                NewClassInit(name, space.mapping.target.index(name), "head",
+                             reason="no labelled examples were given (DATASETS.TRAIN is empty); "
+                             "head init") for name in space.mapping.new])
+            return None
+        if self.examples is None:
+            raise ConfigError(
+                f"MODEL.RECLASS.NEW_CLASS_INIT is {self.reclass.new_class_init!r}, which reads "
+                f"labelled examples of the new classes ({', '.join(space.mapping.new)}), but "
+                "there are none: set DATASETS.TRAIN (or pass ReclassCheckpointer(..., "
+                "examples=NewClassExamples(...))), or use NEW_CLASS_INIT head.")
+        t0 = time.perf_counter()
+        dicts, names = self.examples.load()
+        return dicts, names, time.perf_counter() - t0
+
+    def _init_new_classes(self, source_state: Dict[str, Any], dicts: List[dict],
+                          names: Optional[List[str]], seconds_dataset: float) -> None:
+        """Initialise the new thing classes of the loaded model from ``dicts``' examples."""
+        r, examples = self.reclass, self.examples
+        entries, report = init_new_classes(
+            self.model, dicts, self.report.spaces[THING].mapping, source_state,
+            method=r.new_class_init, max_images=r.init_images, seed=r.seed,
+            # Without target names the model's classes are the datasets' ids, in order.
+            dataset_classes=names if r.target_classes else None,
+            augmentations=examples.augmentations, image_format=examples.image_format)
+        apply_new_class_entries(self.model, entries)
+        report.seconds_dataset = seconds_dataset
+        report.seconds += seconds_dataset
+        self.report.new_classes = report
+
+    def _further_checkpoint(self, path: str) -> SourceCheckpoint:
+        """A checkpoint of MODEL.RECLASS.COMBINE, read as the loaded one is.
+
+        Raises:
+            CheckpointError: it is missing or not a checkpoint.
+            CombineError: it stores no class names (combining goes by names).
+        """
+        checkpoint = self._load_file(
+            _existing_local_path(path, self.path_manager, "MODEL.RECLASS.COMBINE"))
+        stored = stored_classes(checkpoint, source=path)
+        if not stored:
+            raise CombineError(
+                f"MODEL.RECLASS.COMBINE names {path}, which stores no class names, and combining "
+                "goes by names. Store them with `d2-reclass convert "
+                f"{path} --out named.pth --classes A,B --source-classes A,B`, or combine on the "
+                f"command line: `d2-reclass combine ... {path} --names {path}=A,B`.")
+        return SourceCheckpoint(self._weights(checkpoint, path), {
+            THING: stored.get("thing_classes"), STUFF: stored.get("stuff_classes")}, path)
+
+    def _class_specs(self, stored: Dict[str, List[str]]) -> Dict[str, ClassSpec]:
+        """Per class space, what is known of the checkpoint's and the model's classes."""
+        r = self.reclass
+        thing_source, thing_what = self._source(stored, "thing", r.source_classes)
+        stuff_source, stuff_what = self._source(stored, "stuff", r.source_stuff_classes)
+        return {
+            THING: ClassSpec(thing_source, r.target_classes, r.class_map, thing_what,
                              "MODEL.RECLASS.TARGET_CLASSES"),
-            STUFF: ClassSpec(stuff_source, self.target_stuff_classes, None, stuff_what,
+            STUFF: ClassSpec(stuff_source, r.target_stuff_classes, None, stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
-        layouts = find_layouts(self.model)
-        model_state = self.model.state_dict()
-        if self._resuming:
-            try:
-                reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
-                                   seed=self.seed, source=source)
-            except ClassMismatchError as e:
-                raise ResumeClassMismatchError(
-                    f"Cannot resume from {source}: it was trained for other classes than the "
-                    "model's, and optimizer state cannot be mapped. Use a new OUTPUT_DIR, or "
-                    "start without --resume (with MODEL.WEIGHTS pointing to it) to map its "
-                    f"weights.\n{e}"
-                ) from None
-        else:
-            state, self.report = reclass_state_dict(
-                state, model_state, layouts, classes=classes, mode=self.mode, seed=self.seed,
-                source=source)
-            _warn_non_finite(state, layouts, source)
-            if self.report.changed or self.report.mismatches:
-                logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
-        checkpoint["model"] = state
-        return super()._load_model(checkpoint)
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
-        """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET."""
+        """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET.
+
+        Resuming reads the run's own last checkpoint, not MODEL.WEIGHTS, which the explicit
+        keys and SOURCE_DATASET describe: only the names it stores count then.
+        """
         key = "SOURCE_CLASSES" if kind == "thing" else "SOURCE_STUFF_CLASSES"
-        if explicit:
-            return explicit, f"MODEL.RECLASS.{key}"
-        if stored.get(f"{kind}_classes"):
-            return stored[f"{kind}_classes"], f"the {kind} classes stored in the checkpoint"
-        if self.source_dataset:
-            names = dataset_classes(self.source_dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
-            return names, f"MODEL.RECLASS.SOURCE_DATASET ({self.source_dataset})"
-        return None, "the source classes"
+        stored_names = (stored.get(f"{kind}_classes"),
+                        f"the {kind} class list stored in the checkpoint")
+        if self._resuming:
+            return pick_source_classes([stored_names])
+        dataset = self.reclass.source_dataset
+        return pick_source_classes([
+            (explicit, f"MODEL.RECLASS.{key}"), stored_names,
+            (dataset_classes(dataset, kind, what="MODEL.RECLASS.SOURCE_DATASET")
+             if dataset else None, f"MODEL.RECLASS.SOURCE_DATASET ({dataset})")])
 
     def _align_by_name(self, state: Dict[str, torch.Tensor], c2: bool) -> Dict[str, torch.Tensor]:
         # detectron2's heuristics drop any pair whose shapes differ; let class-dependent keys
@@ -249,27 +405,22 @@ class ReclassCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs: Any) -> None:
         """Save as DetectionCheckpointer does, plus the model's class names (CLASSES_KEY)."""
         classes = {}
-        if self.target_classes:
-            classes["thing_classes"] = list(self.target_classes)
-        if self.target_stuff_classes:
-            classes["stuff_classes"] = list(self.target_stuff_classes)
+        if self.reclass.target_classes:
+            classes["thing_classes"] = list(self.reclass.target_classes)
+        if self.reclass.target_stuff_classes:
+            classes["stuff_classes"] = list(self.reclass.target_stuff_classes)
         if classes:
             kwargs.setdefault(CLASSES_KEY, classes)
         super().save(name, **kwargs)
 
 
-def _checked(classes: Optional[Sequence[str]], what: str) -> Optional[List[str]]:
-    return list(check_class_list(classes, what)) if classes else None
-
-
-def _check_weights(state: Any, source: str) -> None:
-    if not isinstance(state, dict) or not any(
-        hasattr(v, "shape") for v in state.values()
-    ):
-        raise CheckpointError(
-            f"{source} contains no model weights: expected a 'model' entry holding a state dict "
-            "(name -> tensor). Is it an optimizer-only or metrics file?"
-        )
+def _without_suffix(state: Any, suffix: str) -> Any:
+    """``state`` without the entries detectron2 drops by name (keys ending in ``suffix``), as
+    detectron2 drops them before its own type check; anything but a dict is returned as it is,
+    for :func:`check_state_dict` to refuse."""
+    if not isinstance(state, dict):
+        return state
+    return {k: v for k, v in state.items() if not (isinstance(k, str) and k.endswith(suffix))}
 
 
 def _warn_non_finite(state: Dict[str, torch.Tensor], layouts, source: str) -> None:

@@ -1,46 +1,92 @@
-"""The ``d2-reclass`` command line: ``inspect`` and ``convert`` checkpoints offline.
+"""The ``d2-reclass`` command line: ``inspect``, ``convert`` and ``combine`` checkpoints offline.
 
 Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 usage.
 """
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+from urllib.error import HTTPError, URLError
 
 import numpy as np
 import torch
 from tabulate import tabulate
 
 from .checkpoint import CLASSES_KEY, stored_classes
-from .errors import ClassListError, ReclassError
+from .classes import check_class_list, pick_source_classes
+from .combine import combine_state_dicts, union_classes
+from .errors import CheckpointError, ClassListError, ReclassError
 from .layouts import THING, find_layouts, retarget
+from .new_classes import NEW_CLASS_INITS, NewClassExamples, NewClassReport, init_new_classes
 from .recognize import guess_architecture, recognize_layouts
-from .serialization import checkpoint_format, load_checkpoint_file, same_file, save_checkpoint_file
-from .surgery import MODES, ClassSpec, reclass_state_dict
+from .serialization import (
+    check_output_path,
+    check_state_dict,
+    checkpoint_format,
+    load_checkpoint_file,
+    save_checkpoint_file,
+)
+from .surgery import MODES, ClassSpec, SourceCheckpoint, reclass_state_dict
 
-__all__ = ["main", "inspect_checkpoint", "convert_checkpoint"]
+__all__ = ["main", "inspect_checkpoint", "convert_checkpoint", "combine_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
 
 def _local(path: str) -> str:
+    """``path`` as a local file name: URLs and ``detectron2://`` paths are downloaded (cached).
+
+    Raises:
+        CheckpointError: the download failed; the message names ``path`` and what to do.
+    """
     from detectron2.utils.file_io import PathManager
 
-    return PathManager.get_local_path(path)
+    # iopath logs a failed download itself; the error raised below says it once, with the fix.
+    download_log = logging.getLogger("iopath.common.download")
+    download_log.addFilter(_drop_record)
+    try:
+        return PathManager.get_local_path(path)
+    except OSError as e:  # urllib's URLError and HTTPError, timeouts, an unwritable cache
+        if isinstance(e, HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        elif isinstance(e, URLError):
+            reason = str(e.reason)
+        else:
+            reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"Cannot download {path}: {reason}. Check the URL and the network, or download the "
+            "file yourself and pass its local path."
+        ) from None
+    finally:
+        download_log.removeFilter(_drop_record)
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
+    """The state dict ``obj`` holds, every entry checked by :func:`check_state_dict` before
+    anything reads it (CheckpointError naming ``path`` and the key otherwise)."""
     fmt = checkpoint_format(obj, path)
     if fmt == "caffe2 pkl":
         from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
         blobs = obj.get("blobs", obj)
-        blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        # Dropped before the check, as detectron2 drops them before its own.
+        blobs = {k: v for k, v in blobs.items()
+                 if not (isinstance(k, str) and k.endswith("_momentum"))}
+        check_state_dict(blobs, path)
         return convert_c2_detectron_names(blobs)[0]
     if fmt == "pycls pyth":
-        return dict(obj["model_state"])
-    return dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+        weights = dict(obj["model_state"])
+    else:
+        weights = dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+    check_state_dict(weights, path)
+    return weights
 
 
 def _shape(v: Any) -> List[int]:
@@ -71,7 +117,7 @@ def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, An
             for lay in layouts
         ],
         "num_classes": {space: k for space, k in counts},
-        "stored_classes": stored_classes(extras),
+        "stored_classes": stored_classes(extras, source=path),
         "iteration": extras.get("iteration"),
         "optimizer_state": "optimizer" in extras or "trainer" in extras,
         "scheduler_state": "scheduler" in extras or "trainer" in extras,
@@ -115,7 +161,35 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
     merge_config_file(cfg, config_file)
     cfg.MODEL.DEVICE = "cpu"
     apply_num_classes(cfg, classes)
-    return build_model(cfg)
+    return build_model(cfg), cfg
+
+
+def _check_arguments(path: str, out: str, config_file: str, force: bool) -> None:
+    """The checks that need no download and no loading, so that they fail before either."""
+    if not out.endswith((".pth", ".pt")):
+        raise ReclassError(f"--out {out}: write a .pth file (torch format, loads with "
+                           "weights_only=True).")
+    # A URL is not a local file yet, so only a local input can be --out here; the downloaded
+    # file is checked again when the output is saved.
+    check_output_path(out, overwrite=force, source=path)
+    if config_file and not os.path.isfile(config_file):
+        raise ReclassError(f"--config-file {config_file} does not exist; check the path.")
+
+
+def _dataset_classes(name: str) -> List[str]:
+    """The thing classes of the registered dataset ``name`` (``--source-dataset``).
+
+    Raises:
+        ClassListError: ``name`` is not registered, or its metadata has no thing classes.
+    """
+    from .config import dataset_classes
+
+    names = dataset_classes(name, what="--source-dataset")
+    if not names:
+        raise ClassListError(
+            f"--source-dataset {name} has no thing_classes in its metadata; pass the "
+            "checkpoint's classes with --source-classes instead.")
+    return names
 
 
 def convert_checkpoint(
@@ -131,59 +205,232 @@ def convert_checkpoint(
     seed: int = 0,
     force: bool = False,
     trust_pickle: bool = False,
+    new_class_init: str = "auto",
+    init_images: int = 16,
+    coco_datasets: Sequence[Sequence[str]] = (),
 ):
     """Write ``out``: ``path``'s weights with every class-dependent tensor fitted to ``classes``,
     the class names stored, optimizer/scheduler state and iteration dropped. Returns the report.
 
-    Nothing is written unless every check passed; ``out`` is written atomically and never
-    over ``path`` (nor over an existing file unless ``force``).
-    """
-    from .config import dataset_classes
+    The source class names are ``source_classes``, else the names stored in the checkpoint,
+    else those of ``source_dataset``; a warning is logged when a list given loses to a
+    different one, or overrides different stored names. The report names the list used.
 
-    local = _local(path)
-    if same_file(local, out):
-        raise ReclassError(f"--out {out} is the input checkpoint; write to another file.")
-    if not out.endswith((".pth", ".pt")):
-        raise ReclassError(f"--out {out}: write a .pth file (torch format, loads with "
-                           "weights_only=True).")
-    obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
-    weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
-               for k, v in _weights(obj, local).items()}
-    stored = stored_classes(obj if isinstance(obj, dict) else {})
-    # Checked even when unused, so that a mistyped name never passes silently.
-    from_dataset = dataset_classes(source_dataset, what="--source-dataset") \
-        if source_dataset else None
+    ``new_class_init`` relative / imprint initialise new classes from the labelled examples of
+    ``coco_datasets`` ((name, json, image root) each), running the model of ``config_file``;
+    ``auto`` imprints when both are given, else keeps the head's init.
+
+    Nothing is written unless every check passed; the checks on the arguments (``out``, the
+    class lists, the dataset, the config file, the new-class init) run before anything is
+    downloaded or loaded. ``out`` is written atomically and never over ``path`` (nor over an
+    existing file unless ``force``).
+    """
+    _check_arguments(path, out, config_file, force)
+    classes = list(check_class_list(classes, "--classes"))
     if source_classes:
-        source, what = list(source_classes), "--source-classes"
-    elif stored.get("thing_classes"):
-        source, what = stored["thing_classes"], "the classes stored in the checkpoint"
-    elif from_dataset:
-        source, what = from_dataset, "--source-dataset"
-    else:
-        source, what = None, "the source classes"
-    if config_file:
-        model = _model_from_config(config_file, classes)
-        layouts, target = find_layouts(model), model.state_dict()
-    else:
-        found, notes = recognize_layouts({k: _shape(v) for k, v in weights.items()})
-        layouts = [lay for lay in found if lay.space == THING]
-        if not layouts:
-            raise ReclassError(
-                f"{path}: no standard detectron2 class-dependent head found "
-                f"({'; '.join(notes) or 'no box predictor, mask, RetinaNet or sem-seg keys'}); "
-                "pass --config-file to build the model and read its heads.")
-        layouts, target = retarget(layouts, {k: _shape(v) for k, v in weights.items()},
-                                   len(classes))
+        check_class_list(source_classes, "--source-classes")
+    # Checked even when stored names will win, so that a mistyped name never passes silently.
+    from_dataset = _dataset_classes(source_dataset) if source_dataset else None
+
+    new_class_init = _check_new_class_init(new_class_init, init_images, config_file,
+                                           coco_datasets)
+
+    local, weights, stored = _read_checkpoint(path, trust_pickle)
+    source, what = pick_source_classes([
+        (source_classes, "--source-classes"), (stored, f"the class list stored in {path}"),
+        (from_dataset, f"--source-dataset {source_dataset}")])
+    if mode == "map" and source is None and not class_map:
+        raise ClassListError(
+            f"--mode map needs the class names of {path}, which stores none: pass "
+            "--source-classes or --source-dataset, map classes by index with --class-map "
+            "TARGET=INDEX, or use --mode reinit.")
+    layouts, target, model, cfg = _target_heads(path, weights, classes, config_file)
     new, report = reclass_state_dict(
         weights, target, layouts,
-        classes={THING: ClassSpec(source, list(classes), list(class_map), what, "--classes")},
+        classes={THING: ClassSpec(source, classes, list(class_map), what, "--classes")},
         mode=mode, seed=seed, source=path)
+    thing = report.spaces.get(THING)
+    if new_class_init != "head" and thing is not None and thing.resolution == "map" \
+            and thing.mapping.new:
+        report.new_classes = _init_new_classes(
+            model, cfg, weights, new, report.spaces[THING].mapping, method=new_class_init,
+            max_images=init_images, seed=seed, coco_datasets=coco_datasets)
     save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": list(classes)}}, out,
                          overwrite=force, progress=True, source=local)
     return report
 
 
-def _read_classes(args) -> List[str]:
+def _check_new_class_init(method: str, images: int, config_file: str,
+                          coco_datasets: Sequence[Sequence[str]]) -> str:
+    """The method to run (``auto``: imprint with --config-file and --coco-dataset, else head);
+    raises before anything is read when an explicit --new-class-init cannot run."""
+    from .options import check_option_values
+
+    check_option_values({"new_class_init": method, "init_images": images},
+                        name=lambda option: "--" + option.replace("_", "-"))
+    if method == "auto":
+        return "imprint" if config_file and coco_datasets else "head"
+    if method == "head":
+        return method
+    if not config_file:
+        raise ReclassError(f"--new-class-init {method} runs the model on labelled examples: "
+                           "pass --config-file (the config the checkpoint was built with).")
+    if not coco_datasets:
+        raise ReclassError(f"--new-class-init {method} reads labelled examples of the new "
+                           "classes: pass --coco-dataset NAME JSON IMAGE_ROOT.")
+    return method
+
+
+def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, Any], mapping,
+                      *, method: str, max_images: int, seed: int,
+                      coco_datasets: Sequence[Sequence[str]]) -> NewClassReport:
+    """Initialise the new classes of ``converted`` (updated in place) from the datasets'
+    examples, the model of ``cfg`` holding the converted weights."""
+    import time
+
+    from detectron2.data.detection_utils import build_augmentation
+
+    from .datasets import register_coco_dataset
+
+    own = model.state_dict()
+    misfit = [k for k, v in own.items() if k not in converted or converted[k].shape != v.shape]
+    if misfit:
+        raise ReclassError(
+            f"--new-class-init {method} runs the model of --config-file with the checkpoint's "
+            f"weights, but {len(misfit)} of its tensors are not in the checkpoint with the "
+            f"model's shape (first: {misfit[0]}). Pass the config the checkpoint was trained "
+            "with, or use --new-class-init head.")
+    model.load_state_dict({k: converted[k] for k in own})
+    for name, json_file, image_root in coco_datasets:
+        register_coco_dataset(name, json_file, image_root)
+    t0 = time.perf_counter()
+    dicts, names = NewClassExamples(
+        datasets=tuple(d[0] for d in coco_datasets),
+        augmentations=tuple(build_augmentation(cfg, is_train=False)),
+        image_format=cfg.INPUT.FORMAT).load()
+    loaded = time.perf_counter() - t0
+    entries, report = init_new_classes(model, dicts, mapping, weights, method=method,
+                                       max_images=max_images, seed=seed, dataset_classes=names)
+    converted.update(entries)
+    report.seconds_dataset, report.seconds = loaded, report.seconds + loaded
+    return report
+
+
+def _read_checkpoint(path: str, trust_pickle: bool):
+    """(local file, weights as tensors, the thing class names it stores or None) of ``path``."""
+    local = _local(path)
+    obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
+    weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+               for k, v in _weights(obj, local).items()}
+    return local, weights, stored_classes(obj if isinstance(obj, dict) else {}, source=path).get(
+        "thing_classes")
+
+
+def _target_heads(path: str, weights: Dict[str, Any], classes: Sequence[str], config_file: str):
+    """(layouts, target state dict, model, cfg) of the heads built for ``classes``: from the
+    model of ``config_file``, else from the standard heads recognised in ``path``'s ``weights``
+    (model and cfg None)."""
+    if config_file:
+        model, cfg = _model_from_config(config_file, classes)
+        return find_layouts(model), model.state_dict(), model, cfg
+    found, notes = recognize_layouts({k: _shape(v) for k, v in weights.items()})
+    layouts = [lay for lay in found if lay.space == THING]
+    if not layouts:
+        raise ReclassError(
+            f"{path}: no standard detectron2 class-dependent head found "
+            f"({'; '.join(notes) or 'no box predictor, mask, RetinaNet or sem-seg keys'}); "
+            "pass --config-file to build the model and read its heads.")
+    return (*retarget(layouts, {k: _shape(v) for k, v in weights.items()}, len(classes)), None,
+            None)
+
+
+def _parse_names(entries: Sequence[str], paths: Sequence[str]) -> Dict[str, List[str]]:
+    """``--names CHECKPOINT=a,b,c`` entries as {checkpoint: class names}.
+
+    Raises:
+        ClassListError: an entry is malformed or names a checkpoint not combined.
+    """
+    out = {}
+    for entry in entries:
+        path, sep, names = entry.rpartition("=")
+        if not sep or path not in paths:
+            raise ClassListError(
+                f"--names {entry!r}: write CHECKPOINT=class,class,... with CHECKPOINT one of "
+                f"the checkpoints combined ({', '.join(paths)}).")
+        out[path] = list(check_class_list([c.strip() for c in names.split(",")],
+                                          f"--names {path}"))
+    return out
+
+
+def combine_checkpoints(
+    paths: Sequence[str],
+    out: str,
+    classes: Optional[Sequence[str]] = None,
+    *,
+    names: Sequence[str] = (),
+    class_map: Sequence[str] = (),
+    config_file: str = "",
+    seed: int = 0,
+    force: bool = False,
+    trust_pickle: bool = False,
+    allow_different_weights: bool = False,
+):
+    """Write ``out``: one checkpoint whose target classes each take their entries from the
+    first of ``paths`` that knows them, every other tensor from the first. Returns the report.
+
+    Args:
+        paths: the checkpoints, in order of precedence (e.g. base model, then novel model).
+        classes: the target classes; default: every class of ``paths``, in order of appearance.
+        names: ``"CHECKPOINT=a,b,c"`` class names of checkpoints that store none (or to
+            override stored ones).
+        class_map: ``"target=source"`` overrides, merges (``"vehicle=car+truck"``) and splits.
+        allow_different_weights: the checkpoints' non-class tensors may differ.
+        config_file, seed, force, trust_pickle: as :func:`convert_checkpoint`.
+
+    Nothing is written unless every check passed; the arguments are checked before anything is
+    downloaded or loaded.
+
+    Raises:
+        ClassListError: a checkpoint with no class names, or a malformed list or map.
+        CombineError: non-class tensors differ (and that was not allowed), or a checkpoint
+            gives no class.
+    """
+    if len(paths) < 2:
+        raise ReclassError("combine needs at least two checkpoints (e.g. base.pth novel.pth).")
+    for path in paths:
+        _check_arguments(path, out, config_file, force)
+    given = _parse_names(names, paths)
+    if classes is not None:
+        classes = list(check_class_list(classes, "--classes"))
+    checkpoints = []
+    for path in paths:
+        local, weights, stored = _read_checkpoint(path, trust_pickle)
+        what = f"--names {path}" if path in given else f"the class list stored in {path}"
+        source = given.get(path, stored)
+        if source is None:
+            raise ClassListError(
+                f"{path} stores no class names, and combining goes by names: pass "
+                f"--names {path}=CLASS,CLASS,... (its classes, in its order).")
+        checkpoints.append((path, local, weights, source, what))
+    classes = classes or union_classes([c[3] for c in checkpoints])
+    first_path, first_local, first_weights, first_names, first_what = checkpoints[0]
+    layouts, target, _, _ = _target_heads(first_path, first_weights, classes, config_file)
+    more = [SourceCheckpoint(weights, {THING: names}, path)
+            for path, _, weights, names, _ in checkpoints[1:]]
+    new, report = combine_state_dicts(
+        first_weights, more, target, layouts,
+        classes={THING: ClassSpec(first_names, classes, list(class_map), first_what,
+                                  "--classes")},
+        mode="map", seed=seed, source=first_path,
+        allow_different_weights=allow_different_weights,
+        allow_option="--allow-different-weights")
+    save_checkpoint_file({"model": new, CLASSES_KEY: {"thing_classes": classes}}, out,
+                         overwrite=force, progress=True, source=first_local)
+    return report
+
+
+def _read_classes(args) -> Optional[List[str]]:
+    """The target classes of ``--classes`` / ``--classes-file``; None when neither is given."""
     if args.classes_file:
         try:
             with open(args.classes_file) as f:
@@ -191,7 +438,7 @@ def _read_classes(args) -> List[str]:
         except OSError as e:
             raise ClassListError(f"--classes-file {args.classes_file}: {e.strerror}.") from None
         return names
-    return [c.strip() for c in args.classes.split(",")]
+    return [c.strip() for c in args.classes.split(",")] if args.classes else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,18 +453,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="fully unpickle a legacy file you trust")
 
-    p = sub.add_parser("convert", help="fit a checkpoint's heads to other classes")
-    p.add_argument("checkpoint")
+    p = sub.add_parser(
+        "convert", help="fit a checkpoint's heads to other classes",
+        description="Fit a checkpoint's class-dependent heads to other classes. The checkpoint's "
+        "own class names are taken from --source-classes, else the names it stores (written by "
+        "d2_reclass), else --source-dataset; a warning says when a list given is not used or "
+        "overrides different stored names, and the report names the list used.")
+    p.add_argument("checkpoint", help="a .pth / .pkl file, URL or detectron2:// path")
     p.add_argument("--out", required=True, help="output .pth (not the input)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--classes", help="target classes, comma-separated, in order")
     group.add_argument("--classes-file", help="target classes, one per line")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--source-classes", help="the checkpoint's classes, comma-separated")
+    src.add_argument("--source-classes",
+                     help="the checkpoint's classes, comma-separated, in its order; used even "
+                     "when the checkpoint stores other names")
     src.add_argument("--source-dataset", default="",
-                     help="a registered dataset whose classes the checkpoint has")
+                     help="a registered dataset (e.g. coco_2017_train) whose thing classes the "
+                     "checkpoint has; used only when the checkpoint stores no names")
     p.add_argument("--mode", default="auto", choices=[m for m in MODES if m != "strict"])
     p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
+    p.add_argument("--config-file", default="", help="build the model to read its heads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-class-init", default="auto", choices=NEW_CLASS_INITS,
+                   help="how classes new to the checkpoint start: relative / imprint run the "
+                   "model of --config-file on --coco-dataset examples; auto (default): imprint "
+                   "when both are given, else head")
+    p.add_argument("--init-images", type=int, default=16,
+                   help="labelled images read per new class for --new-class-init")
+    p.add_argument("--coco-dataset", nargs=3, action="append", default=[],
+                   metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                   help="labelled examples for --new-class-init (repeatable)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--trust-pickle", action="store_true")
+
+    p = sub.add_parser(
+        "combine", help="one checkpoint from several: each class from the first that knows it",
+        description="Combine checkpoints (e.g. a base model and its copy fine-tuned on novel "
+        "classes, as TFA does): each target class takes its rows from the first checkpoint "
+        "that knows it (by the names it stores, or --names), every other tensor comes from the "
+        "first. Non-class tensors that differ are an error unless --allow-different-weights.")
+    p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
+                   help="two or more .pth / .pkl files, URLs or detectron2:// paths, first first")
+    p.add_argument("--out", required=True, help="output .pth (not an input)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--classes", help="target classes, comma-separated, in order (default: "
+                       "every class of the checkpoints, in order of appearance)")
+    group.add_argument("--classes-file", help="target classes, one per line")
+    p.add_argument("--names", nargs="+", default=[], metavar="CHECKPOINT=A,B,...",
+                   help="the classes of a checkpoint that stores none, in its order")
+    p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
+    p.add_argument("--allow-different-weights", action="store_true",
+                   help="the checkpoints' non-class tensors may differ (the first's are used)")
     p.add_argument("--config-file", default="", help="build the model to read its heads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -225,30 +512,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+class _CommandLineFormatter(logging.Formatter):
+    """``d2-reclass: warning: ...``: the shape of the command's error lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"d2-reclass: {record.levelname.lower()}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """Show d2_reclass's warnings on stderr, as ``d2-reclass: warning: ...``, while inside.
+
+    Nothing else configures logging in a command-line run, and a warning (a class list that
+    was not used, a class name close to a dropped one) must reach the user.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_CommandLineFormatter())
+    package_logger = logging.getLogger("d2_reclass")
+    package_logger.addHandler(handler)
     try:
-        if args.command == "inspect":
-            info = inspect_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-            if args.json:
-                print(json.dumps(info, indent=2))
-            else:
-                _print_inspect(info)
-            return 0
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``d2-reclass``; returns the exit code (0 success, 1 an error on one stderr line)."""
+    args = build_parser().parse_args(argv)
+    with _warnings_on_stderr():
+        try:
+            return _run(args)
+        except ReclassError as e:
+            print(f"d2-reclass: error: {e}", file=sys.stderr)
+            return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        info = inspect_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            _print_inspect(info)
+        return 0
+    if args.command == "combine":
+        report = combine_checkpoints(
+            args.checkpoints, args.out, _read_classes(args), names=args.names,
+            class_map=args.class_map, config_file=args.config_file, seed=args.seed,
+            force=args.force, trust_pickle=args.trust_pickle,
+            allow_different_weights=args.allow_different_weights)
+    else:
         source = [c.strip() for c in args.source_classes.split(",")] if args.source_classes \
             else None
         report = convert_checkpoint(
             args.checkpoint, args.out, _read_classes(args), source_classes=source,
             source_dataset=args.source_dataset, mode=args.mode, class_map=args.class_map,
             config_file=args.config_file, seed=args.seed, force=args.force,
-            trust_pickle=args.trust_pickle)
-        print(report)
-        print(f"Wrote {args.out}")
-        return 0
-    except ReclassError as e:
-        print(f"d2-reclass: error: {e}", file=sys.stderr)
-        return 1
-
+            trust_pickle=args.trust_pickle, new_class_init=args.new_class_init,
+            init_images=args.init_images, coco_datasets=args.coco_dataset)
+    print(report)
+    print(f"Wrote {args.out}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

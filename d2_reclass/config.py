@@ -1,21 +1,28 @@
 """Config keys (``MODEL.RECLASS``), class-list resolution, and YAML loading with zoo bases."""
 import logging
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
+from iopath.common.file_io import HTTPURLHandler
 
 from .classes import did_you_mean
-from .errors import ClassListError
+from .errors import ClassListError, DatasetError
+from .options import check_option_values
 
 __all__ = [
+    "ModelZooConfigHandler",
+    "NumClassesChange",
     "add_reclass_config",
     "apply_num_classes",
     "dataset_classes",
+    "log_num_classes_changes",
     "merge_config_file",
+    "prepare_reclass_config",
     "train_classes",
 ]
 
@@ -45,7 +52,8 @@ def add_reclass_config(cfg: CN) -> None:
     _C.SOURCE_STUFF_CLASSES = []
     _C.TARGET_STUFF_CLASSES = []
     # "target=source" pairs overriding name matching, e.g. ["automobile=car"]; "target=" marks
-    # a class as new on purpose.
+    # a class as new on purpose; "vehicle=car+truck+bus" merges classes into one, and two
+    # targets naming one source ("alive tree=tree", "dead tree=tree") split it.
     _C.CLASS_MAP = []
     # Seeds fresh rows, together with each parameter's name: every rank and rerun agrees.
     _C.SEED = 0
@@ -58,17 +66,65 @@ def add_reclass_config(cfg: CN) -> None:
     _C.RENAME = []
     # Allow full unpickling of .pkl / legacy .pth files. Only for files you trust.
     _C.TRUST_PICKLE = False
+    # How a mapped target class that no source class maps to starts: "head" (the head's own
+    # init), "relative" (every entry copied from the source class that scores highest on its
+    # labelled examples in DATASETS.TRAIN), "imprint" (box classifier rows from the mean box
+    # feature of those examples, the other entries from the relative), "auto" (imprint when
+    # DATASETS.TRAIN is set, else head). Measured in benchmarks/new_class_init.py; see
+    # d2_reclass/new_classes.py. MODE reinit keeps the head's init for every class.
+    _C.NEW_CLASS_INIT = "auto"
+    # At most this many labelled images per new class are read for NEW_CLASS_INIT (chosen by
+    # SEED and the class name); the rest of the dataset is never read for it.
+    _C.INIT_IMAGES = 16
+    # Further checkpoints, storing their class names, to combine with MODEL.WEIGHTS: a target
+    # class takes its rows from the first of MODEL.WEIGHTS and these that knows it; every other
+    # tensor is MODEL.WEIGHTS's (e.g. a base model, then its copy fine-tuned on novel classes).
+    _C.COMBINE = []
+    # The checkpoints of COMBINE may differ from MODEL.WEIGHTS in tensors that are not class
+    # rows (an error otherwise: their classes were trained on other features).
+    _C.COMBINE_ALLOW_DIFFERENT_WEIGHTS = False
 
 
 def _thing_or_stuff(kind: str) -> str:
     return "thing_classes" if kind == "thing" else "stuff_classes"
 
 
+#: Datasets loaded once to read their classes, whose loader set none: never loaded again.
+_LOADED_WITHOUT_CLASSES = set()
+
+
+def _load_for_classes(name: str) -> None:
+    """Load dataset ``name`` as detectron2's data loader would, for the metadata it sets.
+
+    Stock ``register_coco_instances`` fills ``thing_classes`` only when the dataset is first
+    loaded; the model must be built with the right class count before that.
+    """
+    meta = MetadataCatalog.get(name)
+    if name in _LOADED_WITHOUT_CLASSES or name not in DatasetCatalog.list() \
+            or meta.get("thing_classes", None) or meta.get("stuff_classes", None):
+        return
+    logger.info(f"Loading dataset {name!r} to read its class names (its metadata has none yet).")
+    try:
+        DatasetCatalog.get(name)
+    except Exception as e:  # a registered loader may raise anything; name the dataset
+        raise DatasetError(
+            f"Dataset {name!r} could not be loaded to read its class names: "
+            f"{type(e).__name__}: {e}. Check the files it was registered with, or set "
+            "MODEL.RECLASS.TARGET_CLASSES."
+        ) from e
+    if not (meta.get("thing_classes", None) or meta.get("stuff_classes", None)):
+        _LOADED_WITHOUT_CLASSES.add(name)
+
+
 def dataset_classes(name: str, kind: str = "thing", *, what: str = "") -> Optional[List[str]]:
     """The ``thing_classes`` / ``stuff_classes`` of a registered dataset, or None if unset.
 
+    A dataset whose metadata has no classes yet is loaded once, as detectron2's data loader
+    would load it, since loading is what sets them for stock ``register_coco_instances``.
+
     Raises:
         ClassListError: ``name`` is not a registered dataset (with close-match suggestions).
+        DatasetError: the dataset had to be loaded and its loader failed.
     """
     if name not in DatasetCatalog.list() and name not in MetadataCatalog.list():
         raise ClassListError(
@@ -76,6 +132,7 @@ def dataset_classes(name: str, kind: str = "thing", *, what: str = "") -> Option
             + did_you_mean(name, DatasetCatalog.list())
             + " Register it first (e.g. tools/train_net.py --coco-dataset NAME JSON IMAGES)."
         )
+    _load_for_classes(name)
     classes = MetadataCatalog.get(name).get(_thing_or_stuff(kind), None)
     return list(classes) if classes else None
 
@@ -101,11 +158,23 @@ def train_classes(datasets: Sequence[str], kind: str = "thing") -> Optional[List
     return found[0][1] if found else None
 
 
+def _explicit_target(cfg: CN, kind: str) -> List[str]:
+    key = "TARGET_CLASSES" if kind == "thing" else "TARGET_STUFF_CLASSES"
+    return list(cfg.MODEL.get("RECLASS", {}).get(key, None) or [])
+
+
 def target_classes(cfg: CN, kind: str = "thing") -> Optional[List[str]]:
     """TARGET_(STUFF_)CLASSES, else the classes of DATASETS.TRAIN, else None."""
-    key = "TARGET_CLASSES" if kind == "thing" else "TARGET_STUFF_CLASSES"
-    explicit = list(cfg.MODEL.RECLASS[key])
-    return explicit or train_classes(cfg.DATASETS.TRAIN, kind)
+    return _explicit_target(cfg, kind) or train_classes(cfg.DATASETS.TRAIN, kind)
+
+
+class NumClassesChange(NamedTuple):
+    """One NUM_CLASSES key set from the target classes: ``key`` went from ``old`` to ``new``."""
+
+    key: str
+    old: int
+    new: int
+    source: str  # where the classes came from, for the log line
 
 
 def apply_num_classes(
@@ -130,10 +199,7 @@ def apply_num_classes(
             keys.append(("MODEL.POINT_HEAD.NUM_CLASSES", len(stuff_classes)))
     changes = []
     for key, value in keys:
-        *parents, leaf = key.split(".")
-        node = cfg
-        for part in parents:
-            node = node.get(part) if node is not None else None
+        node, leaf = _node(cfg, key)
         # POINT_HEAD exists only after add_pointrend_config.
         if node is None or leaf not in node:
             continue
@@ -143,12 +209,124 @@ def apply_num_classes(
     return changes
 
 
-def merge_config_file(cfg: CN, path: str) -> None:
-    """Merge a YAML config into ``cfg``, resolving ``_BASE_: model_zoo://<config>`` too.
+def _node(cfg: CN, key: str):
+    """(parent node, leaf name) of a dotted key; the node is None when a parent is missing."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node.get(part) if node is not None else None
+    return node, leaf
 
-    detectron2 resolves ``_BASE_`` only relative to the file; this lets a config in
-    ``configs/`` hold only its differences from a model-zoo config. YAML is read with
-    ``yaml.safe_load``.
+
+def prepare_reclass_config(cfg: CN) -> Tuple[CN, List[NumClassesChange]]:
+    """A copy of ``cfg`` ready to build a model for its target classes, and what changed.
+
+    The copy has ``MODEL.RECLASS`` (its defaults when the config has none), its keys are
+    checked, and with AUTO_NUM_CLASSES every NUM_CLASSES key equals the number of target
+    classes. It is frozen when ``cfg`` was. ``cfg`` itself is never modified, and preparing a
+    prepared config changes nothing.
+
+    Raises:
+        ConfigError, ClassListError: a MODEL.RECLASS key cannot work (named).
+        DatasetError: a training dataset had to be loaded for its classes and failed.
+    """
+    out = cfg.clone()
+    out.defrost()
+    add_reclass_config(out)
+    r = out.MODEL.RECLASS
+    check_option_values({k.lower(): v for k, v in r.items() if k != "AUTO_NUM_CLASSES"})
+    changes: List[NumClassesChange] = []
+    if r.AUTO_NUM_CLASSES:
+        for kind in ("thing", "stuff"):
+            classes = target_classes(out, kind)
+            source = f"MODEL.RECLASS.TARGET_{'' if kind == 'thing' else 'STUFF_'}CLASSES" \
+                if _explicit_target(out, kind) else f"DATASETS.TRAIN {tuple(out.DATASETS.TRAIN)}"
+            for key, old, new in apply_num_classes(
+                    out, classes if kind == "thing" else None,
+                    classes if kind == "stuff" else None):
+                changes.append(NumClassesChange(key, old, new, source))
+    if cfg.is_frozen():
+        out.freeze()
+    return out, changes
+
+
+def _default_config() -> CN:
+    cfg = get_cfg()
+    try:
+        from detectron2.projects.point_rend import add_pointrend_config
+
+        add_pointrend_config(cfg)
+    except ImportError:  # PointRend needs OpenCV; without it there is no POINT_HEAD key
+        pass
+    return cfg
+
+
+def log_num_classes_changes(changes: Sequence[NumClassesChange]) -> None:
+    """Log each change: INFO where the key had detectron2's default, else a WARNING, since a
+    value somebody set disagreed with the classes."""
+    defaults = _default_config()
+    for change in changes:
+        node, leaf = _node(defaults, change.key)
+        if node is not None and change.old == node.get(leaf):
+            logger.info(f"AUTO_NUM_CLASSES: {change.key} {change.old} -> {change.new} "
+                        f"(the classes of {change.source})")
+        else:
+            logger.warning(
+                f"AUTO_NUM_CLASSES: {change.key} was set to {change.old}, but {change.source} "
+                f"has {change.new} classes; using {change.new}. Set it to {change.new} (or "
+                "MODEL.RECLASS.AUTO_NUM_CLASSES False to keep your value and get an error).")
+
+
+class ModelZooConfigHandler(HTTPURLHandler):
+    """Serves detectron2's model-zoo configs, asked for by their upstream URL, from the installed
+    detectron2 (``detectron2/model_zoo/configs``), with no download.
+
+    The configs in ``configs/`` name their model-zoo base as
+    ``_BASE_: "https://raw.githubusercontent.com/facebookresearch/detectron2/<commit>/configs/..."``:
+    one of the three forms stock ``cfg.merge_from_file`` does not join to the config's own
+    folder. With d2_reclass imported this handler answers from the installed copy (so the base
+    matches the detectron2 that builds the model, and works offline); without it, stock
+    detectron2 downloads the file. Other files under the prefix are downloaded as before.
+    """
+
+    PREFIX = "https://raw.githubusercontent.com/facebookresearch/detectron2/"
+
+    def _get_supported_prefixes(self) -> List[str]:
+        return [self.PREFIX]
+
+    def _get_local_path(self, path: str, force: bool = False, **kwargs) -> str:
+        return installed_zoo_config(path) or super()._get_local_path(path, force=force, **kwargs)
+
+    def _isfile(self, path: str, **kwargs) -> bool:
+        # detectron2's merge_from_file asserts isfile() on the file it is given.
+        return installed_zoo_config(path) is not None or super()._isfile(path, **kwargs)
+
+    _exists = _isfile
+
+
+def installed_zoo_config(url: str) -> Optional[str]:
+    """The installed model-zoo file for an upstream config URL (any commit), or None."""
+    if not url.startswith(ModelZooConfigHandler.PREFIX):
+        return None
+    ref, sep, relative = url[len(ModelZooConfigHandler.PREFIX):].partition("/configs/")
+    if not sep or "/" in ref:
+        return None
+    import detectron2.model_zoo
+
+    root = os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs")
+    local = os.path.normpath(os.path.join(root, relative))
+    return local if local.startswith(root + os.sep) and os.path.isfile(local) else None
+
+
+PathManager.register_handler(ModelZooConfigHandler())
+
+
+def merge_config_file(cfg: CN, path: str) -> None:
+    """``cfg.merge_from_file(path)``, also resolving the shorthand ``_BASE_: model_zoo://<config>``.
+
+    The configs shipped in ``configs/`` need no shorthand (stock ``merge_from_file`` reads
+    them, see :class:`ModelZooConfigHandler`); this is for your own configs written with it.
+    YAML is read with ``yaml.safe_load``.
     """
     with PathManager.open(path) as f:
         data = yaml.safe_load(f) or {}
@@ -158,6 +336,9 @@ def merge_config_file(cfg: CN, path: str) -> None:
             from detectron2 import model_zoo
 
             cfg.merge_from_file(model_zoo.get_config_file(base[len(MODEL_ZOO_PREFIX):]))
+        elif base.startswith(("http://", "https://")):
+            cfg.merge_from_file(base)  # a model-zoo config by URL: read as detectron2 reads it
         else:
-            merge_config_file(cfg, os.path.join(os.path.dirname(path), base))
+            # Resolved as fvcore resolves it: relative to this file unless absolute.
+            merge_config_file(cfg, os.path.join(os.path.dirname(path), os.path.expanduser(base)))
     cfg.merge_from_other_cfg(CN(data))

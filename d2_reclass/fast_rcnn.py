@@ -12,10 +12,10 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from torch import nn
 
 from .classes import check_class_list
-from .config import target_classes
 from .errors import ClassListError
 from .layouts import THING, layouts_for_module, prefixed_layouts
 from .live import reclass_model
+from .options import ReclassOptions
 from .report import ReclassReport
 from .surgery import ClassSpec, reclass_state_dict
 
@@ -71,8 +71,7 @@ class ReclassFastRCNNOutputLayers(FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        if "RECLASS" in cfg.MODEL:
-            ret.update(_reclass_options(cfg))
+        ret.update(_reclass_options(cfg))
         return ret
 
     @classmethod
@@ -121,27 +120,39 @@ class ReclassFastRCNNOutputLayers(FastRCNNOutputLayers):
             mode="map" if self.class_names else "reinit",
             seed=self.reclass_seed if seed is None else seed)
 
+    def __reduce_ex__(self, protocol):
+        # A combined type made by adopt() exists only in the process that made it, so pickle
+        # (torch.save(model) too) cannot find it by name: pickle the project's own predictor
+        # class instead, and make the combined type again when unpickling.
+        base = _COMBINED_BASES.get(type(self))
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return _new_adopted, (base,), self.__getstate__()
+
 
 _COMBINED: Dict[type, type] = {}
+_COMBINED_BASES: Dict[type, type] = {}
 
 
 def _combined_type(cls: Type[ReclassFastRCNNOutputLayers], base: type) -> type:
     if base is FastRCNNOutputLayers:
         return cls
     if base not in _COMBINED:
-        _COMBINED[base] = type(f"Reclass{base.__name__}", (cls, base), {})
+        combined = type(f"Reclass{base.__name__}", (cls, base), {})
+        _COMBINED[base], _COMBINED_BASES[combined] = combined, base
     return _COMBINED[base]
 
 
+def _new_adopted(base: type) -> ReclassFastRCNNOutputLayers:
+    """An empty instance of the adopted form of ``base``, for unpickling to fill in."""
+    combined = _combined_type(ReclassFastRCNNOutputLayers, base)
+    return combined.__new__(combined)
+
+
 def _reclass_options(cfg) -> dict:
-    r = cfg.MODEL.RECLASS
-    return dict(
-        class_names=target_classes(cfg),
-        source_class_names=list(r.SOURCE_CLASSES) or None,
-        class_map=list(r.CLASS_MAP),
-        reclass_mode=r.MODE,
-        reclass_seed=r.SEED,
-    )
+    r = ReclassOptions.from_config(cfg)
+    return dict(class_names=r.target_classes, source_class_names=r.source_classes,
+                class_map=r.class_map, reclass_mode=r.mode, reclass_seed=r.seed)
 
 
 def use_reclass_box_predictors(model: nn.Module, cfg) -> int:

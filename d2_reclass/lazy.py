@@ -1,28 +1,35 @@
 """The same options for LazyConfig (Python) configs: a ``reclass`` dict beside ``train``.
 
     reclass = dict(mode="map", source_dataset="coco_2017_train", target_classes=[],
-                   class_map=[], seed=0, only=[], rename=[], trust_pickle=False)
+                   class_map=[], seed=0, only=[], rename=[], trust_pickle=False,
+                   new_class_init="imprint", init_images=16, combine=[],
+                   combine_allow_different_weights=False)
 
 ``train.init_checkpoint`` is the checkpoint; the target classes default to the metadata of
-``dataloader.train.dataset.names``. Keys mirror ``MODEL.RECLASS`` in lower case.
+``dataloader.train.dataset.names``. Keys mirror ``MODEL.RECLASS`` in lower case. New classes
+take their examples from ``dataloader.train.dataset.names``, read as
+``dataloader.test.mapper`` reads images (its augmentations and image format).
 """
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import train_classes
+from .errors import ConfigError
+from .new_classes import NewClassExamples
+from .options import ReclassOptions
 
-__all__ = ["lazy_reclass_options", "lazy_target_classes", "apply_lazy_num_classes"]
+__all__ = ["lazy_new_class_examples", "lazy_reclass_options", "lazy_target_classes",
+           "apply_lazy_num_classes"]
 
 _KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_map", "seed",
-         "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes")
+         "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes",
+         "new_class_init", "init_images", "combine", "combine_allow_different_weights")
 
 
 def _reclass(cfg) -> Dict[str, Any]:
     options = dict(cfg.get("reclass", None) or {})
     unknown = sorted(set(options) - set(_KEYS))
     if unknown:
-        from .errors import ReclassError
-
-        raise ReclassError(f"reclass.{unknown[0]} is not an option; use one of {_KEYS}.")
+        raise ConfigError(f"reclass.{unknown[0]} is not an option; use one of {_KEYS}.")
     return options
 
 
@@ -38,15 +45,30 @@ def lazy_target_classes(cfg, kind: str = "thing") -> Optional[List[str]]:
     return explicit or train_classes(_train_names(cfg), kind)
 
 
-def lazy_reclass_options(cfg) -> Dict[str, Any]:
-    """Keyword arguments of :class:`ReclassCheckpointer` from a LazyConfig."""
+def lazy_reclass_options(cfg) -> ReclassOptions:
+    """The :class:`ReclassOptions` of a LazyConfig's ``reclass`` dict, target classes
+    defaulting to those of the training datasets."""
     options = _reclass(cfg)
     # OmegaConf lists become plain lists; scalars pass as they are.
     out = {k: v if isinstance(v, (str, int, float, bool)) else list(v)
            for k, v in options.items() if v is not None}
     out["target_classes"] = lazy_target_classes(cfg, "thing")
     out["target_stuff_classes"] = lazy_target_classes(cfg, "stuff")
-    return out
+    return ReclassOptions(**out)
+
+
+def lazy_new_class_examples(cfg) -> Optional[NewClassExamples]:
+    """The examples of the training datasets, read with the test mapper's augmentations and
+    image format; None without training datasets."""
+    from detectron2.config import instantiate
+
+    names = _train_names(cfg)
+    if not names:
+        return None
+    mapper = cfg.dataloader.get("test", {}).get("mapper", {}) if "dataloader" in cfg else {}
+    augmentations = [instantiate(a) for a in mapper.get("augmentations", None) or []]
+    return NewClassExamples(datasets=tuple(names), augmentations=tuple(augmentations),
+                            image_format=mapper.get("image_format", None) or "BGR")
 
 
 def apply_lazy_num_classes(cfg) -> List[Tuple[str, int, int]]:

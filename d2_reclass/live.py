@@ -63,8 +63,9 @@ def reclass_model(
     Rows of classes found in ``source_classes`` (default: the names the model carries) are
     copied, others are fresh from the head's init, dropped classes disappear. The result is what
     loading the model's own weights into a model built for ``target_classes`` would give.
-    Dataset-derived buffers (federated-loss class weights) are mapped like class rows, with
-    new classes at their mean: only the training loss reads them.
+    Dataset-derived buffers (federated-loss class weights) are mapped like class rows, merged
+    classes at their parts' mean and new classes at the mean of all: only the training loss
+    reads them.
 
     Raises:
         ClassListError: no source names and ``mode="map"``, or malformed lists.
@@ -90,9 +91,8 @@ def reclass_model(
     for lay in layouts:
         if lay.keep_model and mapping is not None:
             old = state[lay.key]
-            idx = torch.tensor([-1 if s is None else s for s in mapping.source_index])
-            value = old.mean().expand(len(target)).clone()
-            value[idx >= 0] = old[idx[idx >= 0]]
+            value = torch.stack([old[list(mapping.parts(j))].mean() if mapping.parts(j)
+                                 else old.mean() for j in range(len(target))])
             _set_tensor(model, lay.key, value)
     for m in model.modules():
         if getattr(m, "num_classes", None) == old_k and old_k is not None:

@@ -9,7 +9,7 @@ import re
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from .fresh import MSRA, NORMAL_0001, NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
-from .layouts import KEYPOINT, STUFF, THING, ClassLayout
+from .layouts import KEYPOINT, MEAN, MEAN_LOG_COUNT, STUFF, THING, ClassLayout
 
 __all__ = ["recognize_layouts", "guess_architecture"]
 
@@ -41,7 +41,8 @@ def recognize_layouts(shapes: Shapes) -> Tuple[List[ClassLayout], List[str]]:
         m = re.fullmatch(r"(sem_seg_head\.)predictor\.weight", key)
         if m:
             layouts += [ClassLayout(f"sem_seg_head.predictor.{p}", STUFF, shape[0],
-                                    MSRA if p == "weight" else ZERO, kind="per-pixel class")
+                                    MSRA if p == "weight" else ZERO, merge=_classifier(p),
+                                    kind="per-pixel class")
                         for p in ("weight", "bias") if f"sem_seg_head.predictor.{p}" in shapes]
         m = re.fullmatch(r"(.*keypoint_head\.)score_lowres\.weight", key)
         if m:
@@ -61,7 +62,7 @@ def recognize_layouts(shapes: Shapes) -> Tuple[List[ClassLayout], List[str]]:
 def _box_predictor(prefix: str, shapes: Shapes, notes: List[str]) -> List[ClassLayout]:
     k = shapes[prefix + "cls_score.weight"][0] - 1
     out = [ClassLayout(prefix + f"cls_score.{p}", THING, k, NORMAL_001 if p == "weight" else ZERO,
-                       background=True, kind="softmax + background")
+                       background=True, merge=_classifier(p), kind="softmax + background")
            for p in ("weight", "bias")]
     rows = shapes.get(prefix + "bbox_pred.weight", [None])[0]
     if rows is None:
@@ -93,8 +94,14 @@ def _retinanet(prefix: str, shapes: Shapes, notes: List[str]) -> List[ClassLayou
     init: Dict[str, InitSpec] = {"weight": NORMAL_001,
                                  "bias": InitSpec("constant", retinanet_prior_bias(0.01))}
     return [ClassLayout(prefix + f"cls_score.{p}", THING, cls // a, init[p], repeat=a,
-                        requires=(prefix + "bbox_pred.weight",), kind=f"{a} anchors x classes")
+                        requires=(prefix + "bbox_pred.weight",), merge=_classifier(p),
+                        kind=f"{a} anchors x classes")
             for p in ("weight", "bias")]
+
+
+def _classifier(param: str) -> str:
+    """The merge rule of a classifier's ``weight`` or ``bias`` (see d2_reclass.layouts)."""
+    return MEAN_LOG_COUNT if param == "bias" else MEAN
 
 
 def guess_architecture(keys: Sequence[str]) -> str:

@@ -1,7 +1,8 @@
 """What a reclass did: per tensor and per class space, as a log table and as JSON."""
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from tabulate import tabulate
 
@@ -14,12 +15,14 @@ __all__ = ["TensorAction", "SpaceReport", "ReclassReport"]
 class TensorAction:
     """What happened to one checkpoint tensor.
 
-    ``action`` is one of ``"mapped"`` (some entries copied, some fresh), ``"copied"`` (every
-    entry copied, reordered or subset), ``"fresh"`` (every class entry fresh; a background
-    block is still carried over), ``"model's own"``
-    (a dataset-derived buffer kept from the model), or ``"skipped"`` (a mismatch that is not
-    about classes, left to fvcore, which skips it as stock detectron2 does). ``copied`` and
-    ``fresh`` count entries along the class axis; ``copied`` includes the background block.
+    ``action`` is one of ``"mapped"`` (some entries copied or merged, some fresh),
+    ``"copied"`` (every entry copied: reordered, subset or split), ``"merged"`` (every entry
+    copied or merged, some merged), ``"fresh"`` (every class entry fresh; a background block is
+    still carried over), ``"model's own"`` (a dataset-derived buffer kept from the model), or
+    ``"skipped"`` (a mismatch that is not about classes, left to fvcore, which skips it as
+    stock detectron2 does). ``copied``, ``fresh`` and ``merged`` count entries along the class
+    axis; ``copied`` includes the background block, ``merged`` counts entries computed from
+    several source classes (in the JSON only when there are any).
     """
 
     key: str
@@ -30,17 +33,29 @@ class TensorAction:
     copied: int = 0
     fresh: int = 0
     layout: str = ""
+    merged: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not self.merged:
+            del d["merged"]
+        return d
 
 
 @dataclass
 class SpaceReport:
-    """How one class space was resolved: ``map``, ``reinit`` or ``unchanged``."""
+    """How one class space was resolved: ``map``, ``reinit`` or ``unchanged``.
+
+    ``source_from`` names where the source class names came from (a config key, an option,
+    "the names stored in ..."), None when they were unknown.
+    """
 
     space: str
     resolution: str
     num_source: Optional[int]
     num_target: Optional[int]
     mapping: Optional[ClassMapping] = None
+    source_from: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "mapping"}
@@ -50,7 +65,11 @@ class SpaceReport:
 
 @dataclass
 class ReclassReport:
-    """The full account of one reclass: requested mode, seed, class spaces and tensors."""
+    """The full account of one reclass: requested mode, seed, class spaces and tensors.
+
+    ``source`` names the checkpoint; ``more_sources`` the further checkpoints combined with it,
+    whose number ``c`` in a mapping's ``checkpoint`` is ``c`` here (counting from 1).
+    """
 
     mode: str
     seed: int
@@ -58,6 +77,9 @@ class ReclassReport:
     tensors: List[TensorAction] = field(default_factory=list)
     mismatches: List[TensorAction] = field(default_factory=list)
     source: str = ""
+    #: What MODEL.RECLASS.NEW_CLASS_INIT did after the mapping (a new_classes.NewClassReport).
+    new_classes: Optional[Any] = None
+    more_sources: List[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -71,14 +93,18 @@ class ReclassReport:
         raise KeyError(f"{key} is not in this report")
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "source": self.source,
             "mode": self.mode,
             "seed": self.seed,
             "spaces": {k: v.to_dict() for k, v in self.spaces.items()},
-            "tensors": [asdict(t) for t in self.tensors],
-            "mismatches": [asdict(t) for t in self.mismatches],
+            "tensors": [t.to_dict() for t in self.tensors],
+            "mismatches": [t.to_dict() for t in self.mismatches],
+            "new_classes": self.new_classes.to_dict() if self.new_classes is not None else None,
         }
+        if self.more_sources:
+            out["more_sources"] = list(self.more_sources)
+        return out
 
     def to_json(self, path: Optional[str] = None) -> str:
         """The report as JSON text; also written to ``path`` when given."""
@@ -91,25 +117,51 @@ class ReclassReport:
         return text
 
     def mapping_table(self) -> str:
-        """One row per target class: where its rows came from."""
+        """One row per target class: where its rows came from; then the dropped source classes.
+
+        A split source class, a merge and, when checkpoints were combined, the checkpoint of
+        each class are shown on its row; a fresh class whose name is close to a dropped source
+        class is flagged.
+        """
         rows = []
         for space in self.spaces.values():
             m = space.mapping
             if m is None or space.resolution == "unchanged":
                 continue
-            for t, s in zip(m.target, m.source_index):
-                rows.append((space.space, t, "fresh" if s is None else f"{m.source_name(s)} [{s}]"))
-            dropped = m.dropped
-            if dropped:
-                shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
-                rows.append((space.space, f"({len(dropped)} dropped)", shown))
+            close = dict(m.close)
+            copies = Counter((m.checkpoint_of(j), m.parts(j)[0]) for j in range(len(m.target))
+                             if len(m.parts(j)) == 1)
+            for j, t in enumerate(m.target):
+                c, parts = m.checkpoint_of(j), m.parts(j)
+                names = [m.source_name(i, c) for i in parts]
+                origin = self._checkpoint_prefix(c) + " + ".join(
+                    f"{n} [{i}]" for n, i in zip(names, parts))
+                if len(parts) > 1:
+                    origin += " (merged)"
+                elif parts and copies[c, parts[0]] > 1:
+                    origin += f" (split into {copies[c, parts[0]]})"
+                elif not parts:
+                    origin = f"fresh (close to dropped {close[t]!r})" if t in close else "fresh"
+                rows.append((space.space, t, origin))
+            for c in range(1 + len(m.more)):
+                dropped = m.unused(c)
+                if dropped:
+                    shown = ", ".join(dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+                    rows.append((space.space, f"({len(dropped)} dropped)",
+                                 self._checkpoint_prefix(c) + shown))
         return tabulate(rows, headers=["space", "target class", "from source"], tablefmt="pipe")
+
+    def _checkpoint_prefix(self, checkpoint: int) -> str:
+        """``"name: "`` of a checkpoint when several were combined, else nothing."""
+        if not self.more_sources:
+            return ""
+        return ([self.source] + self.more_sources)[checkpoint] + ": "
 
     def table(self) -> str:
         """Every touched tensor: shapes, action and entries copied / fresh."""
         rows = [
-            (t.key, str(t.checkpoint_shape), str(t.model_shape), t.action, t.copied, t.fresh,
-             t.layout)
+            (t.key, str(t.checkpoint_shape), str(t.model_shape), t.action,
+             f"{t.copied} (+{t.merged} merged)" if t.merged else t.copied, t.fresh, t.layout)
             for t in self.tensors + self.mismatches
         ]
         return tabulate(
@@ -127,8 +179,12 @@ class ReclassReport:
 
     def __str__(self) -> str:
         parts = [self.summary()]
+        parts += [f"{s.space} source class names: {s.source_from}" for s in self.spaces.values()
+                  if s.resolution == "map" and s.source_from]
         if any(s.resolution != "unchanged" for s in self.spaces.values()):
             parts.append(self.mapping_table())
         if self.tensors or self.mismatches:
             parts.append(self.table())
+        if self.new_classes is not None and self.new_classes.classes:
+            parts.append(str(self.new_classes))
         return "\n".join(parts)

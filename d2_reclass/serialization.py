@@ -5,53 +5,64 @@ Loading:
 * torch files (zip format, or the legacy pickle format) go through
   ``torch.load(..., weights_only=True)``;
 * pickle files (Detectron/Caffe2/detectron2 model-zoo ``.pkl``) go through a restricted unpickler
-  that only builds containers, scalars and numpy arrays;
+  that only builds containers, scalars and numpy arrays (:mod:`d2_reclass.unpickling`);
 * anything outside those allow-lists is refused before it is created, with an
   :class:`UnsafeCheckpointError`; ``trust_pickle=True`` (``MODEL.RECLASS.TRUST_PICKLE True`` /
   ``--trust-pickle``) lifts the restriction for a file the user trusts.
 
-The reader is chosen from the file's first bytes, not its name, so a torch file named ``.pkl``
-or a pickle named ``.pth`` still loads safely. Every failure is a :class:`CheckpointError` naming
-the file and the fix.
+The reader is chosen from the file's first bytes, not its name (:mod:`d2_reclass.formats`), so
+a torch file named ``.pkl`` or a pickle named ``.pth`` still loads safely. Every failure is a
+:class:`CheckpointError` naming the file and the fix.
+
+Checking: :func:`check_state_dict` refuses a state dict with an entry a model cannot load (a
+string, ``None``, a nested dict, an object array, ...) before anything reads it, naming the file
+and the key; :func:`checkpoint_format` says what a loaded file holds (both from
+:mod:`d2_reclass.formats`).
 
 Saving writes a temporary file next to the target and renames it into place, so the target is
-either the old file or the complete new one, never a partial write.
+either the old file or the complete new one, never a partial write (:mod:`d2_reclass.atomic`).
 """
-import codecs
-import importlib
-import importlib.util
 import io
 import logging
 import os
 import pickle
 import re
-import secrets
 import sys
-import warnings
-from collections import OrderedDict
 from collections.abc import Mapping
-from functools import lru_cache
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_file, check_output_path, same_file
 from .errors import CheckpointError, UnsafeCheckpointError
+from .formats import (
+    CHECKPOINT_FORMATS,
+    PICKLE_PROTO,
+    PICKLE_STOP,
+    REFETCH_HINT,
+    TORCH_LEGACY_MAGIC,
+    ZIP_MAGIC,
+    check_state_dict,
+    checkpoint_format,
+    describe_foreign,
+    describe_text,
+)
+from .unpickling import Refused, RestrictedUnpickler, is_unresolvable
 
 __all__ = [
     "CHECKPOINT_FORMATS",
     "PROGRESS_MIN_BYTES",
+    "check_output_path",
     "load_checkpoint_file",
     "save_checkpoint_file",
     "same_file",
     "checkpoint_format",
+    "check_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: What :func:`checkpoint_format` can return.
-CHECKPOINT_FORMATS = ("d2 pth", "model-zoo pkl", "caffe2 pkl", "pycls pyth", "state dict")
 
 #: Files at least this large get a progress bar when ``progress=True``.
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024
@@ -60,200 +71,7 @@ _TRUST_HINT = (
     "if you trust this file, load it anyway with MODEL.RECLASS.TRUST_PICKLE True "
     "(or --trust-pickle); that lets the file run code on this machine"
 )
-_REFETCH_HINT = "download or save it again"
 _HEAD_BYTES = 512
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTO = b"\x80"  # PROTO opcode: first byte of every pickle of protocol >= 2
-_PICKLE_STOP = b"."  # STOP opcode: last byte of a complete pickle
-# The first object torch's legacy (pre-1.6, non-zip) format pickles, before the real payload.
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-# ------------------------------------------------------------------------------------------------
-# What a file looks like
-# ------------------------------------------------------------------------------------------------
-
-_FOREIGN_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF87a", "a GIF image"),
-    (b"GIF89a", "a GIF image"),
-    (b"%PDF-", "a PDF document"),
-    (b"\x1f\x8b", "gzip-compressed data (decompress it first)"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow weights), which detectron2 cannot read"),
-    (b"PK\x05\x06", "an empty zip archive"),
-)
-
-
-def _describe_text(head: bytes) -> Optional[str]:
-    """Say what kind of text ``head`` is, or None if it is binary."""
-    # Incremental decoding tolerates a multi-byte character cut off at the end of ``head``.
-    try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError:
-        return None
-    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
-        return None
-    text = text.lstrip("\ufeff \t\r\n")
-    if text.startswith("version https://git-lfs"):
-        return "a Git LFS pointer, not the file itself (run `git lfs pull`)"
-    if text[:1] in ("{", "["):
-        return "JSON text"
-    if text[:1] == "<":
-        return "HTML or XML text (often an error page saved by a failed download)"
-    return "text"
-
-
-def _describe_foreign(head: bytes) -> Optional[str]:
-    """Name the format of a file that certainly is not a checkpoint, else None.
-
-    Plain text is not decided here: a protocol-0 pickle is text too.
-    """
-    if head.startswith(_PICKLE_PROTO):
-        return None
-    for magic, what in _FOREIGN_SIGNATURES:
-        if head.startswith(magic):
-            return what
-    # safetensors: an 8-byte little-endian header length, then the JSON header.
-    if head[8:10] == b'{"':
-        return "a safetensors file, which detectron2 cannot read"
-    text = _describe_text(head)
-    if text is not None and text != "text":
-        return text
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
-# Restricted unpickling
-# ------------------------------------------------------------------------------------------------
-
-
-class _Refused(Exception):
-    """Raised inside unpickling when the file asks for something outside the allow-list.
-
-    ``global_name`` is the ``module.name`` asked for, when the refusal is of a global (and so may
-    be a garbled name in a damaged file rather than a request for something unsafe).
-    """
-
-    def __init__(self, what: str, global_name: Optional[str] = None):
-        super().__init__(what)
-        self.what = what
-        self.global_name = global_name
-
-
-_LATIN1_NAMES = {"latin1", "latin_1", "iso8859_1", "iso_8859_1", "l1"}
-
-
-def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
-    # Python 3 writes ``bytes`` at pickle protocol <= 2 as _codecs.encode(str, "latin1"); any
-    # other codec would only be there to do something else, so it is refused. The name is
-    # compared, not looked up: a lookup would import whatever codec module the file names.
-    if not isinstance(encoding, str) or encoding.lower().replace("-", "_") not in _LATIN1_NAMES:
-        raise _Refused(f"_codecs.encode(..., {encoding!r})")
-    return codecs.encode(text, "latin1")
-
-
-def _import_first(*modules: str) -> Any:
-    """Import the first module of ``modules`` that exists (numpy 2 renamed numpy.core)."""
-    for name in modules:
-        try:
-            with warnings.catch_warnings():
-                # numpy 2 warns on numpy.core; the spelling is the file's choice, not ours.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ImportError(f"none of {modules} can be imported")
-
-
-@lru_cache(maxsize=None)
-def _allowed_globals() -> Dict[Tuple[str, str], Callable[..., Any]]:
-    """``(module, name)`` -> object, for every global a model-zoo pickle needs.
-
-    Names are keyed as the file spells them; Python 2 files say ``__builtin__`` where Python 3
-    says ``builtins``, and numpy 2 files say ``numpy._core`` where numpy 1 says ``numpy.core``.
-    """
-    multiarray = _import_first("numpy._core.multiarray", "numpy.core.multiarray")
-    numeric = _import_first("numpy._core.numeric", "numpy.core.numeric")
-    allowed: Dict[Tuple[str, str], Callable[..., Any]] = {}
-    safe_builtins = {
-        "dict": dict,
-        "list": list,
-        "tuple": tuple,
-        "set": set,
-        "frozenset": frozenset,
-        "str": str,
-        "bytes": bytes,
-        "bytearray": bytearray,
-        "int": int,
-        "float": float,
-        "complex": complex,
-        "bool": bool,
-        "slice": slice,
-    }
-    for module in ("builtins", "__builtin__"):
-        for name, obj in safe_builtins.items():
-            allowed[(module, name)] = obj
-    allowed[("_codecs", "encode")] = _latin1_encode
-    allowed[("collections", "OrderedDict")] = OrderedDict
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
-    # Pickle protocol 5 rebuilds contiguous arrays from a buffer with _frombuffer.
-    for module in ("numpy.core.numeric", "numpy._core.numeric"):
-        allowed[(module, "_frombuffer")] = numeric._frombuffer
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can only build what model-zoo files contain.
-
-    Every global a pickle refers to (classes and functions it calls to rebuild objects) passes
-    through :meth:`find_class`, so refusing there refuses the object before anything runs.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _allowed_globals().get((module, name))
-        if obj is None:
-            raise _Refused(f"{module}.{name}", f"{module}.{name}")
-        return obj
-
-
-def _is_unresolvable(qualname: str) -> bool:
-    """True if ``qualname`` cannot name anything: a garbled or cut-off name.
-
-    A refused global that cannot exist comes from a damaged file, not from a file asking for
-    something unsafe. The name is only looked up from already-imported modules, and submodules
-    only located (``find_spec`` does not run them): importing a module named by an untrusted file
-    would run that module's code. Names whose top-level module is not imported are left
-    undecided (False).
-    """
-    parts = qualname.split(".")
-    if not all(part.isidentifier() for part in parts):
-        return True
-    obj: Any = sys.modules.get(parts[0])
-    if obj is None:
-        return False
-    prefix = parts[0]
-    for part in parts[1:]:
-        prefix = f"{prefix}.{part}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy 2 warns when numpy.core is looked at
-            found = hasattr(obj, part)
-        if found:
-            obj = getattr(obj, part)
-        elif prefix in sys.modules:
-            obj = sys.modules[prefix]
-        elif hasattr(obj, "__path__"):  # a package: the name may be a submodule not yet imported
-            try:
-                return importlib.util.find_spec(prefix) is None
-            except (ImportError, ValueError):
-                return True
-        else:
-            return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,8 +79,25 @@ def _is_unresolvable(qualname: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def _shows_progress(progress: bool, size: int) -> bool:
+    """True if a byte progress bar for ``size`` bytes would help a person: asked for, the data
+    large, and stderr a terminal someone watches.
+
+    Counting bytes means passing every read or write through Python (:class:`_ProgressReader`)
+    instead of letting torch read the path with its own reader as stock detectron2 does; that
+    costs time on every load, so it is paid only when someone sees the bar. Logs and CI (stderr
+    not a terminal) get neither. Remote files need nothing here: PathManager has downloaded
+    them, with iopath's own progress bar, before they reach this module.
+    """
+    if not progress or size < PROGRESS_MIN_BYTES or sys.stderr is None:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stderr is no terminal
+        return False
+
+
 def _progress_bar(path: str, total: Optional[int], verb: str) -> tqdm:
-    # disable=None: no bar when stderr is not a terminal (logs, CI), so nothing litters them.
     return tqdm(
         total=total,
         desc=f"{verb} {os.path.basename(path)}",
@@ -270,7 +105,6 @@ def _progress_bar(path: str, total: Optional[int], verb: str) -> tqdm:
         unit_scale=True,
         unit_divisor=1024,
         file=sys.stderr,
-        disable=None,
         leave=False,
     )
 
@@ -377,7 +211,7 @@ def _damaged_error(path: str, truncated: bool, cause: BaseException) -> Checkpoi
     state = "truncated (cut off before its end)" if truncated else "corrupted"
     return CheckpointError(
         f"Cannot read checkpoint {path}: the file is {state} ({_first_line(cause)}); "
-        f"{_REFETCH_HINT}."
+        f"{REFETCH_HINT}."
     )
 
 
@@ -397,7 +231,7 @@ def _out_of_memory_error(path: str) -> CheckpointError:
     return CheckpointError(
         f"Ran out of memory reading checkpoint {path} ({size} bytes): the file is corrupted (it "
         f"declares data larger than memory) or needs more memory than is available; "
-        f"{_REFETCH_HINT} or free memory."
+        f"{REFETCH_HINT} or free memory."
     )
 
 
@@ -405,14 +239,14 @@ def _missing_code_error(path: str, cause: BaseException) -> CheckpointError:
     return CheckpointError(
         f"Cannot load checkpoint {path}: it refers to code that is not available here "
         f"({_first_line(cause)}); install the package it was saved with, or the file is "
-        f"corrupted ({_REFETCH_HINT})."
+        f"corrupted ({REFETCH_HINT})."
     )
 
 
 def _ends_like_pickle(f: Any) -> bool:
     """True if the file's last byte is pickle's STOP opcode, as every complete pickle's is."""
     f.seek(-1, io.SEEK_END)
-    return f.read(1) == _PICKLE_STOP
+    return f.read(1) == PICKLE_STOP
 
 
 def _unpickle(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
@@ -420,12 +254,12 @@ def _unpickle(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
     try:
         if trust_pickle:
             return pickle.load(f, encoding="latin1")
-        return _RestrictedUnpickler(f, encoding="latin1").load()
+        return RestrictedUnpickler(f, encoding="latin1").load()
     except MemoryError:
         raise _out_of_memory_error(path) from None
-    except _Refused as refused:
+    except Refused as refused:
         truncated = not _ends_like_pickle(f)
-        garbled = refused.global_name is not None and _is_unresolvable(refused.global_name)
+        garbled = refused.global_name is not None and is_unresolvable(refused.global_name)
         if truncated or garbled:
             raise _damaged_error(path, truncated, refused) from None
         raise _refused_error(path, refused.what, _PICKLE_ALLOWS) from None
@@ -433,9 +267,9 @@ def _unpickle(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
         # Only a trusted load imports anything; the restricted one refuses unknown names first.
         raise _missing_code_error(path, e) from e
     except Exception as e:
-        if not head.startswith(_PICKLE_PROTO):
+        if not head.startswith(PICKLE_PROTO):
             # Not a protocol >= 2 pickle, and not an older one either: say what it is instead.
-            what = _describe_text(head)
+            what = describe_text(head)
             what = f"it looks like {what}" if what else "its content is not a recognized format"
             raise CheckpointError(
                 f"{path} is not a checkpoint: {what}. Expected a torch file (.pth) or a pickle "
@@ -448,9 +282,10 @@ def _unpickle(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
-def _torch_load(f: Any, path: str, trust_pickle: bool) -> Any:
+def _torch_load(source: Any, path: str, trust_pickle: bool) -> Any:
+    """``torch.load`` of ``source`` (``path`` itself, or a progress reader over it)."""
     try:
-        return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(source, map_location="cpu", weights_only=not trust_pickle)
     except MemoryError:
         raise _out_of_memory_error(path) from None
     except pickle.UnpicklingError as e:
@@ -464,10 +299,10 @@ def _torch_load(f: Any, path: str, trust_pickle: bool) -> Any:
             # lacks (torch.save(..., pickle_protocol=4) writes one).
             raise UnsafeCheckpointError(
                 f"Refused to load {path}: torch's safe loader (weights_only) cannot read it "
-                f"({reason}); the file may be damaged ({_REFETCH_HINT}), or {_TRUST_HINT}."
+                f"({reason}); the file may be damaged ({REFETCH_HINT}), or {_TRUST_HINT}."
             ) from None
         what = match.group(1)
-        if _is_unresolvable(what):
+        if is_unresolvable(what):
             raise _damaged_error(path, False, e.__context__ or e) from None
         raise _refused_error(path, what, _TORCH_ALLOWS) from None
     except (ImportError, AttributeError) as e:
@@ -478,10 +313,16 @@ def _torch_load(f: Any, path: str, trust_pickle: bool) -> Any:
         raise _damaged_error(path, _looks_truncated(e), e) from e
 
 
-def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
-    if head.startswith(_ZIP_MAGIC):
-        return _torch_load(f, path, trust_pickle)
-    foreign = _describe_foreign(head)
+def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool, torch_source: Any) -> Any:
+    """Load the file ``f`` is open on; torch files are read from ``torch_source``.
+
+    ``torch_source`` is ``path`` unless a progress bar is shown: given a path, torch reads the
+    file with its own (C++) reader, as stock ``DetectionCheckpointer`` does; given a file object
+    it reads through Python calls, which only the progress bar needs.
+    """
+    if head.startswith(ZIP_MAGIC):
+        return _torch_load(torch_source, path, trust_pickle)
+    foreign = describe_foreign(head)
     if foreign is not None:
         raise CheckpointError(
             f"{path} is not a checkpoint: it looks like {foreign}. Expected a torch file (.pth) "
@@ -490,9 +331,9 @@ def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool) -> Any:
     # torch's legacy format is a pickled magic number followed by the payload; reading that
     # first pickle also reads any plain pickle whole, so one pass tells them apart.
     obj = _unpickle(f, path, head, trust_pickle)
-    if type(obj) is int and obj == _TORCH_LEGACY_MAGIC:
+    if type(obj) is int and obj == TORCH_LEGACY_MAGIC:
         f.seek(0)
-        return _torch_load(f, path, trust_pickle)
+        return _torch_load(torch_source, path, trust_pickle)
     return obj
 
 
@@ -514,7 +355,8 @@ def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: boo
       empty, truncated or corrupted files, and files that are not checkpoints (an image, JSON,
       text); nothing is returned from a partial read.
     * ``progress`` shows a byte progress bar on stderr for files of at least
-      :data:`PROGRESS_MIN_BYTES` when stderr is a terminal; nothing else is printed.
+      :data:`PROGRESS_MIN_BYTES` when stderr is a terminal; nothing else is printed. Otherwise
+      torch files are read as fast as stock ``torch.load(path)`` reads them.
     """
     path = os.fspath(path)
     try:
@@ -535,7 +377,7 @@ def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: boo
     if size == 0:
         raise CheckpointError(
             f"Checkpoint file {path} is empty (0 bytes): it was not written completely; "
-            f"{_REFETCH_HINT}."
+            f"{REFETCH_HINT}."
         )
     if trust_pickle:
         logger.info("Loading %s with trust_pickle: code in the file can run", path)
@@ -543,10 +385,11 @@ def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: boo
         with open(path, "rb") as raw:
             head = raw.read(_HEAD_BYTES)
             raw.seek(0)
-            if not (progress and size >= PROGRESS_MIN_BYTES):
-                return _load_open(raw, path, head, trust_pickle)
+            if not _shows_progress(progress, size):
+                return _load_open(raw, path, head, trust_pickle, torch_source=path)
             with _progress_bar(path, size, "Loading") as bar:
-                return _load_open(_ProgressReader(raw, bar), path, head, trust_pickle)
+                reader = _ProgressReader(raw, bar)
+                return _load_open(reader, path, head, trust_pickle, torch_source=reader)
     except CheckpointError:
         raise
     except OSError as e:
@@ -558,52 +401,6 @@ def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: boo
 # ------------------------------------------------------------------------------------------------
 # Saving
 # ------------------------------------------------------------------------------------------------
-
-
-def same_file(a: str, b: str) -> bool:
-    """True if paths ``a`` and ``b`` name the same existing file (links resolved).
-
-    False when either does not exist, so it is safe to ask before an output is written.
-    """
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        logger.warning("Could not remove temporary file %s", path)
-
-
-def _exists_error(path: str) -> CheckpointError:
-    return CheckpointError(
-        f"Output checkpoint {path} already exists; pass --force to overwrite it, or choose "
-        f"another path."
-    )
-
-
-def _publish(tmp: str, path: str, overwrite: bool) -> None:
-    """Move the finished ``tmp`` onto ``path`` in one step."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    # A hard link fails if ``path`` appeared while saving (another rank, another run), where a
-    # rename would silently replace it. Filesystems without hard links fall back to a rename.
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise _exists_error(path) from None
-    except OSError:
-        if os.path.lexists(path):
-            raise _exists_error(path) from None
-        os.replace(tmp, path)
-    else:
-        _remove_quietly(tmp)  # ``path`` is complete now; a leftover link only wastes a name
 
 
 def save_checkpoint_file(
@@ -630,125 +427,25 @@ def save_checkpoint_file(
     Raises :class:`CheckpointError` for all of the above, naming the file.
     """
     path = os.fspath(path)
-    if source is not None and same_file(source, path):
-        raise CheckpointError(
-            f"Refusing to write {path}: it is the input checkpoint {source}; write the result "
-            f"to a new path."
-        )
-    if os.path.isdir(path):
-        raise CheckpointError(f"Cannot write checkpoint {path}: it is a directory.")
-    if os.path.lexists(path) and not overwrite:
-        raise _exists_error(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CheckpointError(
-            f"Cannot write checkpoint {path}: directory {directory} does not exist; create it "
-            f"first."
-        )
-    # A dot-name so globs over the output directory do not pick up an unfinished file, and a
-    # random part so concurrent writers never share one.
-    tmp = os.path.join(
-        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    )
     try:
-        # "xb": never reuse an existing file; open() (unlike mkstemp) gives the usual umask mode.
-        with open(tmp, "xb") as f:
+        with atomic_file(path, overwrite=overwrite, source=source) as f:
             total = _weight_bytes(obj) if progress else 0
-            if total >= PROGRESS_MIN_BYTES:
+            if _shows_progress(progress, total):
                 with _progress_bar(path, total, "Saving") as bar:
                     torch.save(obj, _ProgressWriter(f, bar))
             else:
                 torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path, overwrite)
-    except CheckpointError:
-        _remove_quietly(tmp)
+    except (CheckpointError, MemoryError):
         raise
     except OSError as e:
-        _remove_quietly(tmp)
         raise CheckpointError(
             f"Cannot write checkpoint {path}: {e.strerror or e}; nothing was written."
         ) from e
-    except MemoryError:
-        _remove_quietly(tmp)
-        raise
     except Exception as e:
-        _remove_quietly(tmp)
         raise CheckpointError(
             f"Cannot save checkpoint {path}: the object cannot be serialized "
             f"({_first_line(e)}); nothing was written."
         ) from e
-    except BaseException:  # KeyboardInterrupt, SystemExit: clean up, then let them through
-        _remove_quietly(tmp)
-        raise
     logger.info("Saved checkpoint to %s", path)
 
 
-# ------------------------------------------------------------------------------------------------
-# Classifying
-# ------------------------------------------------------------------------------------------------
-
-
-def _is_weight(value: Any) -> bool:
-    return isinstance(value, (torch.Tensor, np.ndarray))
-
-
-def _is_weight_dict(obj: Any) -> bool:
-    """A non-empty mapping of names to tensors or arrays."""
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and _is_weight(v) for k, v in obj.items())
-    )
-
-
-def _describe_object(obj: Any) -> str:
-    if isinstance(obj, Mapping):
-        keys = [repr(k) for k in list(obj)[:8]]
-        more = ", ..." if len(obj) > 8 else ""
-        return f"a dict with keys [{', '.join(keys)}{more}]" if keys else "an empty dict"
-    name = type(obj).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
-
-
-def _no_weights_error(path: str, found: str) -> CheckpointError:
-    return CheckpointError(
-        f"Checkpoint {path} contains no model weights: expected a 'model' entry or a state dict "
-        f"(parameter names to tensors); found {found}. Check that this is a model checkpoint."
-    )
-
-
-def checkpoint_format(obj: Any, path: str) -> str:
-    """Classify an object returned by :func:`load_checkpoint_file`; one of CHECKPOINT_FORMATS.
-
-    * ``"model-zoo pkl"``: a dict with ``"model"`` and ``"__author__"`` (detectron2 model zoo);
-    * ``"d2 pth"``: a dict with ``"model"`` (detectron2/fvcore Checkpointer output);
-    * ``"pycls pyth"``: a dict with ``"model_state"``;
-    * ``"caffe2 pkl"``: a dict with ``"blobs"``, or, from a ``.pkl``, a flat dict of arrays
-      (Detectron/Caffe2 ImageNet models);
-    * ``"state dict"``: a flat dict of names to tensors (or arrays).
-
-    The weights entry must be a mapping holding tensors or arrays. Raises
-    :class:`CheckpointError` naming ``path`` for anything holding no weights (a dict with only
-    ``"iteration"``, a list, ...).
-    """
-    if isinstance(obj, Mapping):
-        for key, fmt in (("model", None), ("model_state", "pycls pyth"), ("blobs", "caffe2 pkl")):
-            if key not in obj:
-                continue
-            weights = obj[key]
-            if not isinstance(weights, Mapping) or not any(map(_is_weight, weights.values())):
-                held = _describe_object(weights)
-                if isinstance(weights, Mapping) and weights:
-                    held += " and no tensors or arrays"
-                raise _no_weights_error(path, f"'{key}' holding {held}")
-            if fmt is None:
-                fmt = "model-zoo pkl" if "__author__" in obj else "d2 pth"
-            return fmt
-        if _is_weight_dict(obj):
-            from_pkl = os.fspath(path).endswith(".pkl")
-            if from_pkl and all(isinstance(v, np.ndarray) for v in obj.values()):
-                return "caffe2 pkl"
-            return "state dict"
-    raise _no_weights_error(path, _describe_object(obj))

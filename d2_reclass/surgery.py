@@ -1,36 +1,67 @@
-"""The engine: fit a checkpoint's class-dependent tensors to a model's classes.
+"""The engine: fit checkpoints' class-dependent tensors to a model's classes.
 
-Pure: a state dict, the model's state dict and its layouts in; a new state dict and a
-:class:`ReclassReport` out. The input state dict is never modified, and nothing is returned
-unless every check passed, so an error leaves the caller's data as it was.
+Pure: a state dict (and, to combine, further checkpoints), the model's state dict and its
+layouts in; a new state dict and a :class:`ReclassReport` out. No input is ever modified, and
+nothing is returned unless every check passed, so an error leaves the caller's data as it was.
+
+:func:`reclass_state_dict` runs four phases, each a function below:
+
+1. :func:`_read_heads`: what the checkpoints hold: for every class-dependent tensor, the class
+   count each checkpoint's tensor implies, or that its shape changed for another reason;
+2. :func:`_count_classes`: the classes of each space, on both sides (every head must agree);
+3. :func:`_resolve_space`: each space is unchanged, reinitialised, or mapped by name (classes
+   kept, reordered, split, merged, new; from the first checkpoint that knows them);
+4. :func:`_refit_tensors`: every tensor, each target entry made from a weighted set of source
+   entries (:mod:`d2_reclass.entries`): copies gathered bit for bit, merges computed by the
+   head's rule (:mod:`d2_reclass.layouts`), new classes drawn from the head's own init.
 
 Modes:
 
-* ``map``: every target class found in the source copies all its entries; the background
-  block is carried; other classes get fresh entries from the head's own init.
+* ``map``: every target class found in the source copies all its entries (merged classes
+  combine their parts'); the background block is carried; other classes get fresh entries.
 * ``reinit``: every class entry of a changed class space is fresh.
 * ``strict``: any class-dependent mismatch raises :class:`ClassMismatchError`.
 * ``auto``: ``map`` when both class lists are known, else ``reinit`` when counts differ, else
   unchanged.
 """
+import dataclasses
 import logging
+import math
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
+from .entries import CLASS, NON_CLASS, EntrySources
 from .errors import CheckpointError, ClassListError, ClassMismatchError
 from .fresh import seeded_generator
-from .layouts import KEYPOINT, ClassLayout
+from .layouts import KEYPOINT, STUFF, THING, ClassLayout, SourceAxis
+from .options import MODES
 from .report import ReclassReport, SpaceReport, TensorAction
 
-__all__ = ["ClassSpec", "MODES", "reclass_state_dict"]
+__all__ = ["ClassSpec", "MODES", "SourceCheckpoint", "describe_class_change",
+           "reclass_state_dict"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "map", "reinit", "strict")
+
+class _SpaceKeys(NamedTuple):
+    """The MODEL.RECLASS keys that name one class space's lists, for messages."""
+
+    source: str
+    target: str
+    dataset: str  # a builtin dataset whose metadata lists this space's classes
+
+
+_KEYS = {
+    THING: _SpaceKeys(
+        "MODEL.RECLASS.SOURCE_CLASSES", "MODEL.RECLASS.TARGET_CLASSES", "coco_2017_train"),
+    STUFF: _SpaceKeys(
+        "MODEL.RECLASS.SOURCE_STUFF_CLASSES", "MODEL.RECLASS.TARGET_STUFF_CLASSES",
+        "coco_2017_train_panoptic_separated"),
+}
 
 
 @dataclass
@@ -41,14 +72,52 @@ class ClassSpec:
         source: the checkpoint's class names, or None.
         target: the model's class names, or None.
         class_map: ``"target=source"`` overrides for name matching.
-        source_what, target_what: how errors name these lists (config key, file, option).
+        source_what, target_what: how messages name these lists (config key, file, option);
+            empty: the space's own ``MODEL.RECLASS`` key (``SOURCE_CLASSES`` /
+            ``TARGET_CLASSES``, ``SOURCE_STUFF_CLASSES`` / ``TARGET_STUFF_CLASSES``).
     """
 
     source: Optional[Sequence[str]] = None
     target: Optional[Sequence[str]] = None
     class_map: Union[None, Sequence[str], Dict[str, str]] = None
-    source_what: str = "the source classes"
-    target_what: str = "the target classes"
+    source_what: str = ""
+    target_what: str = ""
+
+
+def _named(space: str, spec: ClassSpec) -> ClassSpec:
+    """``spec`` with both lists named: by the caller, else by the space's MODEL.RECLASS key."""
+    keys = _KEYS.get(space)
+    source_what = keys.source if keys else f"the checkpoint's {space} classes"
+    target_what = keys.target if keys else f"the model's {space} classes"
+    return dataclasses.replace(spec, source_what=spec.source_what or source_what,
+                               target_what=spec.target_what or target_what)
+
+
+def _source_names_hint(space: str) -> str:
+    """How to give a space's source class names, in config keys (CLASS_MAP covers things)."""
+    keys = _KEYS.get(space)
+    if keys is None:
+        return f"give its {space} class names, or use MODE reinit"
+    by_index = ", map classes by index with CLASS_MAP 'target=INDEX'" if space == THING else ""
+    return (f"set {keys.source} or SOURCE_DATASET (a dataset with {space}_classes, e.g. "
+            f"{keys.dataset}){by_index}, or use MODE reinit")
+
+
+@dataclass(frozen=True)
+class SourceCheckpoint:
+    """A further checkpoint whose class entries target classes may take (combining; see
+    :mod:`d2_reclass.combine`, which also checks that its other tensors are the first's).
+
+    Attributes:
+        state_dict: its tensors (not modified).
+        classes: per class space, its class names in its order; a space it names no classes
+            of takes nothing from it.
+        name: how messages and the report name it (a file).
+    """
+
+    state_dict: Mapping[str, torch.Tensor]
+    classes: Mapping[str, Sequence[str]]
+    name: str
 
 
 @dataclass
@@ -56,6 +125,28 @@ class _Reading:
     layout: ClassLayout
     num_classes: Optional[int]  # K the checkpoint tensor implies, if any
     agnostic: bool  # the checkpoint tensor has the one-block agnostic length
+
+
+@dataclass
+class _Head:
+    """One class-dependent tensor of the model and how each checkpoint's tensor reads.
+
+    ``readings[c]`` is None where checkpoint ``c`` has no such tensor, or one whose shape
+    differs for another reason than classes: its classes get no entries from it here.
+    """
+
+    key: str
+    layouts: List[ClassLayout]
+    readings: List[Optional[List[_Reading]]] = field(default_factory=list)
+
+
+class _Further(NamedTuple):
+    """A further checkpoint that names the classes of a space."""
+
+    index: int  # among the engine's checkpoints (0 is the first)
+    names: List[str]
+    name: str  # the checkpoint, for messages
+    what: str  # its class list, for messages
 
 
 def _read(layout: ClassLayout, ckpt: torch.Tensor, model: torch.Tensor) -> Optional[_Reading]:
@@ -76,6 +167,24 @@ def _same_classes(spec: ClassSpec) -> bool:
     return norm[0] == norm[1]
 
 
+def describe_class_change(spec: ClassSpec, k_src: Optional[int], k_tgt: Optional[int]) -> str:
+    """How the checkpoint's classes differ from the model's, in words, for error messages."""
+    if spec.source is not None and spec.target is not None:
+        if sorted(map(normalize_class_name, spec.source)) == sorted(
+                map(normalize_class_name, spec.target)):
+            return (f"the same {len(spec.target)} classes in another order (checkpoint: "
+                    f"{_listing(spec.source)}; model: {_listing(spec.target)})")
+        return (f"checkpoint {len(spec.source)}, model {len(spec.target)} (checkpoint: "
+                f"{_listing(spec.source)}; model: {_listing(spec.target)})")
+    return f"checkpoint {k_src}, model {k_tgt}" + (
+        " (same count, but the names differ)" if k_src == k_tgt else "")
+
+
+def _listing(names: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
+                                       else "")
+
+
 def _consensus(values: Dict[str, int], what: str, exc: type) -> Optional[int]:
     distinct = sorted(set(values.values()))
     if len(distinct) > 1:
@@ -93,6 +202,7 @@ def reclass_state_dict(
     mode: str = "auto",
     seed: int = 0,
     source: str = "checkpoint",
+    more: Sequence[SourceCheckpoint] = (),
 ) -> Tuple[Dict[str, torch.Tensor], ReclassReport]:
     """Return a copy of ``state_dict`` whose class-dependent tensors fit the model.
 
@@ -104,6 +214,10 @@ def reclass_state_dict(
         mode: one of :data:`MODES`.
         seed: seeds fresh entries, with each tensor's key.
         source: names the checkpoint in error messages and the report.
+        more: further checkpoints to combine with this one: a target class that
+            ``state_dict`` does not know takes its entries from the first of them that knows
+            it. Every tensor that is not a class entry (the background block included) is
+            ``state_dict``'s.
 
     Returns:
         The new state dict (tensors not touched are shared with ``state_dict``) and a report.
@@ -118,226 +232,417 @@ def reclass_state_dict(
     if mode not in MODES:
         raise ClassListError(f"MODEL.RECLASS.MODE is {mode!r}; it must be one of {MODES}.")
     classes = dict(classes or {})
-    report = ReclassReport(mode=mode, seed=seed, source=source)
+    report = ReclassReport(mode=mode, seed=seed, source=source,
+                           more_sources=[m.name for m in more])
+    states = [state_dict] + [m.state_dict for m in more]
 
+    heads = _read_heads(states, model_state, layouts, report)
+    strict_errors: List[str] = []
+    for space in sorted({lay.space for head in heads.values() for lay in head.layouts}):
+        spec = _named(space, classes.get(space, ClassSpec()))
+        # A further checkpoint takes part in a space only where it names its classes.
+        further = [_Further(i, list(m.classes[space]), m.name, f"the {space} classes of {m.name}")
+                   for i, m in enumerate(more, 1) if m.classes.get(space)]
+        k_src, k_tgt = _count_classes(space, heads, spec, source, further)
+        report.spaces[space] = _resolve_space(space, spec, k_src, k_tgt, mode, source,
+                                              further, len(more), strict_errors)
+    _raise_if_strict(report, heads, state_dict, model_state, strict_errors, source)
+    return _refit_tensors(heads, report, states, model_state, seed), report
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. What the checkpoints hold
+# ---------------------------------------------------------------------------------------------
+def _read_heads(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    model_state: Mapping[str, torch.Tensor],
+    layouts: Sequence[ClassLayout],
+    report: ReclassReport,
+) -> Dict[str, _Head]:
+    """Every class-dependent tensor that the first checkpoint and the model both hold, with
+    each checkpoint's reading of it.
+
+    A tensor of the first checkpoint whose shape differs from the model's for another reason
+    than classes is listed in ``report.mismatches`` ("skipped": fvcore skips it, as stock
+    detectron2 does); it is refitted from no checkpoint.
+    """
     by_key: Dict[str, List[ClassLayout]] = defaultdict(list)
     for lay in layouts:
-        if lay.key in state_dict and lay.key in model_state:
+        if lay.key in states[0] and lay.key in model_state:
             by_key[lay.key].append(lay)
-
-    readings: Dict[str, List[_Reading]] = {}
-    for key, lays in by_key.items():
-        ckpt, model = state_dict[key], model_state[key]
-        if lays[0].keep_model:
-            continue
-        axes = {lay.axis for lay in lays}
-        other_dims_agree = ckpt.dim() == model.dim() and all(
-            ckpt.shape[d] == model.shape[d] for d in range(model.dim()) if d not in axes
-        )
-        requires_agree = all(
-            r not in state_dict or r not in model_state
-            or state_dict[r].shape == model_state[r].shape
-            for lay in lays for r in lay.requires
-        )
-        reads = [_read(lay, ckpt, model) for lay in lays]
-        if other_dims_agree and requires_agree and all(r is not None for r in reads):
-            readings[key] = reads
-        elif ckpt.shape != model.shape:
+    heads = {key: _Head(key, lays) for key, lays in by_key.items()}
+    for state in states:
+        readings = {key: _read_tensor(head.layouts, state, model_state)
+                    for key, head in heads.items() if not head.layouts[0].keep_model}
+        _drop_column_misreads(readings)
+        for key, head in heads.items():
+            head.readings.append(readings.get(key))
+    for key, head in heads.items():
+        ckpt, model = states[0][key], model_state[key]
+        if not head.layouts[0].keep_model and head.readings[0] is None \
+                and ckpt.shape != model.shape:
             report.mismatches.append(TensorAction(
-                key, lays[0].space, tuple(ckpt.shape), tuple(model.shape), "skipped",
+                key, head.layouts[0].space, tuple(ckpt.shape), tuple(model.shape), "skipped",
                 layout="not a class change"))
+    return heads
 
-    # Input columns (offset > 0) read K as the checkpoint's width minus the *model's* non-class
-    # width, so a different feature width (PointRend's point head on a narrower FPN) reads as a
-    # different K. When the class rows of the same space agree on another K, such a column
-    # mismatch is not about classes: it is skipped like any other, not taken for a class change.
-    for space in sorted({r.layout.space for reads in readings.values() for r in reads}):
-        row_counts = {r.num_classes for reads in readings.values() for r in reads
-                      if r.layout.space == space and not r.layout.offset and not r.agnostic
-                      and r.num_classes is not None}
+
+def _read_tensor(
+    lays: Sequence[ClassLayout], state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+) -> Optional[List[_Reading]]:
+    """How ``state``'s tensor reads on each of its class axes; None when it is missing or its
+    shape differs from the model's elsewhere than on class axes (or in a required tensor)."""
+    key = lays[0].key
+    if key not in state:
+        return None
+    ckpt, model = state[key], model_state[key]
+    axes = {lay.axis for lay in lays}
+    other_dims_agree = ckpt.dim() == model.dim() and all(
+        ckpt.shape[d] == model.shape[d] for d in range(model.dim()) if d not in axes)
+    requires_agree = all(
+        r not in state or r not in model_state or state[r].shape == model_state[r].shape
+        for lay in lays for r in lay.requires)
+    reads = [_read(lay, ckpt, model) for lay in lays]
+    if other_dims_agree and requires_agree and all(r is not None for r in reads):
+        return reads
+    return None
+
+
+def _drop_column_misreads(readings: Dict[str, Optional[List[_Reading]]]) -> None:
+    """Set to None the readings of axes with leading non-class entries that disagree with the
+    class rows of their space.
+
+    Such an axis (PointRend's input columns, Implicit PointRend's parameters) reads K from its
+    length minus the *model's* non-class entries, so a different feature width (a point head
+    on a narrower FPN) reads as a different K. When the plain class rows of the same space
+    agree on another K, the difference is not about classes.
+    """
+    reads = [r for rs in readings.values() if rs is not None for r in rs]
+    for space in sorted({r.layout.space for r in reads}):
+        row_counts = {r.num_classes for r in reads if r.layout.space == space
+                      and not r.layout.offset and not r.agnostic and r.num_classes is not None}
         if len(row_counts) != 1:
             continue
-        for key in [key for key, reads in readings.items() if any(
-                r.layout.space == space and r.layout.offset and r.num_classes not in row_counts
-                for r in reads)]:
-            del readings[key]
-            if state_dict[key].shape != model_state[key].shape:
-                report.mismatches.append(TensorAction(
-                    key, space, tuple(state_dict[key].shape), tuple(model_state[key].shape),
-                    "skipped", layout="not a class change"))
+        for key, rs in readings.items():
+            if rs is not None and any(r.layout.space == space and r.layout.offset
+                                      and r.num_classes not in row_counts for r in rs):
+                readings[key] = None
 
-    # Class counts per space, on each side; every head must agree.
-    spaces = sorted({lay.space for lays in by_key.values() for lay in lays})
-    src_counts: Dict[str, Optional[int]] = {}
-    tgt_counts: Dict[str, Optional[int]] = {}
-    for space in spaces:
-        spec = classes.get(space, ClassSpec())
-        src = {key: r.num_classes for key, reads in readings.items() for r in reads
-               if r.layout.space == space and r.num_classes is not None and not r.agnostic}
-        ambiguous = {key: r.num_classes for key, reads in readings.items() for r in reads
-                     if r.layout.space == space and r.agnostic and r.num_classes is not None}
-        k_src = _consensus(src, f"The class-dependent tensors of {source}", CheckpointError)
-        if k_src is None and ambiguous:
-            k_src = spec.source and len(spec.source)
-        tgt = {lay.key: lay.num_classes for lays in by_key.values() for lay in lays
+
+# ---------------------------------------------------------------------------------------------
+# 2. Classes per space
+# ---------------------------------------------------------------------------------------------
+def _count_classes(
+    space: str,
+    heads: Mapping[str, _Head],
+    spec: ClassSpec,
+    source: str,
+    further: Sequence[_Further],
+) -> Tuple[List[Optional[int]], Optional[int]]:
+    """K of ``space`` in the first checkpoint and each of ``further``, and in the model; each
+    side's heads must agree, and agree with the class lists given.
+
+    Raises:
+        CheckpointError: a checkpoint's heads disagree on K.
+        ClassListError: the model's heads disagree, or a class list has another length.
+    """
+    counts = []
+    first = _Further(0, spec.source, source, spec.source_what)
+    for checkpoint, names, name, what in [first, *further]:
+        found = {key: r.num_classes for key, head in heads.items()
+                 for r in head.readings[checkpoint] or () if r.layout.space == space
+                 and r.num_classes is not None and not r.agnostic}
+        k = _consensus(found, f"The class-dependent tensors of {name}", CheckpointError)
+        if names is not None and k is not None and len(names) != k:
+            raise ClassListError(
+                f"{what} has {len(names)} names, but {name} has heads for {k} {space} classes "
+                f"({', '.join(found)}). Give the checkpoint's own class list, in its order.")
+        counts.append(k or (names and len(names)))
+    targets = {lay.key: lay.num_classes for head in heads.values() for lay in head.layouts
                if lay.space == space and lay.num_classes is not None and not lay.agnostic}
-        k_tgt = _consensus(tgt, "The model's class-dependent heads", ClassListError)
-        if spec.source is not None and k_src is not None and len(spec.source) != k_src:
-            raise ClassListError(
-                f"{spec.source_what} has {len(spec.source)} names, but {source} has heads for "
-                f"{k_src} {space} classes ({', '.join(src)}). Give the checkpoint's own class "
-                "list, in its order."
-            )
-        if spec.target is not None and k_tgt is not None and len(spec.target) != k_tgt:
-            raise ClassListError(
-                f"{spec.target_what} has {len(spec.target)} names, but the model was built for "
-                f"{k_tgt} {space} classes. Build it with NUM_CLASSES = {len(spec.target)} "
-                "(MODEL.RECLASS.AUTO_NUM_CLASSES does this)."
-            )
-        src_counts[space], tgt_counts[space] = k_src or (spec.source and len(spec.source)), k_tgt
+    k_tgt = _consensus(targets, "The model's class-dependent heads", ClassListError)
+    if spec.target is not None and k_tgt is not None and len(spec.target) != k_tgt:
+        raise ClassListError(
+            f"{spec.target_what} has {len(spec.target)} names, but the model was built for "
+            f"{k_tgt} {space} classes. Build it with NUM_CLASSES = {len(spec.target)} "
+            "(MODEL.RECLASS.AUTO_NUM_CLASSES does this).")
+    return counts, k_tgt
 
-    # Resolve each space to map / reinit / unchanged.
-    mappings: Dict[str, ClassMapping] = {}
-    strict_errors: List[str] = []
-    for space in spaces:
-        spec = classes.get(space, ClassSpec())
-        k_src, k_tgt = src_counts[space], tgt_counts[space]
-        if k_tgt is None:
-            k_tgt = len(spec.target) if spec.target is not None else k_src
-        if k_src is None:
-            k_src = k_tgt
-        names_known = spec.source is not None and spec.target is not None
-        same = k_src == k_tgt and (not names_known or _same_classes(spec))
-        if same:
-            resolution = "unchanged"
-        elif mode == "strict":
-            resolution = "strict"
-            strict_errors.append(
-                f"{space} classes: checkpoint {k_src}, model {k_tgt}"
-                + ("" if k_src != k_tgt else " (same count, different names)")
-            )
-        elif space == KEYPOINT:
-            resolution = "reinit"
-        elif mode == "map" or (mode == "auto" and names_known):
-            resolution = "map"
-        else:
-            resolution = "reinit"
-        target_names = spec.target if spec.target is not None else [f"#{i}" for i in range(k_tgt)]
-        if resolution == "map":
-            if spec.target is None:
-                raise ClassListError(
-                    f"MODE map needs the model's {space} class names: set "
-                    "MODEL.RECLASS.TARGET_CLASSES or train on a registered dataset."
-                )
-            if spec.source is None and not spec.class_map:
-                raise ClassListError(
-                    f"MODE map needs the class names of {source}, which stores none: set "
-                    "MODEL.RECLASS.SOURCE_CLASSES or SOURCE_DATASET (e.g. coco_2017_train), "
-                    "map classes by index with CLASS_MAP 'target=INDEX', or use MODE reinit."
-                )
-            mapping = build_class_mapping(
-                spec.source, spec.target, spec.class_map, num_source=k_src,
-                source_what=spec.source_what, target_what=spec.target_what)
-        elif resolution == "unchanged":
-            mapping = ClassMapping(
-                tuple(spec.source) if spec.source is not None else None, tuple(target_names),
-                tuple(range(k_tgt)), k_src)
-        else:
-            mapping = ClassMapping(
-                tuple(spec.source) if spec.source is not None else None, tuple(target_names),
-                (None,) * k_tgt, k_src)
-        mappings[space] = mapping
-        report.spaces[space] = SpaceReport(space, resolution, k_src, k_tgt, mapping)
 
-    if strict_errors or (mode == "strict" and report.mismatches):
-        strict_spaces = {s for s, r in report.spaces.items() if r.resolution == "strict"}
-        keys = [k for k in readings if by_key[k][0].space in strict_spaces]
-        keys += [m.key for m in report.mismatches]
-        tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
-                   f"{tuple(model_state[k].shape)}" for k in keys]
-        raise ClassMismatchError(
-            f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
-            + "; ".join(strict_errors or ["tensors differ for reasons other than classes"])
-            + ".\n" + "\n".join(tensors) + "\nTo fix: set MODEL.RECLASS.MODE to 'map' (with "
-            "class names) or 'reinit' to adapt the heads, or build the model with the "
-            "checkpoint's NUM_CLASSES."
-        )
+# ---------------------------------------------------------------------------------------------
+# 3. Resolving each space
+# ---------------------------------------------------------------------------------------------
+def _resolve_space(
+    space: str,
+    spec: ClassSpec,
+    k_src: Sequence[Optional[int]],
+    k_tgt: Optional[int],
+    mode: str,
+    source: str,
+    further: Sequence[_Further],
+    num_further: int,
+    strict_errors: List[str],
+) -> SpaceReport:
+    """How ``space`` is fitted: ``unchanged``, ``reinit``, ``map`` (with its mapping), or
+    ``strict`` (its problem appended to ``strict_errors``, raised once all are known).
 
+    The mapping numbers checkpoints as the engine does (0 the first, i the i-th of the
+    ``num_further`` further ones), those that name no class of ``space`` included."""
+    k_first = k_src[0]
+    if k_tgt is None:
+        k_tgt = len(spec.target) if spec.target is not None else k_first
+    if k_first is None:
+        k_first = k_tgt
+    names_known = spec.source is not None and spec.target is not None
+    if k_first == k_tgt and (not names_known or _same_classes(spec)):
+        resolution = "unchanged"
+    elif mode == "strict":
+        resolution = "strict"
+        strict_errors.append(f"{space} classes: {describe_class_change(spec, k_first, k_tgt)}")
+    elif space == KEYPOINT:
+        resolution = "reinit"
+    elif mode == "map" or (mode == "auto" and names_known):
+        resolution = "map"
+    else:
+        resolution = "reinit"
+    source_names = tuple(spec.source) if spec.source is not None else None
+    if resolution == "map":
+        mapping = _name_mapping(space, spec, k_first, source, further, num_further)
+    elif resolution == "unchanged":
+        mapping = ClassMapping(source_names, _target_names(spec, k_tgt), tuple(range(k_tgt)),
+                               k_first)
+    else:
+        mapping = ClassMapping(source_names, _target_names(spec, k_tgt), (None,) * k_tgt,
+                               k_first)
+    return SpaceReport(space, resolution, k_first, k_tgt, mapping,
+                       spec.source_what if spec.source is not None else None)
+
+
+def _target_names(spec: ClassSpec, k_tgt: int) -> Tuple[str, ...]:
+    return tuple(spec.target) if spec.target is not None else tuple(f"#{i}" for i in range(k_tgt))
+
+
+def _name_mapping(space: str, spec: ClassSpec, k_src: int, source: str,
+                  further: Sequence[_Further], num_further: int) -> ClassMapping:
+    """The ``map`` resolution's mapping, by names (and CLASS_MAP), across the checkpoints."""
+    if spec.target is None:
+        raise ClassListError(
+            f"MODE map needs the model's {space} class names: set {spec.target_what}, "
+            f"or train on registered datasets whose metadata has {space}_classes.")
+    if spec.source is None and not spec.class_map:
+        # The caller's source_what names a list that is missing here; say where the config
+        # takes it from.
+        raise ClassListError(
+            f"MODE map needs the {space} class names of {source}, which stores none: "
+            f"{_source_names_hint(space)}.")
+    mapping = build_class_mapping(
+        spec.source, spec.target, spec.class_map, num_source=k_src,
+        source_what=spec.source_what, target_what=spec.target_what,
+        more=[(f.names, f.what) for f in further])
+    if not num_further:
+        return mapping
+    # build_class_mapping numbers only the checkpoints it was given.
+    names = {f.index: tuple(f.names) for f in further}
+    index = [0] + [f.index for f in further]
+    return dataclasses.replace(
+        mapping, checkpoint=tuple(index[c] for c in mapping.checkpoint),
+        more=tuple(names.get(i, ()) for i in range(1, num_further + 1)))
+
+
+def _raise_if_strict(
+    report: ReclassReport,
+    heads: Mapping[str, _Head],
+    state_dict: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    strict_errors: List[str],
+    source: str,
+) -> None:
+    """In ``strict`` mode, raise one error naming every class change and mismatched tensor."""
+    if not strict_errors and not (report.mode == "strict" and report.mismatches):
+        return
+    strict_spaces = {s for s, r in report.spaces.items() if r.resolution == "strict"}
+    keys = [k for k, head in heads.items()
+            if head.readings[0] is not None and head.layouts[0].space in strict_spaces]
+    keys += [m.key for m in report.mismatches]
+    tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
+               f"{tuple(model_state[k].shape)}" for k in keys]
+    problems = strict_errors or ["tensors differ for reasons other than classes"]
+    error = ClassMismatchError(
+        f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
+        + "; ".join(problems) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
+        "MODEL.RECLASS.MODE to 'map' (with class names) or 'reinit' to adapt the heads, or "
+        "build the model with the checkpoint's NUM_CLASSES."
+    )
+    error.problems, error.tensors = problems, tensors
+    raise error
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Refitting each tensor
+# ---------------------------------------------------------------------------------------------
+def _refit_tensors(
+    heads: Mapping[str, _Head],
+    report: ReclassReport,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    model_state: Mapping[str, torch.Tensor],
+    seed: int,
+) -> Dict[str, torch.Tensor]:
+    """The first checkpoint's state dict with every refitted tensor replaced (each listed in
+    ``report.tensors``); tensors left as they were are the checkpoint's own objects."""
     # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
     # do: without it, modules with versioned state dicts (PointRend's heads) would take the
     # checkpoint for an old format and apply their upgrade conversions on load.
-    out = OrderedDict(state_dict)
-    metadata = getattr(state_dict, "_metadata", None)
+    out = OrderedDict(states[0])
+    metadata = getattr(states[0], "_metadata", None)
     if metadata is not None:
         out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
-    for key, lays in by_key.items():
-        lay0 = lays[0]
-        resolution = report.spaces[lay0.space].resolution
-        ckpt, model = state_dict[key], model_state[key]
-        if lay0.keep_model:
-            if resolution != "unchanged" or ckpt.shape != model.shape:
-                out[key] = model.detach().clone()
-                report.tensors.append(TensorAction(
-                    key, lay0.space, tuple(ckpt.shape), tuple(model.shape), "model's own",
-                    layout=lay0.kind))
-            continue
-        if key not in readings:
-            continue
-        new, copied, fresh = _refit(key, ckpt, model, readings[key], mappings, seed)
-        if new is None:
-            continue
-        out[key] = new
-        # "fresh" when no *class* entry was copied; a carried background block does not count.
-        carried = lay0.offset + (lay0.repeat * lay0.block if lay0.background else 0)
-        action = "copied" if fresh == 0 else ("fresh" if copied <= carried else "mapped")
-        report.tensors.append(TensorAction(
-            key, lay0.space, tuple(ckpt.shape), tuple(model.shape), action,
-            copied - lay0.offset, fresh, lay0.describe()))
-    return out, report
+    for key, head in heads.items():
+        refit = _refit_head(head, report.spaces[head.layouts[0].space], states, model_state[key],
+                            seed)
+        if refit is not None:
+            out[key], action = refit
+            report.tensors.append(action)
+    return out
 
 
-def _refit(
-    key: str,
-    ckpt: torch.Tensor,
+def _refit_head(
+    head: _Head,
+    space: SpaceReport,
+    states: Sequence[Mapping[str, torch.Tensor]],
     model: torch.Tensor,
-    reads: List[_Reading],
-    mappings: Dict[str, ClassMapping],
     seed: int,
-) -> Tuple[Optional[torch.Tensor], int, int]:
-    """The refitted tensor (None when it would equal ``ckpt``), and entries copied / fresh."""
-    positions: Dict[int, torch.Tensor] = {}
-    for r in reads:
-        lay, mapping = r.layout, mappings[r.layout.space]
-        # A one-block tensor reads as agnostic, unless the space really has one class.
-        src_agnostic = r.agnostic and not (r.num_classes == mapping.num_source == 1)
-        tgt_agnostic = lay.agnostic and len(mapping.target) != 1
-        positions[lay.axis] = lay.source_positions(
-            mapping.source_index, mapping.num_source,
-            source_agnostic=src_agnostic, target_agnostic=tgt_agnostic)
-    first = positions[reads[0].layout.axis]
-    copied, fresh = int((first >= 0).sum()), int((first < 0).sum())
+) -> Optional[Tuple[torch.Tensor, TensorAction]]:
+    """The tensor to load for ``head`` and what was done, or None to load the checkpoint's
+    own (it already fits, or its shape differs for another reason than classes)."""
+    lay0 = head.layouts[0]
+    ckpt = states[0][head.key]
+    if lay0.keep_model:
+        if space.resolution == "unchanged" and ckpt.shape == model.shape:
+            return None
+        return model.detach().clone(), TensorAction(
+            head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape), "model's own",
+            layout=lay0.kind)
+    if head.readings[0] is None or (space.resolution == "unchanged" and ckpt.shape == model.shape):
+        return None
+    plans = {lay.axis: _entry_plan(head, i, space.mapping) for i, lay in enumerate(head.layouts)}
     if ckpt.shape == model.shape and all(
-        bool((p == torch.arange(len(p))).all()) for p in positions.values()
-    ):
-        return None, copied, fresh
+            plan.is_identity(model.shape[axis]) for axis, plan in plans.items()):
+        return None
+    tensors = [state[head.key] if reads is not None else None
+               for state, reads in zip(states, head.readings)]
+    new = _assemble(plans, tensors, model.shape, lay0.init, seeded_generator(seed, head.key))
+    return new, _tensor_action(head, plans[lay0.axis], ckpt, model)
 
-    needs_fresh = any(bool((p < 0).any()) for p in positions.values())
-    if needs_fresh:
-        out = reads[0].layout.init.draw(model.shape, seeded_generator(seed, key)).to(ckpt.dtype)
-        out = out.to(ckpt.device)
+
+def _entry_plan(head: _Head, i: int, mapping: ClassMapping) -> EntrySources:
+    """The weighted source entries of every entry of ``head``'s ``i``-th class axis."""
+    layout = head.layouts[i]
+    sources: List[Optional[SourceAxis]] = []
+    for c, reads in enumerate(head.readings):
+        # A further checkpoint that names no class of this space gives it nothing.
+        if reads is None or (c and not (c <= len(mapping.more) and mapping.more[c - 1])):
+            sources.append(None)
+            continue
+        k = mapping.num_classes_of(c)
+        # A one-block tensor reads as agnostic, unless its checkpoint really has one class.
+        agnostic = reads[i].agnostic and not (reads[i].num_classes == k == 1)
+        sources.append(SourceAxis(k, agnostic))
+    return layout.entry_sources(
+        mapping.source_index, sources, checkpoint=mapping.checkpoint,
+        target_agnostic=layout.agnostic and len(mapping.target) != 1)
+
+
+def _assemble(
+    plans: Mapping[int, EntrySources],
+    tensors: Sequence[Optional[torch.Tensor]],
+    shape: torch.Size,
+    init,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A tensor of ``shape`` whose class axes are ``plans``' entries, taken from ``tensors``
+    (one per checkpoint; the first's gives the dtype and device).
+
+    An entry on several class axes (a point head's class row x coarse-logit column) exists in
+    a checkpoint only if every axis takes it from that checkpoint; otherwise, like every entry
+    with no source, it is drawn from the head's init.
+    """
+    ref = tensors[0]
+    axes = sorted(plans)
+    chosen = {c: [torch.nonzero(~plans[a].fresh & (plans[a].checkpoint == c)).flatten()
+                  for a in axes] for c, t in enumerate(tensors) if t is not None}
+    filled = sum(math.prod(len(s) for s in sel) for sel in chosen.values())
+    if filled < math.prod(len(plans[a]) for a in axes):
+        out = init.draw(shape, generator).to(dtype=ref.dtype, device=ref.device)
     else:
-        out = torch.empty(model.shape, dtype=ckpt.dtype, device=ckpt.device)
-    # Copy the block where every class axis has a source: gather from the checkpoint, then
-    # scatter into the target positions (an outer product of per-axis indices).
-    sub = ckpt
-    index = []
-    last_axis = max(positions)
-    for axis in range(last_axis + 1):
-        p = positions.get(axis, torch.arange(model.shape[axis]))
-        dst = torch.nonzero(p >= 0).flatten()
-        sub = sub.index_select(axis, p[dst].to(ckpt.device))
-        shape = [1] * (last_axis + 1)
-        shape[axis] = -1
-        index.append(dst.view(shape).to(ckpt.device))
-    out[tuple(index)] = sub
-    return out, copied, fresh
+        out = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+    for c, sel in chosen.items():
+        if all(len(s) for s in sel):
+            values = _gather(tensors[c], {a: plans[a].select(s) for a, s in zip(axes, sel)})
+            out[_grid(dict(zip(axes, sel)), shape)] = values
+    return out
+
+
+def _gather(source: torch.Tensor, plans: Mapping[int, EntrySources]) -> torch.Tensor:
+    """The entries ``plans`` describe (none fresh), from one checkpoint's tensor: copies
+    gathered as they are, merged entries computed in float64 and rounded once."""
+    exact = source
+    for axis, plan in plans.items():
+        exact = exact.index_select(axis, plan.index[0].to(source.device))
+    if all(bool(plan.copies.all()) for plan in plans.values()):
+        return exact
+    computed = source.double()
+    copies = torch.ones((), dtype=torch.bool, device=source.device)
+    for axis, plan in plans.items():
+        computed = _weighted_sum(computed, axis, plan)
+        copies = copies & _along(plan.copies.to(source.device), axis, source.dim())
+    return torch.where(copies, exact, computed.to(source.dtype))
+
+
+def _weighted_sum(values: torch.Tensor, axis: int, plan: EntrySources) -> torch.Tensor:
+    """``sum_r weight[r] * values[index[r]] + shift`` along ``axis``, for every entry."""
+    shape = list(values.shape)
+    shape[axis] = len(plan)
+    out = values.new_zeros(shape)
+    for index, weight in zip(plan.index.to(values.device), plan.weight.to(values.device)):
+        used = torch.nonzero(index >= 0).flatten()
+        if len(used):
+            taken = values.index_select(axis, index[used])
+            out.index_add_(axis, used, taken * _along(weight[used], axis, values.dim()))
+    return out + _along(plan.shift.to(values.device), axis, values.dim())
+
+
+def _along(values: torch.Tensor, axis: int, dims: int) -> torch.Tensor:
+    """``values`` (1-d) shaped to broadcast along ``axis`` of a ``dims``-d tensor."""
+    shape = [1] * dims
+    shape[axis] = -1
+    return values.view(shape)
+
+
+def _grid(selected: Mapping[int, torch.Tensor], shape: torch.Size) -> Tuple[torch.Tensor, ...]:
+    """Advanced index of the outer product of ``selected`` entries per class axis (every
+    entry of the other axes up to the last class axis)."""
+    last = max(selected)
+    return tuple(
+        _along(selected.get(axis, torch.arange(shape[axis])), axis, last + 1)
+        for axis in range(last + 1))
+
+
+def _tensor_action(head: _Head, plan: EntrySources, ckpt: torch.Tensor,
+                   model: torch.Tensor) -> TensorAction:
+    """The report's line for a refitted tensor, counted along its first class axis.
+
+    ``copied`` counts class and background entries copied, ``merged`` those computed from
+    several; "fresh" means no class entry came from a checkpoint (a carried background block
+    does not count).
+    """
+    copied = int((plan.copies & (plan.kind != NON_CLASS)).sum())
+    merged, fresh = int(plan.merged.sum()), int(plan.fresh.sum())
+    taken = int((~plan.fresh & (plan.kind == CLASS)).sum())
+    if not fresh:
+        action = "merged" if merged else "copied"
+    else:
+        action = "mapped" if taken else "fresh"
+    lay0 = head.layouts[0]
+    return TensorAction(head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape), action,
+                        copied, fresh, lay0.describe(), merged)

@@ -14,10 +14,16 @@ from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from .checkpoint import ReclassCheckpointer
-from .config import dataset_classes, target_classes
+from .config import (
+    dataset_classes,
+    log_num_classes_changes,
+    prepare_reclass_config,
+    target_classes,
+)
 from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
+from .new_classes import broadcast_thing_heads
 
 __all__ = ["ReclassTrainer", "ReclassTrainerMixin", "check_num_classes", "REPORT_FILE"]
 
@@ -84,13 +90,29 @@ def check_num_classes(
 class ReclassTrainerMixin:
     """Mix into a :class:`DefaultTrainer` subclass: ``class Trainer(ReclassTrainerMixin, T)``.
 
-    Box predictors become ReclassFastRCNNOutputLayers before the optimizer and DDP exist,
-    loads and saves go through :class:`ReclassCheckpointer`, class counts are checked against
-    the datasets, and ``reclass_report.json`` is written into OUTPUT_DIR.
+    On construction it works on a copy of the config (frozen or not): MODEL.RECLASS gets its
+    defaults if the config has none, its keys are checked, and with AUTO_NUM_CLASSES every
+    NUM_CLASSES follows the target classes (``self.cfg`` shows the counts used). Box
+    predictors become ReclassFastRCNNOutputLayers before the optimizer and DDP exist, loads
+    and saves go through :class:`ReclassCheckpointer`, class counts are checked against the
+    datasets, and ``reclass_report.json`` is written into OUTPUT_DIR. With
+    MODEL.RECLASS.NEW_CLASS_INIT relative / imprint, :meth:`resume_or_load` initialises new
+    classes from DATASETS.TRAIN examples right after the mapped weights load, before the first
+    optimizer step, and gives every rank rank 0's heads. Multi-process CPU runs (gloo) work too.
     """
+
+    def __init__(self, cfg, *args, **kwargs):
+        cfg, changes = prepare_reclass_config(cfg)
+        log_num_classes_changes(changes)
+        with _ddp_on_cpu(cfg):
+            super().__init__(cfg, *args, **kwargs)
 
     @classmethod
     def build_model(cls, cfg):
+        # Also reached without __init__ (evaluation: Trainer.build_model(cfg)): prepare here
+        # too; a prepared config is left as it is.
+        cfg, changes = prepare_reclass_config(cfg)
+        log_num_classes_changes(changes)
         model = super().build_model(cfg)
         use_reclass_box_predictors(model, cfg)
         return model
@@ -109,6 +131,8 @@ class ReclassTrainerMixin:
                           target_classes(self.cfg, "stuff"))
         super().resume_or_load(resume=resume)
         report = self.checkpointer.report
+        if report is not None and report.new_classes is not None:
+            broadcast_thing_heads(self.checkpointer.model)
         if report is not None and comm.is_main_process():
             PathManager.mkdirs(self.cfg.OUTPUT_DIR)
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
@@ -148,13 +172,8 @@ def _ddp_on_cpu(cfg):
 
 
 class ReclassTrainer(ReclassTrainerMixin, DefaultTrainer):
-    """:class:`DefaultTrainer` with d2_reclass's checkpointer, predictor and checks, and an
-    evaluator for COCO-format and semantic-segmentation datasets. Multi-process CPU runs
-    (gloo) work too."""
-
-    def __init__(self, cfg):
-        with _ddp_on_cpu(cfg):
-            super().__init__(cfg)
+    """:class:`DefaultTrainer` with d2_reclass's config preparation, checkpointer, predictor and
+    checks, and an evaluator for COCO-format and semantic-segmentation datasets."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

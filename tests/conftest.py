@@ -7,6 +7,7 @@ carries each head's own init, against which fresh rows are compared.
 Import the plain helpers with ``from conftest import ...`` (pytest puts ``tests/`` on sys.path).
 """
 import functools
+import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -80,12 +81,14 @@ def build_model(config_name: str, num_classes: Optional[int] = None, *, seed: in
     return d2_build_model(cfg).eval()
 
 
-def point_rend_cfg(num_classes: int, semantic: bool = False):
+def point_rend_cfg(num_classes: int, semantic: bool = False, implicit: bool = False):
     """A PointRend config built in code (the project's YAMLs are not installed with detectron2).
 
     Instance: Mask R-CNN R50-FPN with PointRendROIHeads / PointRendMaskHead, as
     projects/PointRend/configs/InstanceSegmentation/Base-PointRend-RCNN-FPN.yaml sets it.
-    Semantic: the semantic FPN with PointRendSemSegHead around a SemSegFPNHead.
+    Implicit: the same with ImplicitPointRendMaskHead / ImplicitPointHead, as
+    Base-Implicit-PointRend.yaml sets it. Semantic: the semantic FPN with PointRendSemSegHead
+    around a SemSegFPNHead.
     """
     point_rend = pytest.importorskip(
         "detectron2.projects.point_rend",
@@ -107,16 +110,25 @@ def point_rend_cfg(num_classes: int, semantic: bool = False):
         cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES = True
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
         cfg.INPUT.MASK_FORMAT = "bitmask"
+    if implicit:  # standard ROI heads: the implicit mask head needs no point-sampled boxes
+        cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+        cfg.MODEL.ROI_MASK_HEAD.NAME = "ImplicitPointRendMaskHead"
+        cfg.MODEL.ROI_MASK_HEAD.FC_DIM = 1024
+        cfg.MODEL.ROI_MASK_HEAD.NUM_FC = 2
+        cfg.MODEL.POINT_HEAD.NAME = "ImplicitPointHead"
+        cfg.MODEL.POINT_HEAD.FC_DIM = 256
+        cfg.MODEL.POINT_HEAD.NUM_FC = 3
+        cfg.MODEL.POINT_HEAD.SUBDIVISION_NUM_POINTS = 784
     cfg.MODEL.POINT_HEAD.NUM_CLASSES = num_classes
     cfg.MODEL.POINT_HEAD.IN_FEATURES = ["p2"]
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
 
-def build_point_rend(num_classes: int, *, semantic: bool = False, seed: int = 0,
-                     **point_head) -> torch.nn.Module:
+def build_point_rend(num_classes: int, *, semantic: bool = False, implicit: bool = False,
+                     seed: int = 0, **point_head) -> torch.nn.Module:
     """A PointRend model (see :func:`point_rend_cfg`); ``point_head`` sets MODEL.POINT_HEAD keys."""
-    cfg = point_rend_cfg(num_classes, semantic)
+    cfg = point_rend_cfg(num_classes, semantic, implicit)
     for key, value in point_head.items():
         setattr(cfg.MODEL.POINT_HEAD, key, value)
     torch.manual_seed(seed)
@@ -143,9 +155,10 @@ def source_state(config_name: str, num_classes: Optional[int] = None, *, seed: i
 
 
 @functools.lru_cache(maxsize=None)
-def point_rend_state(num_classes: int, semantic: bool = False) -> Dict[str, torch.Tensor]:
-    """The state dict of ``build_point_rend(num_classes, semantic=semantic)``, built once."""
-    return build_point_rend(num_classes, semantic=semantic).state_dict()
+def point_rend_state(num_classes: int, semantic: bool = False,
+                     implicit: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict of ``build_point_rend(num_classes, ...)``, built once."""
+    return build_point_rend(num_classes, semantic=semantic, implicit=implicit).state_dict()
 
 
 def entries(source_index: Sequence[Optional[int]], num_source: int, *, block: int = 1,
@@ -222,3 +235,18 @@ def msra_std(weight_shape: Sequence[int]) -> float:
 @pytest.fixture(scope="session")
 def coco_classes() -> List[str]:
     return COCO_CLASSES
+
+
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog, also attached to the ``d2_reclass`` logger.
+
+    That logger does not propagate (its lines go to detectron2's handlers, once): caplog's
+    root handler would see them only until some test sets up detectron2's logging.
+    """
+    package = logging.getLogger("d2_reclass")
+    package.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        package.removeHandler(caplog.handler)

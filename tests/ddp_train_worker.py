@@ -1,5 +1,6 @@
 """Run tools/train_net.py's setup and ReclassTrainer under detectron2's launch, saving each
-rank's parameters right after loading and after training (for test_trainer.py).
+rank's parameters right after loading and after training, and each rank's reclass report
+(for test_trainer.py and test_new_classes.py).
 
     python tests/ddp_train_worker.py OUT_DIR --num-gpus 2 --config-file ... [opts]
 """
@@ -24,6 +25,9 @@ def _dump(trainer, out_dir, stage):
     tensors = model.state_dict() if stage == "loaded" else dict(model.named_parameters())
     state = {k: v.detach().cpu() for k, v in tensors.items()}
     torch.save(state, os.path.join(out_dir, f"rank{comm.get_rank()}_{stage}.pt"))
+    report = trainer.checkpointer.report
+    if stage == "loaded" and report is not None:
+        report.to_json(os.path.join(out_dir, f"rank{comm.get_rank()}_report.json"))
 
 
 def main(out_dir, args):

@@ -1,6 +1,9 @@
 """Class lists and name-based class mapping."""
+import logging
+
 import pytest
 from conftest import COCO_CLASSES, TARGET, TARGET_SOURCE
+from d2_fixtures import SIX
 
 from d2_reclass.classes import (
     ClassMapping,
@@ -115,6 +118,61 @@ def test_new_class_not_near_anything():
     assert mapping(["gadget", "robot"]).new == ["gadget", "robot"]
 
 
+def warnings_of(caplog):
+    return [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+
+
+def test_new_class_two_edits_from_an_unused_source_class_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="d2_reclass.classes"):
+        m = mapping(["triangle", "square", "xagon"], source=SIX, source_what="--source-classes",
+                    target_what="--classes")
+    assert m.source_index == (2, 0, None) and m.new == ["xagon"]
+    assert m.dropped == ["circle", "diamond", "hexagon", "cross"]
+    assert m.close == (("xagon", "hexagon"),)
+    assert m.to_dict()["close"] == [{"target": "xagon", "source": "hexagon"}]
+    assert warnings_of(caplog) == [(
+        "d2_reclass.classes", "WARNING",
+        "--classes names 'xagon', which is not in --source-classes, so it gets fresh rows; the "
+        "close source class 'hexagon' maps to nothing and what the checkpoint knew about it is "
+        "dropped. If they are one class, map it with CLASS_MAP 'xagon=hexagon'; if 'xagon' is "
+        "new on purpose, declare it with CLASS_MAP 'xagon='.")]
+
+
+@pytest.mark.parametrize("new, source", [("circel", "circle"), ("Triangular", "triangle"),
+                                         ("dimand", "diamond"), ("crs", "cross")])
+def test_close_pairs_down_to_the_warning_cutoff(caplog, new, source):
+    # Ratios 0.83, 0.78, 0.77 and exactly the cutoff, 0.75.
+    with caplog.at_level(logging.WARNING, logger="d2_reclass.classes"):
+        m = mapping(["square", new], source=SIX)
+    assert m.close == ((new, source),)
+    assert len(caplog.records) == 1
+    assert f"names {new!r}, which is not in source classes" in caplog.text
+    assert f"close source class {source!r}" in caplog.text
+
+
+@pytest.mark.parametrize("target, class_map", [
+    (["triangle", "square", "xagon"], ["xagon="]),  # declared new: the fix the warning names
+    (["hexagon", "xagon"], None),  # hexagon is kept, so nothing is dropped
+    (["triangle", "square", "star"], None),  # not close to anything
+    (["hexa", "octagon"], None),  # 0.73 and 0.57 from "hexagon": below the cutoff
+    (["cat", "car"], None),  # "car" is kept; "cat" is far from every other class
+])
+def test_no_close_pair_warning(caplog, target, class_map):
+    source = SIX if "car" not in target else COCO_CLASSES
+    with caplog.at_level(logging.WARNING, logger="d2_reclass.classes"):
+        m = mapping(target, class_map, source=source)
+    assert m.close == () and m.to_dict()["close"] == []
+    assert caplog.records == []
+
+
+def test_one_typo_is_still_an_error_not_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="d2_reclass.classes"):
+        with pytest.raises(ClassListError, match=r"names 'hexagn', which is not in source "
+                                                 r"classes\. Did you mean 'hexagon'\?"):
+            mapping(["hexagn"], source=SIX)
+    assert caplog.records == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Source without names: map by index
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +252,7 @@ def test_to_dict():
     assert d["source"] == COCO_CLASSES and d["target"] == TARGET
     assert d["kept"] == [{"target": "dog", "source": "dog", "source_index": IDX["dog"]},
                          {"target": "person", "source": "person", "source_index": 0}]
-    assert d["new"] == ["gadget"] and len(d["dropped"]) == 78
+    assert d["new"] == ["gadget"] and len(d["dropped"]) == 78 and d["close"] == []
 
 
 def test_same_source_for_two_targets():

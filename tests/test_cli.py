@@ -115,10 +115,178 @@ def test_bad_input_is_one_line_exit_1_and_no_file(six_ckpt, tmp_path, capsys, ar
     # In-process (the console script is main()); the subprocess path is tested above.
     out = tmp_path / "out.pth"
     assert main(["convert", six_ckpt, "--out", str(out), *args]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("d2-reclass: error:")
-    assert re.search(message, err[0]), err
+    error = one_error_line(capsys.readouterr().err)
+    assert re.search(message, error), error
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def one_error_line(err):
+    """The error of a failed run: its last stderr line; any line before it is a warning."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("d2-reclass: error:"), err
+    assert all(line.startswith("d2-reclass: warning:") for line in lines[:-1]), err
+    return lines[-1]
+
+
+#: Never downloads: a closed local port here, and an error page with a network.
+UNREACHABLE = "http://127.0.0.1:9/model_final.pth"
+DOWNLOAD_FIX = ". Check the URL and the network, or download the file yourself and pass its " \
+    "local path."
+
+
+@pytest.fixture
+def download_cache(tmp_path, monkeypatch):
+    """iopath's download cache, empty and private to the test."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FVCORE_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("path", [UNREACHABLE, "detectron2://d2_reclass_tests/no_such_model.pkl"])
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_url_that_cannot_be_downloaded_is_one_error_line(tmp_path, capsys, download_cache, path,
+                                                         command):
+    out = tmp_path / "out.pth"
+    args = ["--out", str(out), "--classes", "a"] if command == "convert" else []
+    assert main([command, path, *args]) == 1
+    # Only iopath's download progress bar may come before the one error line.
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert all(re.fullmatch(r"(\r?.+: 0\.00B \[00:00, \?B/s\])+", line) for line in lines[:-1])
+    assert re.fullmatch(rf"d2-reclass: error: Cannot download {re.escape(path)}: .+"
+                        + re.escape(DOWNLOAD_FIX), lines[-1])
+    assert not out.exists()
+    # iopath removes its partial download: nothing under the cache pretends to be the file.
+    assert [f for _, _, files in os.walk(download_cache) for f in files
+            if not f.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{exists}"], "Output checkpoint {exists} already exists; pass --force to "
+                            "overwrite it, or choose another path."),
+    (["--out", "{tmp}/result.pkl"], "--out {tmp}/result.pkl: write a .pth file (torch format, "
+                                    "loads with weights_only=True)."),
+    (["--out", "{tmp}/nowhere/result.pth"], "Cannot write checkpoint {tmp}/nowhere/result.pth: "
+                                            "directory {tmp}/nowhere does not exist; create it "
+                                            "first."),
+    (["--out", "{tmp}/dir.pth"], "Cannot write checkpoint {tmp}/dir.pth: it is a directory; "
+                                 "give a file path in it."),
+    (["--config-file", "{tmp}/nope.yaml"], "--config-file {tmp}/nope.yaml does not exist; check "
+                                           "the path."),
+    (["--classes", "a,A"], "--classes names the class 'A' twice (as 'a' and 'A'); each class "
+                           "must appear once."),
+    (["--source-classes", "x,,y"], "--source-classes[1] is ''; class names must be non-empty "
+                                   "strings."),
+    (["--source-dataset", "coco_2017_trian"], "--source-dataset 'coco_2017_trian' is not a "
+                                              "registered dataset. Did you mean "
+                                              "'coco_2017_train' or 'coco_2014_train' or "
+                                              "'coco_2017_val'? Register it first (e.g. "
+                                              "tools/train_net.py --coco-dataset NAME JSON "
+                                              "IMAGES)."),
+    (["--source-dataset", "ade20k_sem_seg_train"], "--source-dataset ade20k_sem_seg_train has no "
+                                                   "thing_classes in its metadata; pass the "
+                                                   "checkpoint's classes with --source-classes "
+                                                   "instead."),
+])
+def test_argument_errors_come_before_any_download(tmp_path, capsys, download_cache, args,
+                                                  message):
+    """Each cheap check fails first: the input is a URL that is never fetched."""
+    (tmp_path / "exists.pth").write_bytes(b"keep me")
+    (tmp_path / "dir.pth").mkdir()
+    names = {"tmp": str(tmp_path), "exists": str(tmp_path / "exists.pth")}
+    argv = ["convert", UNREACHABLE, "--out", str(tmp_path / "out.pth"), "--classes", "a,b"]
+    argv += [a.format(**names) for a in args]
+    assert main(argv) == 1
+    assert one_error_line(capsys.readouterr().err) == "d2-reclass: error: " + message.format(
+        **names)
+    assert not download_cache.exists()  # no download was even tried
+    assert (tmp_path / "exists.pth").read_bytes() == b"keep me"
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.fixture
+def six_dataset():
+    """A registered dataset whose thing classes are SIX."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "d2_reclass_test_six"
+    DatasetCatalog.register(name, list)
+    MetadataCatalog.get(name).set(thing_classes=SIX)
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def test_source_dataset_loses_to_different_stored_names_with_a_warning(six_ckpt, tmp_path,
+                                                                        capsys):
+    out = str(tmp_path / "three.pth")
+    assert main(["convert", six_ckpt, "--out", out, "--classes", ",".join(THREE),
+                 "--source-dataset", "coco_2017_train"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"d2-reclass: warning: Not using --source-dataset coco_2017_train: the class list stored "
+        f"in {six_ckpt} comes first and differs from it (6 names against 80)."]
+    assert f"thing source class names: the class list stored in {six_ckpt}\n" in captured.out
+    assert "| thing   | triangle       | triangle [2]" in captured.out
+
+
+def test_source_dataset_that_agrees_with_stored_names_is_quiet(six_ckpt, six_dataset, tmp_path,
+                                                               capsys):
+    out = str(tmp_path / "three.pth")
+    assert main(["convert", six_ckpt, "--out", out, "--classes", ",".join(THREE),
+                 "--source-dataset", six_dataset]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert f"thing source class names: the class list stored in {six_ckpt}\n" in captured.out
+
+
+def test_source_dataset_gives_the_names_a_checkpoint_lacks(tmp_path, six_dataset, capsys):
+    ckpt = str(tmp_path / "six.pth")
+    torch.save({"model": small_model(6, seed=1).state_dict()}, ckpt)
+    assert main(["convert", ckpt, "--out", str(tmp_path / "three.pth"), "--classes",
+                 ",".join(THREE), "--source-dataset", six_dataset]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert f"thing source class names: --source-dataset {six_dataset}\n" in captured.out
+    assert "| thing   | square         | square [0]" in captured.out
+
+
+def test_source_classes_override_different_stored_names_with_a_warning(six_ckpt, tmp_path,
+                                                                       capsys):
+    swapped = ["circle", "square"] + SIX[2:]
+    out = str(tmp_path / "three.pth")
+    assert main(["convert", six_ckpt, "--out", out, "--classes", ",".join(THREE),
+                 "--source-classes", ",".join(swapped)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"d2-reclass: warning: Not using the class list stored in {six_ckpt}: --source-classes "
+        "comes first and differs from it (#0 is 'circle' against 'square')."]
+    assert "thing source class names: --source-classes\n" in captured.out
+    assert "| thing   | square         | square [1]" in captured.out
+
+
+def test_close_name_warning_reaches_the_command_line(six_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "three.pth")
+    assert main(["convert", six_ckpt, "--out", out, "--classes", "triangle,square,xagon"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"d2-reclass: warning: --classes names 'xagon', which is not in the class list stored in "
+        f"{six_ckpt}, so it gets fresh rows; the close source class 'hexagon' maps to nothing "
+        "and what the checkpoint knew about it is dropped. If they are one class, map it with "
+        "CLASS_MAP 'xagon=hexagon'; if 'xagon' is new on purpose, declare it with CLASS_MAP "
+        "'xagon='."]
+    assert "| thing   | xagon          | fresh (close to dropped 'hexagon')" in captured.out
+
+
+def test_map_mode_without_source_names_names_the_options(tmp_path, capsys):
+    ckpt = str(tmp_path / "six.pth")
+    torch.save({"model": small_model(6, seed=1).state_dict()}, ckpt)
+    assert main(["convert", ckpt, "--out", str(tmp_path / "three.pth"), "--classes",
+                 ",".join(THREE), "--mode", "map"]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"d2-reclass: error: --mode map needs the class names of {ckpt}, which stores none: "
+        "pass --source-classes or --source-dataset, map classes by index with --class-map "
+        "TARGET=INDEX, or use --mode reinit.")
+    assert os.listdir(tmp_path) == ["six.pth"]
 
 
 def test_convert_never_writes_over_its_input_or_an_existing_file(six_ckpt, tmp_path):
@@ -180,3 +348,26 @@ def test_checkpoint_without_weights_and_truncated_file(tmp_path, six_ckpt):
     with pytest.raises(CheckpointError, match="truncated|damaged|corrupt"):
         ReclassCheckpointer(model).load(str(tmp_path / "truncated.pth"))
     assert_same_state(params(model), before)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "pkl"])
+def test_non_tensor_entry_is_one_line_exit_1_and_no_file(tmp_path, capsys, fmt):
+    state = {k: v.numpy() if fmt == "pkl" else v
+             for k, v in small_model(6, seed=1).state_dict().items()}
+    state["roi_heads.box_predictor.cls_score.bias"] = "edited"
+    path = tmp_path / f"edited.{fmt}"
+    if fmt == "pkl":
+        with open(path, "wb") as f:
+            pickle.dump({"model": state, "__author__": "test"}, f, protocol=2)
+    else:
+        torch.save({"model": state}, path)
+    out = tmp_path / "out.pth"
+    for command in (["inspect", str(path)], ["convert", str(path), "--out", str(out),
+                                              "--classes", ",".join(THREE)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        for part in (str(path), "delete that entry",
+                     "'roi_heads.box_predictor.cls_score.bias' holds a str ('edited')"):
+            assert part in err[0], err
+    assert sorted(os.listdir(tmp_path)) == [path.name]

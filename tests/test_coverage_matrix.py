@@ -83,21 +83,7 @@ def test_representative_config(name):
     _check(name)
 
 
-#: Known gaps of d2_reclass, each reported with its failing check. strict: a fix makes the test
-#: XPASS and fail, so that the entry gets removed.
-KNOWN_GAPS = {
-    "projects/PointRend/implicit_pointrend_R_50_FPN_3x_coco": (
-        "Implicit PointRend's parameter head (ConvFCHead with a 1-d output_shape) predicts the "
-        "point head's per-class weights and biases; d2_reclass has no layout for it, so fvcore "
-        "skips its whole prediction layer"),
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
-    if name in KNOWN_GAPS else name
-    for name in sorted(CASES)
-])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_every_config(name):
     _check(name)

@@ -10,6 +10,7 @@ from d2_reclass import (
     ClassListError,
     ReclassCheckpointer,
     ReclassFastRCNNOutputLayers,
+    ReclassOptions,
     reclass_model,
     use_reclass_box_predictors,
 )
@@ -71,7 +72,8 @@ def test_load_state_dict_maps_like_the_checkpointer(tmp_path):
 
     torch.save({"model": source}, tmp_path / "six.pth")
     via_ckpt = small_model(3, seed=3)
-    ReclassCheckpointer(via_ckpt, source_classes=SIX, target_classes=THREE).load(
+    ReclassCheckpointer(via_ckpt,
+        reclass=ReclassOptions(source_classes=SIX, target_classes=THREE)).load(
         str(tmp_path / "six.pth"))
     for key in ("cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias"):
         # Same keys and seed: identical copied *and* fresh rows through either path.

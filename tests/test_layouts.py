@@ -1,4 +1,6 @@
 """Layouts: which tensors of which heads are class-dependent, and how their axes are laid out."""
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -22,9 +24,14 @@ from torch import nn
 from d2_reclass.fresh import MSRA, NORMAL_0001, NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
 from d2_reclass.layouts import (
     KEYPOINT,
+    MEAN,
+    MEAN_LOG_COUNT,
     STUFF,
+    SUM,
     THING,
     ClassLayout,
+    ClassSegment,
+    SourceAxis,
     find_layouts,
     layouts_for_module,
     register_layout,
@@ -62,21 +69,65 @@ def test_length_and_count_classes():
     assert ClassLayout("w", THING, 1, ZERO, background=True).count_classes(1) is None
 
 
+def positions(layout, source_index, num_source, *, source_agnostic=False,
+              target_agnostic=False):
+    """For each target entry, the source entry it copies, or -1 for fresh (no class merged)."""
+    plan = layout.entry_sources(source_index, [SourceAxis(num_source, source_agnostic)],
+                                target_agnostic=target_agnostic)
+    assert not plan.merged.any()
+    return torch.where(plan.fresh, -1, plan.index[0])
+
+
 def test_source_positions():
     # Softmax + background, K 4 -> [2, 0, new]: the background block is carried.
     cls = ClassLayout("w", THING, 3, NORMAL_001, background=True)
-    assert cls.source_positions([2, 0, None], 4).tolist() == [2, 0, -1, 4]
+    assert positions(cls, [2, 0, None], 4).tolist() == [2, 0, -1, 4]
     # Class-major blocks of B=2, A=2 anchor-major repeats, 3 leading non-class entries.
     lay = ClassLayout("w", THING, 2, NORMAL_001, block=2, repeat=2, offset=3)
-    got = lay.source_positions([1, None], 3).tolist()
+    got = positions(lay, [1, None], 3).tolist()
     assert got == [0, 1, 2] + [5, 6, -1, -1] + [11, 12, -1, -1]
     # Agnostic source feeds every target class; agnostic target from specific source is fresh.
     box = ClassLayout("w", THING, 3, NORMAL_0001, block=4, can_be_agnostic=True)
-    assert box.source_positions([5, None, 0], 80, source_agnostic=True).tolist() == \
+    assert positions(box, [5, None, 0], 80, source_agnostic=True).tolist() == \
         [0, 1, 2, 3] * 3
-    assert box.source_positions([5, None, 0], 80, target_agnostic=True).tolist() == [-1] * 4
-    assert box.source_positions([5], 80, source_agnostic=True, target_agnostic=True).tolist() \
+    assert positions(box, [5, None, 0], 80, target_agnostic=True).tolist() == [-1] * 4
+    assert positions(box, [5], 80, source_agnostic=True, target_agnostic=True).tolist() \
         == [0, 1, 2, 3]
+
+
+def test_entry_sources_merge_split_and_two_checkpoints():
+    # A softmax bias, K 3 -> ["a+c" merged, "b", "b" again (split)]; background carried.
+    bias = ClassLayout("b", THING, 3, ZERO, background=True, merge=MEAN_LOG_COUNT)
+    plan = bias.entry_sources([(0, 2), 1, 1], [SourceAxis(3)])
+    assert plan.index.tolist() == [[0, 1, 1, 3], [2, -1, -1, -1]]
+    assert plan.weight.tolist() == [[0.5, 1.0, 1.0, 1.0], [0.5, 0.0, 0.0, 0.0]]
+    assert plan.shift.tolist() == [math.log(2), 0.0, 0.0, 0.0]
+    assert plan.copies.tolist() == [False, True, True, True]
+    # Input columns sum their parts; regression blocks average them.
+    cols = ClassLayout("w", THING, 1, MSRA, axis=1, offset=2, merge=SUM)
+    assert cols.entry_sources([(0, 1)], [SourceAxis(2)]).weight[:, 2].tolist() == [1.0, 1.0]
+    box = ClassLayout("w", THING, 1, NORMAL_0001, block=2)
+    plan = box.entry_sources([(0, 1)], [SourceAxis(2)])
+    assert plan.index.tolist() == [[0, 1], [2, 3]] and plan.weight.tolist() == [[0.5] * 2] * 2
+    # Two checkpoints, 2 and 4 classes, 2 anchors: each class from its own checkpoint's rows;
+    # the background from the first's.
+    retina = ClassLayout("w", THING, 2, NORMAL_001, repeat=2, background=True)
+    plan = retina.entry_sources([1, 3], [SourceAxis(2), SourceAxis(4)], checkpoint=[0, 1])
+    assert plan.index[0].tolist() == [1, 3, 2] + [3 + 1, 5 + 3, 3 + 2]
+    assert plan.checkpoint.tolist() == [0, 1, 0] * 2
+    # A checkpoint without a usable tensor gives no entries: its classes are fresh here.
+    plan = retina.entry_sources([1, 3], [SourceAxis(2), None], checkpoint=[0, 1])
+    assert plan.fresh.tolist() == [False, True, False] * 2
+
+
+def test_segments():
+    # [3 non-class] + K blocks of 2, then [1 non-class] + K blocks of 1 (Implicit PointRend).
+    lay = ClassLayout("w", THING, 2, NORMAL_0001, offset=3, block=2,
+                      segments=(ClassSegment(offset=1),))
+    assert lay.length(2) == 3 + 4 + 1 + 2 and lay.count_classes(10) == 2
+    assert lay.count_classes(13) == 3 and lay.count_classes(12) is None
+    got = positions(lay, [2, None], 3).tolist()
+    assert got == [0, 1, 2] + [7, 8, -1, -1] + [9] + [12, -1]
 
 
 def test_describe():
@@ -184,6 +235,20 @@ def test_point_rend_instance():
     coarse = [lay for lay in lays if lay.key.endswith("coarse_head.prediction.weight")]
     assert [(lay.block, lay.num_classes) for lay in coarse] == [(49, 3)]
     assert all(lay.space == THING for lay in lays)
+
+
+def test_implicit_point_rend_parameter_head():
+    model = build_point_rend(3, implicit=True)
+    lays = by_key(find_layouts(model))
+    head = model.roi_heads.mask_head.point_head
+    n = model.roi_heads.mask_head.parameter_head.prediction.out_features
+    for p in ("weight", "bias"):
+        lay = lays[f"roi_heads.mask_head.parameter_head.prediction.{p}"]
+        assert (lay.num_classes, lay.offset, lay.block, lay.segments, lay.merge) == (
+            3, sum(head.num_weight_params[:-1]), 256,
+            (ClassSegment(offset=sum(head.num_bias_params[:-1])),), MEAN)
+        assert lay.length(3) == n and lay.count_classes(n) == 3
+        assert lay.length(80) == n + 77 * (256 + 1)  # C weights and 1 bias per class
 
 
 def test_point_rend_point_head_variants():

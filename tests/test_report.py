@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from conftest import COCO_CLASSES, TARGET, thing
+from d2_fixtures import SIX, captured_logs
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
@@ -46,11 +47,12 @@ def test_json_round_trip(report, tmp_path):
     space = d["spaces"]["thing"]
     assert (space["space"], space["resolution"], space["num_source"], space["num_target"]) == \
         ("thing", "map", 80, 3)
+    assert space["source_from"] == "MODEL.RECLASS.SOURCE_CLASSES"  # no name given: the key
     m = space["mapping"]
     assert m["source"] == COCO_CLASSES and m["target"] == TARGET
     assert m["kept"] == [{"target": "dog", "source": "dog", "source_index": DOG},
                          {"target": "person", "source": "person", "source_index": 0}]
-    assert m["new"] == ["gadget"] and len(m["dropped"]) == 78
+    assert m["new"] == ["gadget"] and len(m["dropped"]) == 78 and m["close"] == []
     tensors = {t["key"]: t for t in d["tensors"]}
     assert set(tensors) == {"box_predictor.cls_score.weight", "box_predictor.cls_score.bias",
                             "box_predictor.bbox_pred.weight", "box_predictor.bbox_pred.bias"}
@@ -97,7 +99,8 @@ def test_mapping_table(report):
 def test_summary_and_str(report):
     assert report.summary() == "mode=map seed=7; thing: map (80 -> 3 classes)"
     text = str(report)
-    assert text.startswith(report.summary())
+    assert text.startswith(report.summary() + "\nthing source class names: "
+                           "MODEL.RECLASS.SOURCE_CLASSES\n")
     assert report.mapping_table() in text and report.table() in text
     assert report.changed
 
@@ -133,10 +136,33 @@ def test_reinit_report_names_index_classes():
                                 find_layouts(model), classes={"thing": ClassSpec()})
     d = json.loads(rep.to_json())["spaces"]["thing"]
     assert d["resolution"] == "reinit"
-    assert d["mapping"]["source"] is None
+    assert d["mapping"]["source"] is None and d["source_from"] is None
     assert d["mapping"]["target"] == d["mapping"]["new"] == ["#0", "#1", "#2"]
     assert "| thing   | #0             | fresh" in rep.mapping_table()
     actions = {t.key: t.action for t in rep.tensors}
     assert actions["box_predictor.bbox_pred.weight"] == "fresh"
     assert actions["retina.cls_score.weight"] == "fresh"
     assert actions["box_predictor.cls_score.weight"] == "fresh"  # background still carried
+
+
+def test_close_names_and_dropped_classes_are_reported():
+    """A new class close to a dropped one is flagged in the JSON and the table, and warned."""
+    model = TwoHeads(3)
+    spec = ClassSpec(SIX, ["triangle", "square", "xagon"], source_what="--source-classes",
+                     target_what="--classes")
+    # Captured at the package's logger: once an earlier test has set up detectron2's logging
+    # (default_setup), d2_reclass's lines go to detectron2's handlers, not to pytest's caplog.
+    with captured_logs("d2_reclass") as logs:
+        _, rep = reclass_state_dict(TwoHeads(6).state_dict(), model.state_dict(),
+                                    find_layouts(model), classes={"thing": spec})
+    space = json.loads(rep.to_json())["spaces"]["thing"]
+    assert (space["resolution"], space["source_from"]) == ("map", "--source-classes")
+    assert space["mapping"]["dropped"] == ["circle", "diamond", "hexagon", "cross"]
+    assert space["mapping"]["close"] == [{"target": "xagon", "source": "hexagon"}]
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in rep.mapping_table().splitlines()[2:]]
+    assert rows == [["thing", "triangle", "triangle [2]"], ["thing", "square", "square [0]"],
+                    ["thing", "xagon", "fresh (close to dropped 'hexagon')"],
+                    ["thing", "(4 dropped)", "circle, diamond, hexagon, cross"]]
+    assert str(rep).splitlines()[1] == "thing source class names: --source-classes"
+    assert any("the close source class 'hexagon' maps to nothing" in m for m in logs)

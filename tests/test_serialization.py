@@ -3,15 +3,20 @@
 Every refusal test also checks that nothing was created or changed: an unsafe pickle must be
 stopped before it runs, and a failed save must leave the directory as it was.
 """
+import contextlib
 import io
 import json
 import os
 import pickle
 import pickletools
+import pty
+import resource
 import struct
+import sys
+from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Iterator
 
 import numpy as np
 import pytest
@@ -224,6 +229,19 @@ def test_loads_caffe2_pickles(tmp_path):
     assert checkpoint_format(loaded, flat) == "caffe2 pkl"
 
 
+def test_huge_memo_index_loads_without_a_huge_allocation(tmp_path):
+    # A pickle may store an object under any memo index (one damaged byte makes one huge). C's
+    # unpickler allocates an array twice that long: 64 GB for this file of 228 bytes.
+    arrays = {"model": {"w": np.arange(3, dtype=np.float32)}, "__author__": "x"}
+    data = pickletools.optimize(pickle.dumps(arrays, protocol=2))
+    assert data[2:3] == pickle.EMPTY_DICT
+    data = data[:3] + pickle.LONG_BINPUT + struct.pack("<I", 2**32 - 1) + data[3:]
+    path = write(tmp_path / "model.pkl", data)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert_same_checkpoint(load_checkpoint_file(path), arrays)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib < 256 * 1024
+
+
 def test_reader_follows_content_not_extension(tmp_path):
     expected = d2_checkpoint()
     torch_as_pkl = write(tmp_path / "model.pkl", torch_bytes(expected))
@@ -234,25 +252,80 @@ def test_reader_follows_content_not_extension(tmp_path):
     assert_same_checkpoint(load_checkpoint_file(pickle_as_pth), arrays)
 
 
-def test_progress_loads_the_same(tmp_path, monkeypatch, capsys):
-    # Threshold 0: every file goes through the progress reader.
-    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 0)
+@contextlib.contextmanager
+def terminal_stderr() -> Iterator[Callable[[], str]]:
+    """Make ``sys.stderr`` a real terminal (a pseudo-terminal) inside the block; yields a function
+    returning everything written to it so far."""
+    main_fd, tty_fd = pty.openpty()
+    os.set_blocking(main_fd, False)
+    shown = []
+
+    def drain() -> str:
+        sys.stderr.flush()
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except BlockingIOError:
+                break
+            shown.append(chunk)
+        return b"".join(shown).decode("utf-8", "replace")
+
+    saved = sys.stderr
+    with open(tty_fd, "w") as tty:
+        sys.stderr = tty
+        try:
+            yield drain
+        finally:
+            sys.stderr = saved
+            os.close(main_fd)
+
+
+PROGRESS_FILES = ["zip.pth", "legacy.pth", "py2.pkl", "py3.pkl"]
+
+
+def progress_files(tmp_path: Path):
+    """(path, expected content) of a file in each format the progress reader must handle."""
     expected = d2_checkpoint()
     arrays = {"model": {"w": np.arange(10, dtype=np.float32)}, "__author__": "x"}
-    for name, data, want in [
-        ("zip.pth", torch_bytes(expected), expected),
-        ("legacy.pth", torch_bytes(expected, legacy=True), expected),
-        ("py2.pkl", py2_pickle(arrays), arrays),
-        ("py3.pkl", pickle.dumps(arrays, protocol=4), arrays),
-    ]:
-        path = write(tmp_path / name, data)
-        assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+    contents = [
+        (torch_bytes(expected), expected),
+        (torch_bytes(expected, legacy=True), expected),
+        (py2_pickle(arrays), arrays),
+        (pickle.dumps(arrays, protocol=4), arrays),
+    ]
+    return [(write(tmp_path / name, data), want) for name, (data, want) in
+            zip(PROGRESS_FILES, contents)]
 
+
+def test_progress_bar_on_a_terminal_loads_the_same(tmp_path, monkeypatch):
+    # Threshold 0: every file is "large", so on a terminal each goes through the progress reader.
+    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 0)
     out = tmp_path / "out" / "saved.pth"
     out.parent.mkdir()
-    save_checkpoint_file(expected, str(out), progress=True)
-    assert_same_checkpoint(load_checkpoint_file(str(out)), expected)
-    assert capsys.readouterr().out == ""
+    with terminal_stderr() as shown:
+        for path, want in progress_files(tmp_path):
+            assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+        save_checkpoint_file(d2_checkpoint(), str(out), progress=True)
+        text = shown()
+    for name in PROGRESS_FILES:
+        assert f"Loading {name}" in text
+    assert "Saving saved.pth" in text
+    assert_same_checkpoint(load_checkpoint_file(str(out)), d2_checkpoint())
+
+
+def test_no_progress_bar_without_a_terminal_or_for_small_files(tmp_path, monkeypatch, capsys):
+    # Not a terminal (pytest's capture): nothing is printed, however large the file.
+    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 0)
+    for path, want in progress_files(tmp_path):
+        assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+    assert capsys.readouterr() == ("", "")
+
+    # A terminal, but every file is smaller than the threshold: nothing is printed either.
+    monkeypatch.setattr(serialization, "PROGRESS_MIN_BYTES", 1 << 30)
+    with terminal_stderr() as shown:
+        for path, want in progress_files(tmp_path):
+            assert_same_checkpoint(load_checkpoint_file(path, progress=True), want)
+        assert shown() == ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -596,3 +669,65 @@ def test_checkpoint_format_without_weights(obj, found):
     with pytest.raises(CheckpointError) as info:
         checkpoint_format(obj, "out/last_checkpoint.pth")
     assert_names(str(info.value), "out/last_checkpoint.pth", "contains no model weights", found)
+
+
+# ------------------------------------------------------------------------------------------------
+# check_state_dict
+# ------------------------------------------------------------------------------------------------
+
+
+def test_check_state_dict_accepts_what_detectron2_loads():
+    state = OrderedDict(
+        [("conv.weight", torch.randn(2, 3)), ("conv.bias", np.zeros(2, dtype=np.float32)),
+         ("bn.num_batches_tracked", torch.tensor(7)), ("mask", np.ones(3, dtype=bool)),
+         ("half", np.zeros(2, dtype=np.float16)), ("scalar", np.array(2.5))]
+    )
+    state._metadata = {"": {"version": 1}}  # what Module.state_dict() attaches
+    expected = {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in state.items()}
+    serialization.check_state_dict(state, "model_final.pth")
+    assert_same_checkpoint(state, expected)  # checked, not converted
+    assert state._metadata == {"": {"version": 1}}
+
+
+@pytest.mark.parametrize(
+    "key, value, holds",
+    [
+        ("a.weight", "abc", "a str ('abc')"),
+        ("a.weight", "x" * 100, "a str ('" + "x" * 30),
+        ("a.weight", [1.0, 2.0], "a list of 2 items"),
+        ("a.weight", None, "None"),
+        ("a.weight", 3, "an int (3)"),
+        ("a.weight", np.float32(0.5), "a float32 (0.5)"),
+        ("a.weight", {"w": _T}, "a dict with keys ['w']"),
+        ("a.weight", np.array([1, "a"], dtype=object), "a numpy array of dtype |O, which torch"),
+        ("a.weight", np.array(["ab"]), "a numpy array of dtype <U2"),
+        ("a.weight", np.zeros(2, dtype=">f4"), "a numpy array of dtype >f4"),
+        ("a.weight", torch.eye(2).to_sparse(),
+         "a torch.sparse_coo cpu tensor of dtype torch.float32"),
+        ("a.weight", torch.zeros(2, device="meta"), "a torch.strided meta tensor"),
+    ],
+)
+def test_check_state_dict_names_the_entry_that_is_no_weight(key, value, holds):
+    state = {"b.weight": _T, key: value}
+    with pytest.raises(CheckpointError, match="where a model parameter needs a tensor") as info:
+        serialization.check_state_dict(state, "out/model.pth")
+    assert_names(str(info.value), "Checkpoint out/model.pth", f"entry {key!r} holds {holds}",
+                 "download or save it again", "delete that entry")
+
+
+@pytest.mark.parametrize("key", [7, None, ("res2", 0), b"a.weight"])
+def test_check_state_dict_refuses_keys_that_are_not_names(key):
+    with pytest.raises(CheckpointError, match="parameter names are strings") as info:
+        serialization.check_state_dict({"b.weight": _T, key: _T}, "out/model.pth")
+    assert_names(str(info.value), "out/model.pth", f"key {key!r}", "download or save it again")
+
+
+@pytest.mark.parametrize(
+    "state, found",
+    [({}, "an empty dict"), ([_T], "a list"), (None, "a NoneType"), (_T, "a Tensor"),
+     ({"lr": 0.1, "iteration": 3}, "['lr', 'iteration'] and no tensors")],
+)
+def test_check_state_dict_without_weights(state, found):
+    with pytest.raises(CheckpointError, match="contains no model weights") as info:
+        serialization.check_state_dict(state, "out/metrics.pth")
+    assert_names(str(info.value), "out/metrics.pth", found, "Check that this is a model checkpoint")

@@ -35,6 +35,7 @@ from conftest import (
     source_state,
     thing,
 )
+from d2_fixtures import captured_logs
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -189,6 +190,46 @@ def test_panoptic_fpn_thing_and_stuff():
     load_strict(model, new)
 
 
+def test_map_errors_name_each_spaces_keys():
+    src = source_state(PANOPTIC_FPN)
+    model = build_model(PANOPTIC_FPN, 3, stuff_classes=3)
+    stuff = ClassSpec(COCO_STUFF, STUFF_TARGET)
+    with pytest.raises(ClassListError, match=r"^MODE map needs the model's thing class names: "
+                                             r"set MODEL\.RECLASS\.TARGET_CLASSES, or train on "
+                                             r"registered datasets whose metadata has "
+                                             r"thing_classes\.$"):
+        reclass(src, model, {**thing(COCO_CLASSES, None), "stuff": stuff}, mode="map")
+    with pytest.raises(ClassListError, match=r"^MODE map needs the thing class names of "
+                                             r"checkpoint, which stores none: set "
+                                             r"MODEL\.RECLASS\.SOURCE_CLASSES or SOURCE_DATASET "
+                                             r"\(a dataset with thing_classes, e\.g\. "
+                                             r"coco_2017_train\), map classes by index with "
+                                             r"CLASS_MAP 'target=INDEX', or use MODE reinit\.$"):
+        reclass(src, model, {**thing(None, TARGET), "stuff": stuff}, mode="map")
+    with pytest.raises(ClassListError, match=r"^MODE map needs the model's stuff class names: "
+                                             r"set MODEL\.RECLASS\.TARGET_STUFF_CLASSES, or "
+                                             r"train on registered datasets whose metadata has "
+                                             r"stuff_classes\.$"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF, None)}, mode="map")
+    # No CLASS_MAP for stuff: the config applies it to things only.
+    with pytest.raises(ClassListError, match=r"^MODE map needs the stuff class names of x\.pth, "
+                                             r"which stores none: set "
+                                             r"MODEL\.RECLASS\.SOURCE_STUFF_CLASSES or "
+                                             r"SOURCE_DATASET \(a dataset with stuff_classes, "
+                                             r"e\.g\. coco_2017_train_panoptic_separated\), or "
+                                             r"use MODE reinit\.$"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(None, STUFF_TARGET)}, mode="map",
+                source="x.pth")
+    # Where the caller names its lists, messages use its names.
+    with pytest.raises(ClassListError, match=r"stuff class names: set --stuff-classes, or"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF, None,
+                                                           target_what="--stuff-classes")},
+                mode="map")
+    with pytest.raises(ClassListError, match=r"^MODEL\.RECLASS\.SOURCE_STUFF_CLASSES has 53 "
+                                             r"names, but checkpoint has heads for 54 stuff"):
+        reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF[1:], STUFF_TARGET)})
+
+
 def test_semantic_fpn():
     src = source_state(SEMANTIC_FPN)
     model = build_model(SEMANTIC_FPN, stuff_classes=3)
@@ -285,17 +326,54 @@ def test_point_rend_semantic():
     load_strict(model, new)
 
 
-def test_point_rend_loads_without_format_upgrade(caplog):
+def test_implicit_point_rend_parameter_head():
+    """Its parameter head predicts the point head's MLP as one flat vector: the last layer's
+    weights (K blocks of C) end the weights, its biases (K) end the vector."""
+    src = point_rend_state(80, implicit=True)
+    model = build_point_rend(3, implicit=True)
+    new, report = reclass(src, model, thing(), mode="map")
+    head = model.roi_heads.mask_head.point_head
+    c = head.channels
+    weights, biases = sum(head.num_weight_params[:-1]), sum(head.num_bias_params[:-1])
+    key = "roi_heads.mask_head.parameter_head.prediction."
+    for p in ("weight", "bias"):
+        s, n = src[key + p], new[key + p]
+        assert n.shape[0] == weights + 3 * c + biases + 3 == model.state_dict()[key + p].shape[0]
+        assert torch.equal(n[:weights], s[:weights])  # earlier layers' weights, as they were
+        t_bias, s_bias = weights + 3 * c, weights + 80 * c  # where the biases start
+        assert torch.equal(n[t_bias:t_bias + biases], s[s_bias:s_bias + biases])
+        for j, k in enumerate(TARGET_SOURCE):
+            got_w, got_b = n[weights + j * c:weights + (j + 1) * c], n[t_bias + biases + j]
+            if k is None:  # the parameter head's own init: N(0, 0.001) weights, zero biases
+                fresh = torch.cat([got_w.flatten(), got_b.flatten()])
+                if p == "bias":
+                    assert not fresh.any()
+                else:
+                    assert_std(fresh, 0.001)
+            else:
+                assert torch.equal(got_w, s[weights + k * c:weights + (k + 1) * c])
+                assert torch.equal(got_b, s[s_bias + biases + k])
+    assert report.tensor(key + "weight").action == "mapped"
+    assert report.tensor(key + "weight").fresh == c + 1
+    load_strict(model, new)
+
+
+def test_point_rend_loads_without_format_upgrade():
     """The result keeps torch's ``_metadata``: PointRend must not mistake it for an old format."""
     src = point_rend_state(80)
     model = build_point_rend(3)
     new, _ = reclass(src, model, thing(), mode="map")
-    caplog.clear()
-    load_strict(model, new)
-    assert "Weight format of PointRend models have changed" not in caplog.text
+    # Captured at PointRend's loggers: once an earlier test has run setup_logger, the
+    # "detectron2" logger stops propagating to the root logger, where pytest's caplog listens.
+    point_rend = ("detectron2.projects.point_rend.mask_head",
+                  "detectron2.projects.point_rend.roi_heads")
+    with captured_logs(*point_rend) as logs:
+        load_strict(model, new)
+    assert not any("Weight format of PointRend models have changed" in m for m in logs)
     # Without the metadata, PointRend takes the state dict for its old format: the check bites.
-    load_strict(model, dict(new))
-    assert "Weight format of PointRend models have changed" in caplog.text
+    with captured_logs(*point_rend) as logs:
+        load_strict(model, dict(new))
+    assert any("Weight format of PointRend models have changed" in m for m in logs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,14 +735,24 @@ def test_strict_names_every_tensor_both_counts_and_the_fix():
     assert torch.equal(src[BOX + "cls_score.weight"], before)
 
 
-def test_strict_same_count_other_names(head80):
+def test_strict_reorder_is_named_a_reorder(head80):
     order = list(reversed(COCO_CLASSES))
-    with pytest.raises(ClassMismatchError, match=r"checkpoint 80, model 80 \(same count, "
-                                                 r"different names\)") as info:
+    with pytest.raises(ClassMismatchError, match=r"thing classes: the same 80 classes in another "
+                       r"order \(checkpoint: person, bicycle, .*; model: toothbrush, hair drier,"
+                       ) as info:
         reclass(head80, head(80), thing(COCO_CLASSES, order), mode="strict", source="x.pth")
     assert "x.pth does not fit" in str(info.value)
     assert "cls_score.weight: checkpoint (81, 64), model (81, 64)" in str(info.value)
     assert "bbox_pred.bias" in str(info.value)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("thing classes: the same 80 classes in another order")
+
+
+def test_strict_same_count_other_names(head80):
+    other = COCO_CLASSES[:79] + ["gadget"]
+    with pytest.raises(ClassMismatchError, match=r"thing classes: checkpoint 80, model 80 "
+                       r"\(checkpoint: person, .*; model: person, .*, \.\.\. \(80 in all\)\)"):
+        reclass(head80, head(80), thing(COCO_CLASSES, other), mode="strict", source="x.pth")
 
 
 def test_strict_keypoints():

@@ -9,7 +9,7 @@ import torch
 from d2_fixtures import REPO, THREE, small_model
 from detectron2.data import MetadataCatalog
 
-from d2_reclass import ClassListError, ReclassCheckpointer, check_num_classes
+from d2_reclass import ClassListError, ReclassCheckpointer, ReclassOptions, check_num_classes
 from d2_reclass.synthetic import make_shapes_dataset
 
 COCO = list(MetadataCatalog.get("coco_2017_train").thing_classes)
@@ -54,13 +54,13 @@ def _datasets(root):
     return args
 
 
-def _train_net(root, *args, timeout=300):
+def _train_net(root, *args, timeout=300, returncode=0):
     """Run tools/train_net.py; ``args`` are its flags first, then KEY VALUE opts."""
     opts = ["DATASETS.TRAIN", '("t_train",)', "DATASETS.TEST", '("t_val",)',
             "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
     proc = subprocess.run([sys.executable, TRAIN_NET, *_datasets(root), *args, *opts],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -104,11 +104,28 @@ def test_eval_only_with_the_base_config_uses_the_stored_classes(coco_task, train
     assert "|    dog     |" in log and "|   gadget   |" in log
 
 
+def test_resume_with_reordered_classes_fails_before_anything_is_written(coco_task, trained):
+    root, _, _ = coco_task
+    out, _ = trained
+    before = {p: (out / p).read_bytes() for p in ("config.yaml", "log.txt", "last_checkpoint")}
+    files = sorted(os.listdir(out))
+    log = _train_net(root, "--resume", "--config-file", "configs/shapes_target_map.yaml",
+                     "MODEL.RECLASS.TARGET_CLASSES", '["person", "dog", "gadget"]',
+                     "OUTPUT_DIR", str(out), returncode=1)
+    assert (f"ResumeClassMismatchError: Cannot resume from {out / 'model_final.pth'}: it was "
+            "trained for other classes than the model's (thing classes: the same 3 classes in "
+            "another order (checkpoint: dog, person, gadget; model: person, dog, gadget)).") in log
+    assert "Use a new OUTPUT_DIR, or start without --resume" in log
+    assert {p: (out / p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(out)) == files
+
+
 def test_the_saved_model_maps_by_stored_names_with_no_source_key(trained):
     out, _ = trained
     final = torch.load(out / "model_final.pth", weights_only=True)["model"]
     model = small_model(2, seed=3)
-    ReclassCheckpointer(model, target_classes=["gadget", "dog"]).load(str(out / "model_final.pth"))
+    ReclassCheckpointer(model,
+        reclass=ReclassOptions(target_classes=["gadget", "dog"])).load(str(out / "model_final.pth"))
     new = model.state_dict()[CLS]
     assert torch.equal(new[0], final[CLS][2]) and torch.equal(new[1], final[CLS][0])
     assert torch.equal(new[2], final[CLS][3])

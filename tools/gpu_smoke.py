@@ -57,7 +57,12 @@ def main(argv=None) -> int:
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
 
-    from d2_reclass import ReclassCheckpointer, ReclassTrainer, register_coco_dataset
+    from d2_reclass import (
+        ReclassCheckpointer,
+        ReclassOptions,
+        ReclassTrainer,
+        register_coco_dataset,
+    )
     from d2_reclass.synthetic import make_shapes_dataset
 
     setup_logger(name="d2_reclass")
@@ -68,11 +73,11 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     source = build_model(_cfg("cpu", len(SOURCE), work, args.iters))
-    ReclassCheckpointer(source, work, target_classes=SOURCE).save("source")
+    ReclassCheckpointer(source, work, reclass=ReclassOptions(target_classes=SOURCE)).save("source")
     source_state = source.state_dict()
 
     cpu_model = build_model(_cfg("cpu", len(TARGET), work, args.iters))
-    ReclassCheckpointer(cpu_model, mode="map", target_classes=TARGET).load(
+    ReclassCheckpointer(cpu_model, reclass=ReclassOptions(mode="map", target_classes=TARGET)).load(
         os.path.join(work, "source.pth"))
     cpu_state = cpu_model.state_dict()
 

@@ -24,12 +24,17 @@ from detectron2.engine import (
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from train_net import argument_parser
 
 from d2_reclass import ReclassCheckpointer, register_coco_dataset
 from d2_reclass.fast_rcnn import adopt_box_predictors
-from d2_reclass.lazy import apply_lazy_num_classes, lazy_reclass_options, lazy_target_classes
+from d2_reclass.lazy import (
+    apply_lazy_num_classes,
+    lazy_new_class_examples,
+    lazy_reclass_options,
+    lazy_target_classes,
+)
+from d2_reclass.new_classes import broadcast_thing_heads
 from d2_reclass.threads import configure_torch_threads
 from d2_reclass.trainer import REPORT_FILE
 
@@ -39,7 +44,7 @@ logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
 def build_model(cfg):
     model = instantiate(cfg.model)
     adopt_box_predictors(model, class_names=lazy_target_classes(cfg),
-                         reclass_mode=lazy_reclass_options(cfg).get("mode", "auto"))
+                         reclass_mode=lazy_reclass_options(cfg).mode)
     return model.to(cfg.train.device)
 
 
@@ -67,7 +72,8 @@ def do_train(args, cfg):
     model = _ddp(cfg, model)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
     checkpointer = ReclassCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                       **lazy_reclass_options(cfg))
+                                       reclass=lazy_reclass_options(cfg),
+                                       examples=lazy_new_class_examples(cfg))
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -78,6 +84,8 @@ def do_train(args, cfg):
                              period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if checkpointer.report is not None and checkpointer.report.new_classes is not None:
+        broadcast_thing_heads(model)
     if checkpointer.report is not None and comm.is_main_process():
         checkpointer.report.to_json(os.path.join(cfg.train.output_dir, REPORT_FILE))
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
@@ -91,12 +99,13 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     changes = apply_lazy_num_classes(cfg)
     default_setup(cfg, args)
-    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="d2_reclass")
     for key, old, new in changes:
         logger.info(f"num_classes: {key} {old} -> {new}")
     if args.eval_only:
         model = _ddp(cfg, build_model(cfg))
-        ReclassCheckpointer(model, **lazy_reclass_options(cfg)).load(cfg.train.init_checkpoint)
+        checkpointer = ReclassCheckpointer(model, reclass=lazy_reclass_options(cfg),
+                                           examples=lazy_new_class_examples(cfg))
+        checkpointer.load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 

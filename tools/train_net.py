@@ -15,25 +15,27 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.projects.point_rend import add_pointrend_config
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from d2_reclass import (
     ReclassCheckpointer,
     ReclassTrainer,
     add_reclass_config,
-    apply_num_classes,
+    check_resume,
     merge_config_file,
+    prepare_reclass_config,
     read_stored_classes,
     register_coco_dataset,
 )
-from d2_reclass.config import target_classes
+from d2_reclass.combine import union_classes
+from d2_reclass.config import log_num_classes_changes, target_classes
 from d2_reclass.threads import configure_torch_threads
 
 logger = logging.getLogger("d2_reclass.train_net")
 
 
 def setup(args):
-    """Config from file and opts; NUM_CLASSES from the target classes before any model."""
+    """Config from file and opts, prepared (checked, NUM_CLASSES from the target classes) and
+    checked against a run to resume, all before default_setup writes anything."""
     # launch() runs main() in every worker process: each registers the datasets itself.
     for name, json_file, image_root in args.coco_dataset or []:
         register_coco_dataset(name, json_file, image_root)
@@ -46,17 +48,20 @@ def setup(args):
     if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
         # A checkpoint that stores its classes is evaluated with them, whatever the base
         # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
-        stored = read_stored_classes(cfg.MODEL.WEIGHTS, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
-        cfg.MODEL.RECLASS.TARGET_CLASSES = stored.get("thing_classes", [])
-        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = stored.get("stuff_classes", [])
-    changes = []
-    if cfg.MODEL.RECLASS.AUTO_NUM_CLASSES:
-        changes = apply_num_classes(cfg, target_classes(cfg, "thing"), target_classes(cfg, "stuff"))
+        # Combined with further checkpoints, with every class of them all.
+        stored = [read_stored_classes(path, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
+                  for path in [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]]
+        cfg.MODEL.RECLASS.TARGET_CLASSES = union_classes([s.get("thing_classes", [])
+                                                          for s in stored])
+        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = union_classes([s.get("stuff_classes", [])
+                                                                for s in stored])
+    cfg, changes = prepare_reclass_config(cfg)
+    if args.resume:
+        check_resume(cfg.OUTPUT_DIR, target_classes(cfg, "thing"), target_classes(cfg, "stuff"),
+                     trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
     cfg.freeze()
     default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_reclass")
-    for key, old, new in changes:
-        logger.info(f"AUTO_NUM_CLASSES: {key} {old} -> {new}")
+    log_num_classes_changes(changes)
     return cfg
 
 

@@ -1,0 +1,162 @@
+"""ReclassOptions: everything that decides how a checkpoint's class heads are fitted, as one value.
+
+The same options come from ``MODEL.RECLASS`` (:meth:`ReclassOptions.from_config`), from a
+LazyConfig's ``reclass`` dict, or from code. :class:`ReclassCheckpointer` takes them as one
+keyword, ``reclass=``, so that none of them can shadow a checkpointable of the same name
+(``DetectionCheckpointer(model, dir, mode=...)`` saves an object called ``mode``).
+
+Values are checked when the options are made, before any model, data loader or file exists:
+a typo in a mode or a malformed class map is one :class:`ConfigError` naming the key.
+"""
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from .classes import _parse_class_map, check_class_list, did_you_mean
+from .errors import ConfigError
+
+__all__ = ["MODES", "NEW_CLASS_INITS", "ReclassOptions", "check_option_values"]
+
+#: The values of ``MODEL.RECLASS.MODE``; see :mod:`d2_reclass.surgery`.
+MODES = ("auto", "map", "reinit", "strict")
+#: The values of ``MODEL.RECLASS.NEW_CLASS_INIT``; see :mod:`d2_reclass.new_classes`.
+NEW_CLASS_INITS = ("auto", "head", "relative", "imprint")
+
+_CLASS_LISTS = ("source_classes", "target_classes", "source_stuff_classes",
+                "target_stuff_classes")
+
+
+def config_key(option: str) -> str:
+    """The config key of an option: ``"class_map"`` -> ``"MODEL.RECLASS.CLASS_MAP"``."""
+    return f"MODEL.RECLASS.{option.upper()}"
+
+
+def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = config_key) -> None:
+    """Raise one clear error for the first option value that cannot work.
+
+    Args:
+        values: option name (lower case, as :class:`ReclassOptions` fields) -> value; options
+            not present are not checked.
+        name: how messages name an option (a config key by default).
+
+    Raises:
+        ConfigError: a mode, new-class init, image count, seed, prefix list, rename or flag of
+            the wrong kind.
+        ClassListError: a malformed class list or class map entry.
+    """
+    mode = values.get("mode", "auto")
+    if mode not in MODES:
+        raise ConfigError(
+            f"{name('mode')} is {mode!r}; use one of {', '.join(MODES)}."
+            + did_you_mean(str(mode), MODES))
+    init = values.get("new_class_init", "auto")
+    if init not in NEW_CLASS_INITS:
+        raise ConfigError(
+            f"{name('new_class_init')} is {init!r}; use one of {', '.join(NEW_CLASS_INITS)}."
+            + did_you_mean(str(init), NEW_CLASS_INITS))
+    images = values.get("init_images", 16)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ConfigError(f"{name('init_images')} is {images!r}; it must be an integer >= 1 "
+                          "(images read per new class).")
+    seed = values.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{name('seed')} is {seed!r}; it must be an integer.")
+    for option in ("trust_pickle", "combine_allow_different_weights"):
+        flag = values.get(option, False)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name(option)} is {flag!r}; use True or False.")
+    dataset = values.get("source_dataset", "")
+    if not isinstance(dataset, str):
+        raise ConfigError(f"{name('source_dataset')} is {dataset!r}; give a dataset name.")
+    for option in ("only", "rename", "class_map", "combine", *_CLASS_LISTS):
+        value = values.get(option) or ()
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(
+                f"{name(option)} is {value!r}; it must be a list of strings, e.g. "
+                f"{name(option)} [\"a\", \"b\"] in YAML.")
+    for entry in values.get("rename") or ():
+        old, sep, _ = entry.partition("=")
+        if not sep or not old:
+            raise ConfigError(
+                f"{name('rename')} entry {entry!r} is not of the form 'old_prefix=new_prefix' "
+                "(e.g. 'detector.=' to drop a wrapper's prefix).")
+    _parse_class_map(values.get("class_map"))
+    for option in _CLASS_LISTS:
+        if values.get(option):
+            check_class_list(values[option], name(option))
+
+
+def _strings(value: Optional[Sequence[str]]) -> Optional[Tuple[str, ...]]:
+    return tuple(value) if value else None
+
+
+@dataclass(frozen=True)
+class ReclassOptions:
+    """How a checkpoint's class-dependent tensors are fitted to a model; mirrors MODEL.RECLASS.
+
+    Attributes:
+        mode (str): one of :data:`MODES`.
+        source_classes, target_classes (tuple[str] or None): thing classes of the checkpoint
+            and of the model; None: unknown (source: stored names, then ``source_dataset``).
+        source_stuff_classes, target_stuff_classes: the same for semantic heads.
+        class_map (tuple[str]): ``"target=source"`` overrides; ``"target="`` declares it new.
+        seed (int): seeds fresh entries, with each parameter's name.
+        source_dataset (str): a registered dataset naming the checkpoint's classes.
+        only, rename (tuple[str]): checkpoint key prefixes to keep / ``"old=new"`` renames.
+        trust_pickle (bool): allow full unpickling of files the user trusts.
+        new_class_init (str): one of :data:`NEW_CLASS_INITS`: how mapped classes that no source
+            class maps to start (see :mod:`d2_reclass.new_classes`); ``auto``: ``imprint``
+            where labelled examples are given, else ``head``.
+        init_images (int): at most this many labelled images are read per new class.
+        combine (tuple[str]): further checkpoints (storing their class names) whose classes
+            the model takes where the first checkpoint does not know them.
+        combine_allow_different_weights (bool): the combined checkpoints' non-class tensors
+            may differ (the first's are used).
+    """
+
+    mode: str = "auto"
+    source_classes: Optional[Tuple[str, ...]] = None
+    target_classes: Optional[Tuple[str, ...]] = None
+    source_stuff_classes: Optional[Tuple[str, ...]] = None
+    target_stuff_classes: Optional[Tuple[str, ...]] = None
+    class_map: Tuple[str, ...] = ()
+    seed: int = 0
+    source_dataset: str = ""
+    only: Tuple[str, ...] = ()
+    rename: Tuple[str, ...] = ()
+    trust_pickle: bool = False
+    new_class_init: str = "auto"
+    init_images: int = 16
+    combine: Tuple[str, ...] = ()
+    combine_allow_different_weights: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists from YAML, OmegaConf or callers become tuples: the options are one frozen value.
+        for option in _CLASS_LISTS:
+            object.__setattr__(self, option, _strings(getattr(self, option)))
+        for option in ("class_map", "only", "rename", "combine"):
+            value = getattr(self, option)
+            if not isinstance(value, str):
+                object.__setattr__(self, option, tuple(value or ()))
+        check_option_values({f.name: getattr(self, f.name) for f in fields(self)},
+                            name=lambda option: f"reclass option {option!r}")
+        if self.source_dataset:
+            from .config import dataset_classes  # checked now: stored names could hide a typo
+
+            dataset_classes(self.source_dataset, what=config_key("source_dataset"))
+
+    @classmethod
+    def from_config(cls, cfg) -> "ReclassOptions":
+        """The options of ``cfg.MODEL.RECLASS`` (defaults where the config has no such node);
+        target classes default to those of DATASETS.TRAIN.
+
+        Raises:
+            ConfigError, ClassListError: naming the MODEL.RECLASS key at fault.
+        """
+        from .config import target_classes
+
+        r = cfg.MODEL.get("RECLASS", None) or {}
+        values = {f.name: r[f.name.upper()] for f in fields(cls) if f.name.upper() in r}
+        check_option_values(values)
+        values["target_classes"] = target_classes(cfg, "thing")
+        values["target_stuff_classes"] = target_classes(cfg, "stuff")
+        return cls(**values)
