@@ -42,7 +42,7 @@ import demo  # noqa: E402  (tools/demo.py)
 
 PARTS = ["square", "diamond", "hexagon"]
 TARGET = ["polygon", "circle", "triangle", "cross"]
-OUT = os.path.join(demo.DATA, "merge_ap")
+OUT = os.path.join(ROOT, "data", "demo", "merge_ap")
 
 
 def relabelled_val(data_dir: str) -> str:
