@@ -76,9 +76,10 @@ def main(argv=None) -> int:
     ReclassCheckpointer(source, work, reclass=ReclassOptions(target_classes=SOURCE)).save("source")
     source_state = source.state_dict()
 
-    cpu_model = build_model(_cfg("cpu", len(TARGET), work, args.iters))
-    ReclassCheckpointer(cpu_model, reclass=ReclassOptions(mode="map", target_classes=TARGET)).load(
-        os.path.join(work, "source.pth"))
+    cpu_cfg = _cfg("cpu", len(TARGET), work, args.iters)
+    cpu_model = build_model(cpu_cfg)
+    # The reference load takes the trainer's own options (mode, seed, new-class init).
+    ReclassCheckpointer.from_config(cpu_cfg, cpu_model).load(os.path.join(work, "source.pth"))
     cpu_state = cpu_model.state_dict()
 
     cfg = _cfg(args.device, len(TARGET), work, args.iters)
