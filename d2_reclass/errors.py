@@ -3,6 +3,7 @@
 Every error the package raises on bad input is a :class:`ReclassError`, so callers can catch one
 type; the message names the file or config key at fault and says how to fix it.
 """
+from typing import Sequence
 
 __all__ = [
     "ReclassError",
@@ -37,8 +38,9 @@ class ClassMismatchError(ReclassError):
         tensors (list[str]): the mismatched tensors with both shapes.
     """
 
-    problems: list = []
-    tensors: list = []
+    def __init__(self, message: str, problems: Sequence[str] = (), tensors: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems, self.tensors = list(problems), list(tensors)
 
 
 class CheckpointError(ReclassError, OSError):

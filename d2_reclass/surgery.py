@@ -468,14 +468,12 @@ def _raise_if_strict(
     tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
                f"{tuple(model_state[k].shape)}" for k in keys]
     problems = strict_errors or ["tensors differ for reasons other than classes"]
-    error = ClassMismatchError(
+    raise ClassMismatchError(
         f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
         + "; ".join(problems) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
         "MODEL.RECLASS.MODE to 'map' (with class names) or 'reinit' to adapt the heads, or "
-        "build the model with the checkpoint's NUM_CLASSES."
-    )
-    error.problems, error.tensors = problems, tensors
-    raise error
+        "build the model with the checkpoint's NUM_CLASSES.",
+        problems, tensors)
 
 
 # ---------------------------------------------------------------------------------------------
