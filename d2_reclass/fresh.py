@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["InitSpec", "seeded_generator", "retinanet_prior_bias"]
+__all__ = ["InitSpec", "seeded_generator", "retinanet_prior_bias", "linear_default_init"]
 
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -36,6 +36,7 @@ class InitSpec:
     * ``"msra"``: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, as
       ``fvcore.nn.weight_init.c2_msra_fill`` and the keypoint head use.
     * ``"xavier"``: ``kaiming_uniform_(a=1)``, as ``c2_xavier_fill``.
+    * ``"uniform"``: U(-value, value) — ``nn.init.uniform_(w, -value, value)``.
     """
 
     kind: str
@@ -54,10 +55,16 @@ class InitSpec:
             )
         if self.kind == "xavier":
             return torch.nn.init.kaiming_uniform_(out, a=1, generator=generator)
+        if self.kind == "uniform":
+            return out.uniform_(-self.value, self.value, generator=generator)
         raise ValueError(f"Unknown init kind {self.kind!r}")
 
     def __str__(self) -> str:
-        return self.kind if self.kind in ("msra", "xavier") else f"{self.kind}({self.value:.4g})"
+        if self.kind in ("msra", "xavier"):
+            return self.kind
+        if self.kind == "uniform":
+            return f"uniform(+-{self.value:.4g})"
+        return f"{self.kind}({self.value:.4g})"
 
 
 NORMAL_001 = InitSpec("normal", 0.01)
@@ -65,3 +72,10 @@ NORMAL_0001 = InitSpec("normal", 0.001)
 ZERO = InitSpec("constant", 0.0)
 MSRA = InitSpec("msra")
 XAVIER = InitSpec("xavier")
+
+
+def linear_default_init(in_features: int) -> InitSpec:
+    """``nn.Linear``'s own init of its weight and bias, for heads that keep it: U(-b, b) with
+    b = 1/sqrt(in_features) (``reset_parameters``: ``kaiming_uniform_(a=sqrt(5))`` gives the
+    weight exactly that bound, and the bias is drawn with it)."""
+    return InitSpec("uniform", 1.0 / math.sqrt(in_features))

@@ -57,7 +57,6 @@ install_project_shims()
 mask2former = pytest.importorskip(
     "mask2former", reason="maskformer2 is not installed (make setup installs "
     "requirements/projects.txt)")
-from benchmarks.mask2former_configs import TINY, build_mask2former, mask2former_cfg  # noqa: E402
 from mask2former import (  # noqa: E402
     COCOInstanceNewBaselineDatasetMapper,
     COCOPanopticNewBaselineDatasetMapper,
@@ -66,6 +65,8 @@ from mask2former import (  # noqa: E402
     MaskFormerSemanticDatasetMapper,
     add_maskformer2_config,
 )
+
+from benchmarks.mask2former_configs import TINY, build_mask2former, mask2former_cfg  # noqa: E402
 
 PANOPTIC = "coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml"
 SEMANTIC = "ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"
