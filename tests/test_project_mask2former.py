@@ -43,11 +43,21 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
+from load_invariant import check_load_invariant
 from PIL import Image, ImageDraw
 from shims import install_project_shims
 
-from d2_reclass import ReclassTrainerMixin, add_reclass_config
+from d2_reclass import (
+    NewClassExamples,
+    ReclassCheckpointer,
+    ReclassOptions,
+    ReclassTrainerMixin,
+    add_reclass_config,
+)
 from d2_reclass.errors import ClassListError
+from d2_reclass.layouts import STUFF, THING
+from d2_reclass.layouts.mask2former import task_space
+from d2_reclass.new_classes import init_new_classes
 from d2_reclass.synthetic import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -565,6 +575,61 @@ def test_instance_new_class_init_auto_falls_back_to_head(instance):
     assert "MaskFormer" in new_classes["classes"][0]["reason"]
 
 
+def test_instance_new_class_init_imprint_falls_back_before_loading(instance, caplog):
+    """NEW_CLASS_INIT imprint asked for explicitly, with labelled examples at hand: a WARNING
+    names the reason, the dataset is never read, the load maps the rows, and the new class keeps
+    the head's init. init_new_classes called directly on a MaskFormer says the same."""
+    model = build_mask2former(instance.trainer.cfg)
+    examples = NewClassExamples(datasets=("m2f_unreadable_if_read",))
+    checkpointer = ReclassCheckpointer(model, reclass=ReclassOptions(
+        mode="map", source_classes=SIX, target_classes=THREE, new_class_init="imprint"),
+        examples=examples)
+    checkpointer.load(str(instance.out.parent / "six.pth"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                and "NEW_CLASS_INIT imprint" in r.getMessage()]
+    assert len(warnings) == 1 and "MaskFormer" in warnings[0] and "star" in warnings[0]
+    new_classes = checkpointer.report.new_classes
+    assert [(c.name, c.method) for c in new_classes.classes] == [("star", "head")]
+    assert torch.equal(model.state_dict()[CLASS_EMBED + "weight"],
+                       instance.loaded[CLASS_EMBED + "weight"])
+    entries_, report = init_new_classes(model, [], checkpointer.report.spaces["thing"].mapping,
+                                        instance.source, method="relative")
+    assert entries_ == {} and report.classes[0].method == "head"
+    assert "no box classifier" in report.classes[0].reason
+
+
+def test_task_space_follows_the_models_task():
+    """Semantic and panoptic models count the stuff list; instance models the things, also with
+    upstream's ADE20K instance config, whose switches are all on for a things-only dataset."""
+    assert task_space(True, False, False, thing_names=False, stuff_names=True) == STUFF
+    assert task_space(True, True, True, thing_names=True, stuff_names=True) == STUFF
+    assert task_space(False, False, True, thing_names=True, stuff_names=False) == THING
+    assert task_space(True, True, True, thing_names=True, stuff_names=False) == THING
+    assert task_space(True, False, False, thing_names=False, stuff_names=False) == STUFF
+
+
+def test_maskformer_v1_decoder_has_the_same_layout():
+    """MaskFormer (v1)'s StandardTransformerDecoder, in a semantic MaskFormer: class_embed is
+    K+1 rows with no object last, in the stuff space, sized by SEM_SEG_HEAD.NUM_CLASSES."""
+    from d2_reclass import find_layouts
+
+    cfg = mask2former_cfg(SEMANTIC, TINY + [
+        "MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 7,
+        "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "BasePixelDecoder",
+        "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME", "StandardTransformerDecoder",
+        "MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res5", "MODEL.MASK_FORMER.ENC_LAYERS", 0,
+        "MODEL.MASK_FORMER.DEC_LAYERS", 2])
+    model = build_mask2former(cfg)
+    assert type(model.sem_seg_head.predictor).__name__ == "StandardTransformerDecoder"
+    layouts = {lay.key: lay for lay in find_layouts(model)}
+    assert sorted(layouts) == [EMPTY_WEIGHT, CLASS_EMBED + "bias", CLASS_EMBED + "weight"]
+    weight = layouts[CLASS_EMBED + "weight"]
+    assert (weight.space, weight.num_classes, weight.background) == (STUFF, 7, True)
+    assert weight.length(7) == model.state_dict()[CLASS_EMBED + "weight"].shape[0] == 8
+    assert weight.config_key == "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
+    assert layouts[CLASS_EMBED + "bias"].merge == "mean + log(count)"
+
+
 def test_instance_trains_with_auto_num_classes_and_saves_the_loaded_weights(instance):
     assert instance.trainer.cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 3
     assert instance.cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 80
@@ -595,3 +660,52 @@ def test_instance_wrong_num_classes_names_the_sem_seg_head_key(instance, tmp_pat
     with pytest.raises(ClassListError, match=r"Set MODEL\.SEM_SEG_HEAD\.NUM_CLASSES 3") as e:
         trainer.resume_or_load(resume=False)
     assert "RETINANET" not in str(e.value) and "ROI_HEADS" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The load invariant: every tensor that is not a class entry, and every module version, as stock
+# ---------------------------------------------------------------------------------------------
+
+
+def _built(name: str, num_classes: int, dataset: str):
+    """A seeded builder of the shrunk model ``name`` for ``num_classes``, built for
+    ``dataset``'s metadata (the same model on every call)."""
+    cfg = mask2former_cfg(name, TINY + ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+                                        num_classes, "DATASETS.TRAIN", (dataset,)])
+
+    def build():
+        torch.manual_seed(2)
+        return build_mask2former(cfg)
+
+    return build
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["same classes", "classes changed"])
+def test_panoptic_load_is_stock_but_for_class_entries(panoptic, changed):
+    """ReclassCheckpointer loads the panoptic checkpoint as stock DetectionCheckpointer does:
+    every tensor bit for bit (the pixel decoder included) but class_embed and empty_weight when
+    the classes change, the whole model when they do not; MaskFormerHead and the decoder see
+    their version 2 under both, so nothing is renamed as an old format."""
+    source = str(panoptic.out.parent / "six.pth")
+    if changed:
+        result = check_load_invariant(
+            _built(PANOPTIC, len(PAN_TARGET), "m2f_pan_train"), source,
+            reclass=ReclassOptions(source_stuff_classes=PAN_SOURCE,
+                                   target_stuff_classes=PAN_TARGET))
+        assert result.class_keys == {CLASS_EMBED + "weight", CLASS_EMBED + "bias", EMPTY_WEIGHT}
+        assert result.report.spaces["stuff"].resolution == "map"
+    else:
+        result = check_load_invariant(_built(PANOPTIC, len(PAN_SOURCE), "m2f_pan_train"), source,
+                                      reclass=ReclassOptions(), class_keys=set())
+    assert result.versions["sem_seg_head"] == [2]
+    assert result.versions["sem_seg_head.predictor"] == [2]
+    decoder = [k for k in result.compared if k.startswith("sem_seg_head.pixel_decoder.")]
+    assert len(decoder) > 30
+
+
+def test_instance_load_is_stock_but_for_class_entries(instance):
+    result = check_load_invariant(
+        _built(INSTANCE, len(THREE), "m2f_shapes_train"), str(instance.out.parent / "six.pth"),
+        reclass=ReclassOptions(source_classes=SIX, target_classes=THREE, new_class_init="head"))
+    assert result.class_keys == {CLASS_EMBED + "weight", CLASS_EMBED + "bias", EMPTY_WEIGHT}
+    assert result.versions["sem_seg_head"] == [2]

@@ -10,7 +10,7 @@ __all__ = ["install_project_shims"]
 
 #: Modules of detectron2 that import its compiled ``_C`` at import time, and the shim module
 #: that replaces each where ``_C`` is missing.
-_SHIMS = {"detectron2.evaluation.fast_eval_api": "shims.fast_eval_api"}
+_SHIMS = {"detectron2.evaluation.fast_eval_api": f"{__name__}.fast_eval_api"}
 
 
 def install_project_shims() -> None:
