@@ -252,6 +252,13 @@ def convert_checkpoint(
         classes={THING: ClassSpec(source, classes, list(class_map), what, "--classes")},
         mode=mode, seed=seed, source=path)
     thing = report.spaces.get(THING)
+    if source is None and thing is not None and thing.resolution == "reinit" and mode == "auto":
+        logger.warning(
+            f"{path} stores no class names and none were given, so every class row of its "
+            f"heads is re-initialised ({thing.num_source} -> {thing.num_target} classes, "
+            "nothing kept). To keep rows by name, pass --source-classes A,B,... (the "
+            "checkpoint's classes, in its order) or --source-dataset NAME; pass --mode reinit "
+            "if a fresh head is what you want.")
     if new_class_init != "head" and thing is not None and thing.resolution == "map" \
             and thing.mapping.new:
         report.new_classes = _init_new_classes(

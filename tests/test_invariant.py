@@ -11,8 +11,9 @@ version. With classes unchanged, class entries too.
 The paths: ``.pth`` with stored names and without; zoo ``.pkl`` (numpy arrays, with
 ``_metadata``) and a ``.pkl`` read by name-matching heuristics; a DDP ``module.`` prefix;
 MODEL.RECLASS.ONLY and RENAME; resume; COMBINE; the output files of ``d2-reclass convert`` and
-``combine``. Default suite: a few archs, each path at least once. ``-m slow``: every buildable
-config of the matrix, with the paths that apply to any model.
+``combine``; a PathManager URL with a ``?matching_heuristics=True`` query. Default suite: a few
+archs, each path at least once. ``-m slow``: every buildable config of the matrix, with the
+paths that apply to any model.
 """
 import copy
 import functools
@@ -27,12 +28,14 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
+from detectron2.utils.file_io import PathManager
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` run without `python -m` has no repo root on sys.path
     sys.path.insert(0, str(ROOT))
 
 from load_invariant import check_load_invariant, recorded_versions  # noqa: E402
+from test_checkpoint import _TestHandler  # noqa: E402
 from test_coverage_matrix import OUT_OF_SCOPE_CONFIGS  # noqa: E402
 
 from benchmarks.coverage_matrix import (  # noqa: E402
@@ -228,6 +231,17 @@ def check_module_prefix(a: Arch, tmp: Path, changed: bool, *, stored_names: bool
                                 class_keys=None if changed else set())
 
 
+def check_url(a: Arch, changed: bool):
+    """A PathManager URL (a user's storage prefix) with detectron2's ``?matching_heuristics=True``
+    query: both loaders resolve it, and both match the keys by name."""
+    if _TestHandler.PREFIX not in PathManager._path_handlers:
+        PathManager.register_handler(_TestHandler(a.dir))
+    PathManager._path_handlers[_TestHandler.PREFIX].root = Path(a.pth).parent
+    url = f"{_TestHandler.PREFIX}{Path(a.pth).name}?matching_heuristics=True"
+    return check_load_invariant(a.fresh(changed), url, reclass=a.options(changed),
+                                class_keys=None if changed else set())
+
+
 def check_only(a: Arch, tmp: Path, changed: bool, prefix: str = "backbone."):
     """MODEL.RECLASS.ONLY: ReclassCheckpointer loads the prefix from the whole file as stock
     loads a file that holds only the prefix (with the whole file's ``_metadata``)."""
@@ -333,6 +347,12 @@ def test_mask_rcnn_module_prefix_without_names(tmp_path):
     result = check_module_prefix(arch(MASK), tmp_path, changed=True, stored_names=False)
     assert result.report.spaces["thing"].resolution == "reinit"
     assert result.versions["backbone.bottom_up.res2.0.conv1.norm"] == [3]
+
+
+def test_mask_rcnn_url_with_matching_heuristics_query():
+    result = check_url(arch(MASK), changed=True)
+    assert set(map(tuple, result.versions.values())) == {(None,)}  # name matching, as stock
+    assert result.report.spaces["thing"].resolution == "map"
 
 
 def test_cascade_pkl_matching_heuristics_classes_changed(tmp_path):
