@@ -43,9 +43,11 @@ from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 from d2_reclass.errors import CheckpointError, ClassListError, ClassMismatchError
-from d2_reclass.layouts import STUFF, THING, find_layouts
+from d2_reclass.fresh import torch_default_init
+from d2_reclass.layouts import STUFF, THING, class_rows, find_layouts, register_layout
 from d2_reclass.report import NOT_RECOGNISED
 from d2_reclass.surgery import ClassSpec, class_map_by_space, reclass_state_dict
 
@@ -894,6 +896,44 @@ def test_class_map_applies_in_every_space_its_target_is_in():
     # Target names unknown: the things' mapping says what is missing, as before.
     assert class_map_by_space(["a=b"], {THING: None, STUFF: None}) == {THING: {"a": "b"},
                                                                         STUFF: {}}
+
+
+class _DetrLike(nn.Module):
+    """A user's head: K+1 "no object"-last logits from an nn.Linear with torch's own init."""
+
+    def __init__(self, num_classes: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.class_embed = nn.Linear(32, num_classes + 1)
+
+
+@register_layout(_DetrLike)
+def _detr_like(m):
+    # The recipe of register_layout's docstring, with the head's own (torch default) init.
+    init = torch_default_init(m.class_embed)
+    return class_rows(m.class_embed, "class_embed", init, init, space=THING,
+                      num_classes=m.class_embed.out_features - 1, background=True,
+                      classifier=True)
+
+
+def test_user_registered_classifier_merges_by_the_classifier_rule():
+    """A merge raises the bias by log(count), a new class is drawn from nn.Linear's own init,
+    the "no object" row is carried."""
+    src, model = _DetrLike(4, seed=1), _DetrLike(3, seed=2)
+    new, report = reclass_state_dict(
+        src.state_dict(), model.state_dict(), find_layouts(model), mode="map",
+        classes={THING: ClassSpec(["a", "b", "c", "d"], ["ab", "d", "new"], ["ab=a+b"])})
+    w, b = new["class_embed.weight"], new["class_embed.bias"]
+    sw, sb = src.state_dict()["class_embed.weight"], src.state_dict()["class_embed.bias"]
+    torch.testing.assert_close(b[0].double(), sb[:2].double().mean() + math.log(2), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(w[0].double(), sw[:2].double().mean(0), rtol=0, atol=1e-6)
+    assert torch.equal(w[1], sw[3]) and torch.equal(b[1], sb[3])
+    assert torch.equal(w[3], sw[4]) and torch.equal(b[3], sb[4])  # "no object"
+    bound = 1 / math.sqrt(32)
+    assert 0 < float(w[2].abs().max()) <= bound and 0 < float(b[2].abs()) <= bound
+    assert not torch.equal(w[2], model.class_embed.weight[2])  # drawn, seeded by name
+    assert report.tensor("class_embed.bias").merged == 1
 
 
 def test_layouts_with_no_tensor_in_the_checkpoint_are_ignored(head80):
