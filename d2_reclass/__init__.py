@@ -36,7 +36,7 @@ from .fast_rcnn import (
     adopt_box_predictors,
     use_reclass_box_predictors,
 )
-from .fresh import InitSpec
+from .fresh import InitSpec, torch_default_init
 from .layouts import (
     KEYPOINT,
     STUFF,
@@ -113,5 +113,6 @@ __all__ = [
     "register_layout",
     "register_num_classes_keys",
     "stored_classes",
+    "torch_default_init",
     "use_reclass_box_predictors",
 ]

@@ -7,6 +7,7 @@ It loads everything DetectionCheckpointer loads and keeps all it does (PathManag
 fvcore's shape check (so none is "skipped"), further checkpoints (``MODEL.RECLASS.COMBINE``)
 give the classes the loaded one does not know, and saved checkpoints store the class names.
 """
+import dataclasses
 import logging
 import os
 import time
@@ -43,7 +44,13 @@ from .new_classes import (
 from .options import ReclassOptions
 from .report import ReclassReport
 from .serialization import check_state_dict, load_checkpoint_file
-from .surgery import ClassSpec, SourceCheckpoint, describe_class_change, reclass_state_dict
+from .surgery import (
+    ClassSpec,
+    SourceCheckpoint,
+    class_map_by_space,
+    describe_class_change,
+    reclass_state_dict,
+)
 
 __all__ = [
     "CLASSES_KEY",
@@ -198,6 +205,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         save_to_disk: Optional[bool] = None,
         **checkpointables: Any,
     ):
+        _check_no_options_as_keywords(checkpointables)
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         if reclass is not None and not isinstance(reclass, ReclassOptions):
             raise ConfigError(
@@ -300,6 +308,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
             self._init_new_classes(source_state, *examples)
         if self.report is not None and (self.report.changed or self.report.mismatches):
             logger.info(f"[ReclassCheckpointer] {source}:\n{self.report}")
+        if self.report is not None and self.report.unrecognised:
+            _warn_unrecognised(self.report, source)
         return incompatible
 
     def _weights(self, checkpoint: Dict[str, Any], source: str) -> Dict[str, torch.Tensor]:
@@ -399,10 +409,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
         r = self.reclass
         thing_source, thing_what = self._source(stored, "thing", r.source_classes)
         stuff_source, stuff_what = self._source(stored, "stuff", r.source_stuff_classes)
+        # One CLASS_MAP for both spaces: each entry applies where its target class is.
+        class_map = class_map_by_space(r.class_map, {THING: r.target_classes,
+                                                     STUFF: r.target_stuff_classes})
         return {
-            THING: ClassSpec(thing_source, r.target_classes, r.class_map, thing_what,
+            THING: ClassSpec(thing_source, r.target_classes, class_map[THING], thing_what,
                              "MODEL.RECLASS.TARGET_CLASSES"),
-            STUFF: ClassSpec(stuff_source, r.target_stuff_classes, None, stuff_what,
+            STUFF: ClassSpec(stuff_source, r.target_stuff_classes, class_map[STUFF], stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
 
@@ -426,6 +439,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
     def _align_by_name(self, state: Dict[str, torch.Tensor], c2: bool) -> Dict[str, torch.Tensor]:
         # detectron2's heuristics drop any pair whose shapes differ; let class-dependent keys
         # pair by name alone so the engine, not the heuristics, decides what to do with them.
+        # Their result is a plain dict, without _metadata, under stock too: the checkpoint's
+        # module names are not the model's, so no module sees a version either way.
         model_state: Dict[str, Any] = dict(self.model.state_dict())
         for lay in find_layouts(self.model):
             model_state[lay.key] = SimpleNamespace(shape=_AnyShape(model_state[lay.key].shape))
@@ -444,10 +459,34 @@ class ReclassCheckpointer(DetectionCheckpointer):
         super().save(name, **kwargs)
 
 
+def _check_no_options_as_keywords(checkpointables: Dict[str, Any]) -> None:
+    """Refuse a ReclassOptions field passed as a keyword (``mode="map"``): DetectionCheckpointer
+    takes every extra keyword for a checkpointable, and fvcore's error would not say why."""
+    options = {f.name for f in dataclasses.fields(ReclassOptions)}
+    for name, value in checkpointables.items():
+        if name in options and not callable(getattr(value, "state_dict", None)):
+            raise ConfigError(
+                f"ReclassCheckpointer(..., {name}={value!r}): the reclass options are one "
+                f"keyword, reclass=ReclassOptions({name}={value!r}); any other keyword is a "
+                "checkpointable (an object with state_dict()), as for DetectionCheckpointer.")
+
+
+def _warn_unrecognised(report: ReclassReport, source: str) -> None:
+    listing = ", ".join(f"{t.key} {t.checkpoint_shape} -> {t.model_shape}"
+                        for t in report.unrecognised[:6])
+    more = f", ... ({len(report.unrecognised)} in all)" if len(report.unrecognised) > 6 else ""
+    logger.warning(
+        f"[ReclassCheckpointer] {len(report.unrecognised)} tensors of {source} have another shape "
+        f"than the model's and no class layout recognises them: {listing}{more}. They are "
+        "skipped, as stock DetectionCheckpointer skips them. If one is a class head, register "
+        "its layout (d2_reclass.register_layout) to map it by class name.")
+
+
 def _without_suffix(state: Any, suffix: str) -> Any:
     """``state`` without the entries detectron2 drops by name (keys ending in ``suffix``), as
     detectron2 drops them before its own type check; anything but a dict is returned as it is,
-    for :func:`check_state_dict` to refuse."""
+    for :func:`check_state_dict` to refuse. A plain dict, as detectron2's: Caffe2 and pycls
+    files carry no module versions, and stock's copy keeps none either."""
     if not isinstance(state, dict):
         return state
     return {k: v for k, v in state.items() if not (isinstance(k, str) and k.endswith(suffix))}

@@ -91,6 +91,7 @@ def combine_state_dicts(
     new, report = reclass_state_dict(state_dict, model_state, layouts, classes=classes,
                                      mode=mode, seed=seed, source=source, more=more)
     _check_each_gives_a_class(report, more, source)
+    _warn_if_first_gives_fewer(report, more, source)
     return new, report
 
 
@@ -99,6 +100,32 @@ def _differing(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     """Keys of both ``a`` and ``b``, not class-dependent, whose tensors are not equal."""
     return [k for k in a if k in b and k not in class_keys and (
         a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]))]
+
+
+def _warn_if_first_gives_fewer(report: ReclassReport, more: Sequence[SourceCheckpoint],
+                               source: str) -> None:
+    """Warn when a further checkpoint gives more target classes than the first: the usual sign
+    of a base and a novel checkpoint listed the wrong way round, since the first gives the
+    background entries and every other tensor."""
+    given: Dict[int, int] = {}
+    for space in report.spaces.values():
+        m = space.mapping
+        if m is None or space.resolution != "map":
+            continue
+        for j in range(len(m.target)):
+            if m.parts(j):
+                given[m.checkpoint_of(j)] = given.get(m.checkpoint_of(j), 0) + 1
+    first = given.get(0, 0)
+    for c, other in enumerate(more, 1):
+        if given.get(c, 0) > first:
+            logger.warning(
+                f"Combining: {source} is listed first, so the model takes its background "
+                f"entries and every tensor that is not a class entry, but {other.name} gives "
+                f"more of the target classes ({given[c]} against {first}). If {other.name} is "
+                f"the base model, list it first: `d2-reclass combine {other.name} {source} "
+                f"...`, or MODEL.WEIGHTS {other.name} with MODEL.RECLASS.COMBINE "
+                f"['{source}'].")
+            return
 
 
 def _check_each_gives_a_class(report: ReclassReport, more: Sequence[SourceCheckpoint],

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["InitSpec", "seeded_generator", "retinanet_prior_bias", "linear_default_init"]
+__all__ = ["InitSpec", "seeded_generator", "retinanet_prior_bias", "torch_default_init"]
 
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -36,7 +36,9 @@ class InitSpec:
     * ``"msra"``: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, as
       ``fvcore.nn.weight_init.c2_msra_fill`` and the keypoint head use.
     * ``"xavier"``: ``kaiming_uniform_(a=1)``, as ``c2_xavier_fill``.
-    * ``"uniform"``: U(-value, value) — ``nn.init.uniform_(w, -value, value)``.
+    * ``"uniform"``: U(-value, value); :func:`torch_default_init` gives the bound with which
+      torch's own ``nn.Linear`` / ``nn.Conv*d`` initialise weight and bias, for heads that keep
+      torch's default (Mask2Former's ``class_embed``, a DETR-style head).
     """
 
     kind: str
@@ -60,11 +62,24 @@ class InitSpec:
         raise ValueError(f"Unknown init kind {self.kind!r}")
 
     def __str__(self) -> str:
-        if self.kind in ("msra", "xavier"):
-            return self.kind
         if self.kind == "uniform":
             return f"uniform(+-{self.value:.4g})"
-        return f"{self.kind}({self.value:.4g})"
+        return self.kind if self.kind in ("msra", "xavier") else f"{self.kind}({self.value:.4g})"
+
+
+def torch_default_init(layer: torch.nn.Module) -> InitSpec:
+    """The init of a layer that keeps torch's own (``nn.Linear`` / ``nn.Conv*d``
+    ``reset_parameters``), for its weight and its bias alike: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    ``kaiming_uniform_(a=sqrt(5))`` of the weight has exactly this bound, and torch draws the
+    bias from it too; fan_in is the weight's entries per output row (in_features, or
+    in_channels / groups x kernel size), read from the layer's weight.
+    """
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or not weight[0].numel():
+        raise ValueError(f"torch_default_init needs a layer with a 2-d or larger weight, not "
+                         f"{type(layer).__name__}")
+    return InitSpec("uniform", 1.0 / math.sqrt(weight[0].numel()))
 
 
 NORMAL_001 = InitSpec("normal", 0.01)
@@ -72,10 +87,3 @@ NORMAL_0001 = InitSpec("normal", 0.001)
 ZERO = InitSpec("constant", 0.0)
 MSRA = InitSpec("msra")
 XAVIER = InitSpec("xavier")
-
-
-def linear_default_init(in_features: int) -> InitSpec:
-    """``nn.Linear``'s own init of its weight and bias, for heads that keep it: U(-b, b) with
-    b = 1/sqrt(in_features) (``reset_parameters``: ``kaiming_uniform_(a=sqrt(5))`` gives the
-    weight exactly that bound, and the bias is drawn with it)."""
-    return InitSpec("uniform", 1.0 / math.sqrt(in_features))

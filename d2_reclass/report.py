@@ -8,7 +8,11 @@ from tabulate import tabulate
 
 from .classes import ClassMapping
 
-__all__ = ["TensorAction", "SpaceReport", "ReclassReport"]
+__all__ = ["NOT_RECOGNISED", "TensorAction", "SpaceReport", "ReclassReport"]
+
+#: The layout named for a tensor whose shape differs from the model's and that no class layout
+#: claims: skipped as stock detectron2 skips it, and an error in ``strict`` mode.
+NOT_RECOGNISED = "not recognised"
 
 
 @dataclass
@@ -19,7 +23,8 @@ class TensorAction:
     ``"copied"`` (every entry copied: reordered, subset or split), ``"merged"`` (every entry
     copied or merged, some merged), ``"fresh"`` (every class entry fresh; a background block is
     still carried over), ``"model's own"`` (a dataset-derived buffer kept from the model), or
-    ``"skipped"`` (a mismatch that is not about classes, left to fvcore, which skips it as
+    ``"skipped"`` (a mismatch that is not about classes, or of a tensor no layout recognises
+    (``layout`` :data:`NOT_RECOGNISED`, ``space`` empty), left to fvcore, which skips it as
     stock detectron2 does). ``copied``, ``fresh`` and ``merged`` count entries along the class
     axis; ``copied`` includes the background block, ``merged`` counts entries computed from
     several source classes (in the JSON only when there are any).
@@ -84,6 +89,11 @@ class ReclassReport:
     @property
     def changed(self) -> bool:
         return bool(self.tensors)
+
+    @property
+    def unrecognised(self) -> List[TensorAction]:
+        """The mismatched tensors no layout recognises (possibly class heads of unknown kind)."""
+        return [t for t in self.mismatches if t.layout == NOT_RECOGNISED]
 
     def tensor(self, key: str) -> TensorAction:
         """The entry for ``key`` (KeyError if the reclass did not touch it)."""
@@ -175,7 +185,11 @@ class ReclassReport:
             f"{s.space}: {s.resolution} ({s.num_source} -> {s.num_target} classes)"
             for s in self.spaces.values()
         )
-        return f"mode={self.mode} seed={self.seed}; {spaces or 'no class-dependent tensors'}"
+        line = f"mode={self.mode} seed={self.seed}; {spaces or 'no class-dependent tensors'}"
+        if self.unrecognised:
+            line += (f"; {len(self.unrecognised)} tensors of another shape than the model's not "
+                     "recognised (skipped)")
+        return line
 
     def __str__(self) -> str:
         parts = [self.summary()]

@@ -27,22 +27,29 @@ Modes:
 import dataclasses
 import logging
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .classes import ClassMapping, build_class_mapping, normalize_class_name
+from .classes import (
+    ClassMapping,
+    _parse_class_map,
+    build_class_mapping,
+    did_you_mean,
+    normalize_class_name,
+)
 from .entries import CLASS, NON_CLASS, EntrySources
 from .errors import CheckpointError, ClassListError, ClassMismatchError
 from .fresh import seeded_generator
+from .keys import copy_state_dict
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, SourceAxis
 from .options import MODES
-from .report import ReclassReport, SpaceReport, TensorAction
+from .report import NOT_RECOGNISED, ReclassReport, SpaceReport, TensorAction
 
-__all__ = ["ClassSpec", "MODES", "SourceCheckpoint", "describe_class_change",
-           "reclass_state_dict"]
+__all__ = ["ClassSpec", "MODES", "SourceCheckpoint", "class_map_by_space",
+           "describe_class_change", "reclass_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +91,43 @@ class ClassSpec:
     target_what: str = ""
 
 
+def class_map_by_space(
+    class_map: Union[None, Sequence[str], Dict[str, str]],
+    targets: Mapping[str, Optional[Sequence[str]]],
+) -> Dict[str, Dict[str, str]]:
+    """``CLASS_MAP`` split by class space: each entry goes to every space whose target classes
+    name its target (both, for a class a panoptic stuff list shares with the things).
+
+    Args:
+        class_map: ``"target=source"`` entries (or a dict), as MODEL.RECLASS.CLASS_MAP.
+        targets: per space, its target class names; None: unknown.
+
+    Returns:
+        ``{space: {target: source}}``; entries whose target no known list names go to the
+        thing space when its names are unknown (its mapping then says what is missing).
+
+    Raises:
+        ClassListError: an entry names a target class that no known target list has.
+    """
+    entries = _parse_class_map(class_map)
+    known = {space: {normalize_class_name(n) for n in names}
+             for space, names in targets.items() if names is not None}
+    out: Dict[str, Dict[str, str]] = {space: {} for space in targets}
+    for target, source in entries.items():
+        spaces = [space for space, names in known.items()
+                  if normalize_class_name(target) in names]
+        if not spaces and THING in known:
+            every = [n for space in (THING, STUFF) for n in targets.get(space) or ()]
+            lists = " or ".join(_KEYS[space].target for space in (THING, STUFF)
+                                if space in known)
+            raise ClassListError(
+                f"CLASS_MAP names the target class {target!r}, which is not in {lists}."
+                + did_you_mean(target, every))
+        for space in spaces or [THING]:
+            out.setdefault(space, {})[target] = source
+    return out
+
+
 def _named(space: str, spec: ClassSpec) -> ClassSpec:
     """``spec`` with both lists named: by the caller, else by the space's MODEL.RECLASS key."""
     keys = _KEYS.get(space)
@@ -94,13 +138,13 @@ def _named(space: str, spec: ClassSpec) -> ClassSpec:
 
 
 def _source_names_hint(space: str) -> str:
-    """How to give a space's source class names, in config keys (CLASS_MAP covers things)."""
+    """How to give a space's source class names, in config keys."""
     keys = _KEYS.get(space)
     if keys is None:
         return f"give its {space} class names, or use MODE reinit"
-    by_index = ", map classes by index with CLASS_MAP 'target=INDEX'" if space == THING else ""
     return (f"set {keys.source} or SOURCE_DATASET (a dataset with {space}_classes, e.g. "
-            f"{keys.dataset}){by_index}, or use MODE reinit")
+            f"{keys.dataset}), map classes by index with CLASS_MAP 'target=INDEX', or use "
+            "MODE reinit")
 
 
 @dataclass(frozen=True)
@@ -237,6 +281,7 @@ def reclass_state_dict(
     states = [state_dict] + [m.state_dict for m in more]
 
     heads = _read_heads(states, model_state, layouts, report)
+    _list_unrecognised(state_dict, model_state, layouts, report)
     strict_errors: List[str] = []
     for space in sorted({lay.space for head in heads.values() for lay in head.layouts}):
         spec = _named(space, classes.get(space, ClassSpec()))
@@ -285,6 +330,26 @@ def _read_heads(
                 key, head.layouts[0].space, tuple(ckpt.shape), tuple(model.shape), "skipped",
                 layout="not a class change"))
     return heads
+
+
+def _list_unrecognised(
+    state_dict: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    layouts: Sequence[ClassLayout],
+    report: ReclassReport,
+) -> None:
+    """List in ``report.mismatches`` (``layout="not recognised"``) every tensor of the
+    checkpoint whose shape differs from the model's and that no layout claims: fvcore skips it
+    as stock detectron2 does, and ``strict`` raises for it; it may be a class head d2_reclass
+    does not know (register a layout for it)."""
+    claimed = {lay.key for lay in layouts}
+    for key, ckpt in state_dict.items():
+        model = model_state.get(key)
+        if key in claimed or model is None or not hasattr(ckpt, "shape") \
+                or tuple(ckpt.shape) == tuple(model.shape):
+            continue
+        report.mismatches.append(TensorAction(
+            key, "", tuple(ckpt.shape), tuple(model.shape), "skipped", layout=NOT_RECOGNISED))
 
 
 def _read_tensor(
@@ -464,15 +529,21 @@ def _raise_if_strict(
     strict_spaces = {s for s, r in report.spaces.items() if r.resolution == "strict"}
     keys = [k for k, head in heads.items()
             if head.readings[0] is not None and head.layouts[0].space in strict_spaces]
+    unrecognised = {m.key for m in report.unrecognised}
     keys += [m.key for m in report.mismatches]
     tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
-               f"{tuple(model_state[k].shape)}" for k in keys]
-    problems = strict_errors or ["tensors differ for reasons other than classes"]
+               f"{tuple(model_state[k].shape)}" + (f" ({NOT_RECOGNISED})" if k in unrecognised
+                                                   else "") for k in keys]
+    problems = strict_errors or ["tensors differ for reasons other than classes"
+                                 + (" or are not recognised" if unrecognised else "")]
+    hint = (" A tensor marked 'not recognised' may be a class head d2_reclass has no layout "
+            "for: register one (d2_reclass.register_layout), or load it as stock does with "
+            "another mode (it is skipped)." if unrecognised else "")
     raise ClassMismatchError(
         f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
         + "; ".join(problems) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
         "MODEL.RECLASS.MODE to 'map' (with class names) or 'reinit' to adapt the heads, or "
-        "build the model with the checkpoint's NUM_CLASSES.",
+        "build the model with the checkpoint's NUM_CLASSES." + hint,
         problems, tensors)
 
 
@@ -488,13 +559,9 @@ def _refit_tensors(
 ) -> Dict[str, torch.Tensor]:
     """The first checkpoint's state dict with every refitted tensor replaced (each listed in
     ``report.tensors``); tensors left as they were are the checkpoint's own objects."""
-    # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
-    # do: without it, modules with versioned state dicts (PointRend's heads) would take the
-    # checkpoint for an old format and apply their upgrade conversions on load.
-    out = OrderedDict(states[0])
-    metadata = getattr(states[0], "_metadata", None)
-    if metadata is not None:
-        out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
+    # Keeps torch's per-module ``_metadata`` (see d2_reclass.keys): without it, modules with
+    # versioned state dicts (PointRend's heads) would take the checkpoint for an old format.
+    out = copy_state_dict(states[0])
     for key, head in heads.items():
         refit = _refit_head(head, report.spaces[head.layouts[0].space], states, model_state[key],
                             seed)

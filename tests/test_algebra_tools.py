@@ -178,6 +178,24 @@ def test_cli_combine(files, tmp_path, capsys):
     check_target_rows(torch.load(out, weights_only=True)["model"], base, novel)
 
 
+def test_cli_combine_in_swapped_order_warns_what_to_pass(files, tmp_path, capsys):
+    """``combine novel base``: the novel checkpoint would give the background row (and every
+    non-class tensor); it gives fewer classes than the base, so the order is named."""
+    paths, base, novel = files
+    out = tmp_path / "swapped.pth"
+    assert main(["combine", paths["novel"], paths["base"], "--out", str(out)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"d2-reclass: warning: Combining: {paths['novel']} is listed first, so the model takes "
+        f"its background entries and every tensor that is not a class entry, but "
+        f"{paths['base']} gives more of the target classes (5 against 2). If {paths['base']} "
+        f"is the base model, list it first: `d2-reclass combine {paths['base']} "
+        f"{paths['novel']} ...`, or MODEL.WEIGHTS {paths['base']} with MODEL.RECLASS.COMBINE "
+        f"['{paths['novel']}']."]
+    assert torch.equal(torch.load(out, weights_only=True)["model"][CLS][-1], novel[CLS][-1])
+    main(["combine", paths["base"], paths["novel"], "--out", str(tmp_path / "right.pth")])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_convert_merges(files, tmp_path):
     paths, base, _ = files
     out = tmp_path / "merged.pth"

@@ -1,6 +1,7 @@
 """ReclassCheckpointer: everything DetectionCheckpointer does still holds, plus class surgery."""
 import copy
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -13,6 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import pytest
 import torch
+from conftest import COCO_STUFF, SEMANTIC_FPN, build_model
 from d2_fixtures import (
     SIX,
     THREE,
@@ -295,6 +297,70 @@ def test_bad_input_is_one_error_and_leaves_the_model_untouched(six_pth, kwargs, 
     with pytest.raises(exc, match=message):
         ReclassCheckpointer(model, reclass=ReclassOptions(**kwargs)).load(six_pth)
     assert_same_state(params(model), before)
+
+
+@pytest.mark.parametrize("keyword, value", [("mode", "map"), ("target_classes", THREE)])
+def test_options_as_keywords_are_one_config_error(keyword, value):
+    """DetectionCheckpointer takes every extra keyword for a checkpointable; an option passed
+    that way is named, with the one keyword that takes it."""
+    with pytest.raises(ConfigError) as info:
+        ReclassCheckpointer(small_model(3), **{keyword: value})
+    assert str(info.value) == (
+        f"ReclassCheckpointer(..., {keyword}={value!r}): the reclass options are one keyword, "
+        f"reclass=ReclassOptions({keyword}={value!r}); any other keyword is a checkpointable "
+        "(an object with state_dict()), as for DetectionCheckpointer.")
+
+
+def test_an_option_named_checkpointable_with_state_dict_is_still_one():
+    model, other = small_model(3), small_model(3, seed=4)
+    assert ReclassCheckpointer(model, mode=other).checkpointables["mode"] is other
+
+
+def test_class_map_applies_to_stuff_heads(tmp_path):
+    """One CLASS_MAP for both spaces, as the README says: a merge and a rename of stuff classes
+    (which used to come out fresh: the stuff space got no class map)."""
+    src = build_model(SEMANTIC_FPN, stuff_classes=len(COCO_STUFF), seed=1)
+    torch.save({"model": src.state_dict(), CLASSES_KEY: {"stuff_classes": COCO_STUFF}},
+               tmp_path / "stuff.pth")
+    model = build_model(SEMANTIC_FPN, stuff_classes=3, seed=2)
+    checkpointer = ReclassCheckpointer(model, reclass=ReclassOptions(
+        target_stuff_classes=["things", "open water", "heaven"],
+        class_map=["open water=river+sea+water", "heaven=sky"]))
+    checkpointer.load(str(tmp_path / "stuff.pth"))
+    w, b = (model.state_dict()[f"sem_seg_head.predictor.{p}"] for p in ("weight", "bias"))
+    sw, sb = (src.state_dict()[f"sem_seg_head.predictor.{p}"] for p in ("weight", "bias"))
+    parts = [COCO_STUFF.index(c) for c in ("river", "sea", "water")]
+    sky = COCO_STUFF.index("sky")
+    assert torch.equal(w[0], sw[0]) and torch.equal(w[2], sw[sky]) and torch.equal(b[2], sb[sky])
+    # A classifier's merge: mean of the parts, bias + log 3.
+    torch.testing.assert_close(w[1].double(), sw[parts].double().mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b[1].double(), sb[parts].double().mean() + math.log(3), rtol=0,
+                               atol=1e-6)
+    table = checkpointer.report.mapping_table()
+    assert "| open water     | river [20] + sea [24] + water [34] (merged)" in table
+    assert "| heaven         | sky [40]" in table
+
+
+def test_unrecognised_mismatch_is_a_warning_and_skipped_as_stock(six, six_pth):
+    """A tensor of another shape that no layout claims: listed, warned about, skipped."""
+    model = small_model(6, opts=["MODEL.FPN.OUT_CHANNELS", 128], seed=2)
+    key = "backbone.fpn_lateral2.weight"
+    before = model.state_dict()[key].clone()
+    shapes = tuple(six.state_dict()[key].shape), tuple(before.shape)
+    assert shapes == ((64, 64, 1, 1), (128, 64, 1, 1))
+    checkpointer = ReclassCheckpointer(model, reclass=ReclassOptions(mode="map",
+                                                                     source_classes=SIX,
+                                                                     target_classes=SIX))
+    with captured_logs(*LOGGERS) as logs:
+        checkpointer.load(six_pth)
+    assert key in {t.key for t in checkpointer.report.unrecognised}
+    assert torch.equal(model.state_dict()[key], before)
+    warned = [m for m in logs if m.startswith("[ReclassCheckpointer]") and "no class layout" in m]
+    assert len(warned) == 1 and f"{key} (64, 64, 1, 1) -> (128, 64, 1, 1)" in warned[0]
+    assert "register its layout (d2_reclass.register_layout)" in warned[0]
+    with pytest.raises(ClassMismatchError, match=rf"{key}: checkpoint \(64, 64, 1, 1\), model "
+                       r"\(128, 64, 1, 1\) \(not recognised\)"):
+        ReclassCheckpointer(model, reclass=ReclassOptions(mode="strict")).load(six_pth)
 
 
 def test_missing_file_names_the_key_to_fix(tmp_path):

@@ -289,6 +289,22 @@ def test_map_mode_without_source_names_names_the_options(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["six.pth"]
 
 
+def test_convert_without_names_warns_that_every_row_is_reinitialised(tmp_path, capsys):
+    ckpt = str(tmp_path / "six.pth")
+    torch.save({"model": small_model(6, seed=1).state_dict()}, ckpt)
+    out = str(tmp_path / "three.pth")
+    assert main(["convert", ckpt, "--out", out, "--classes", ",".join(THREE)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"d2-reclass: warning: {ckpt} stores no class names and none were given, so every "
+        "class row of its heads is re-initialised (6 -> 3 classes, nothing kept). To keep rows "
+        "by name, pass --source-classes A,B,... (the checkpoint's classes, in its order) or "
+        "--source-dataset NAME; pass --mode reinit if a fresh head is what you want."]
+    for quiet in (["--mode", "reinit"], ["--source-classes", ",".join(SIX)]):
+        assert main(["convert", ckpt, "--out", out, "--force", "--classes", ",".join(THREE),
+                     *quiet]) == 0
+        assert capsys.readouterr().err == ""
+
+
 def test_convert_never_writes_over_its_input_or_an_existing_file(six_ckpt, tmp_path):
     before = open(six_ckpt, "rb").read()
     proc = run("convert", six_ckpt, "--out", six_ckpt, "--classes", "a", ok=False)

@@ -28,6 +28,7 @@ from d2_reclass.fresh import (
     InitSpec,
     retinanet_prior_bias,
     seeded_generator,
+    torch_default_init,
 )
 from d2_reclass.layouts import find_layouts
 from d2_reclass.surgery import reclass_state_dict
@@ -103,6 +104,30 @@ def test_xavier_matches_c2_xavier_fill():
         assert float(w.abs().max()) <= bound
         assert float(w.abs().max()) > 0.99 * bound
         assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(256, 134), nn.Conv2d(64, 54, 3)])
+def test_torch_default_init_matches_the_layers_own(layer):
+    """nn.Linear / nn.Conv2d's reset_parameters: weight and bias both U(+-1/sqrt(fan_in))."""
+    spec = torch_default_init(layer)
+    fan_in = layer.weight[0].numel()
+    assert spec == InitSpec("uniform", 1 / math.sqrt(fan_in))
+    assert str(spec) == f"uniform(+-{1 / math.sqrt(fan_in):.4g})"
+    bound = 1 / math.sqrt(fan_in)
+    for shape, own in ((layer.weight.shape, layer.weight), (layer.bias.shape, layer.bias)):
+        ours = spec.draw(shape, seeded_generator(0, "w"))
+        assert torch.equal(ours, spec.draw(shape, seeded_generator(0, "w")))
+        for values in (ours, own.detach()):
+            assert float(values.abs().max()) <= bound
+        assert float(ours.abs().max()) > 0.95 * bound
+    ours = spec.draw(layer.weight.shape, seeded_generator(0, "w"))
+    assert float(ours.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert float(layer.weight.detach().std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+
+
+def test_torch_default_init_needs_a_weight():
+    with pytest.raises(ValueError, match="needs a layer with a 2-d or larger weight, not ReLU"):
+        torch_default_init(nn.ReLU())
 
 
 def test_unknown_kind():

@@ -63,7 +63,13 @@ def test_json_round_trip(report, tmp_path):
     assert tensors["box_predictor.bbox_pred.bias"]["copied"] == 8
     assert tensors["box_predictor.bbox_pred.bias"]["fresh"] == 4
     mismatches = {t["key"]: t for t in d["mismatches"]}
-    assert set(mismatches) == {"retina.cls_score.weight", "retina.cls_score.bias"}
+    assert set(mismatches) == {"retina.cls_score.weight", "retina.cls_score.bias",
+                               "retina.bbox_pred.weight", "retina.bbox_pred.bias"}
+    # The box regressor's rows follow the anchors, and no class layout claims it.
+    assert mismatches["retina.bbox_pred.bias"] == {
+        "key": "retina.bbox_pred.bias", "space": "", "checkpoint_shape": [36],
+        "model_shape": [12], "action": "skipped", "copied": 0, "fresh": 0,
+        "layout": "not recognised"}
     assert mismatches["retina.cls_score.bias"]["action"] == "skipped"
     assert mismatches["retina.cls_score.bias"]["checkpoint_shape"] == [720]
     assert mismatches["retina.cls_score.bias"]["model_shape"] == [9]
@@ -97,7 +103,10 @@ def test_mapping_table(report):
 
 
 def test_summary_and_str(report):
-    assert report.summary() == "mode=map seed=7; thing: map (80 -> 3 classes)"
+    assert report.summary() == ("mode=map seed=7; thing: map (80 -> 3 classes); 2 tensors of "
+                                "another shape than the model's not recognised (skipped)")
+    assert [t.key for t in report.unrecognised] == ["retina.bbox_pred.weight",
+                                                    "retina.bbox_pred.bias"]
     text = str(report)
     assert text.startswith(report.summary() + "\nthing source class names: "
                            "MODEL.RECLASS.SOURCE_CLASSES\n")

@@ -4,6 +4,8 @@ Sources are freshly built COCO-sized models (random weights are enough: the engi
 and the tests check which rows land where). The standard target is ``["dog", "person",
 "gadget"]``: two COCO classes in a new order, and one that COCO never had.
 """
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -41,10 +43,13 @@ from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
+from torch import nn
 
 from d2_reclass.errors import CheckpointError, ClassListError, ClassMismatchError
-from d2_reclass.layouts import find_layouts
-from d2_reclass.surgery import ClassSpec, reclass_state_dict
+from d2_reclass.fresh import torch_default_init
+from d2_reclass.layouts import STUFF, THING, class_rows, find_layouts, register_layout
+from d2_reclass.report import NOT_RECOGNISED
+from d2_reclass.surgery import ClassSpec, class_map_by_space, reclass_state_dict
 
 DOG, PERSON, CAT = (COCO_CLASSES.index(c) for c in ("dog", "person", "cat"))
 BOX = "roi_heads.box_predictor."
@@ -784,7 +789,13 @@ def test_non_class_mismatch_is_skipped(variant, request):
         new, report = reclass(src, model, classes)
         assert report.spaces["thing"].resolution == "unchanged"  # not taken for a class change
         assert not report.tensors
-        skipped = {t.key: (t.action, t.checkpoint_shape, t.layout) for t in report.mismatches}
+        skipped = {t.key: (t.action, t.checkpoint_shape, t.layout) for t in report.mismatches
+                   if t.layout != NOT_RECOGNISED}
+        # The tensors no class layout claims are listed too: the box regressor's anchors, the
+        # narrower FPN's convs.
+        assert {t.key for t in report.unrecognised} >= ({
+            "head.bbox_pred.weight", "head.bbox_pred.bias"} if variant == "retina_a3" else {
+            "backbone.fpn_output3.weight", "head.cls_subnet.0.weight"})
         assert skipped == {
             key: ("skipped", tuple(src[key].shape), "not a class change"),
             "head.cls_score.bias": ("skipped", (720,), "not a class change"),
@@ -808,8 +819,8 @@ def test_point_rend_feature_width_is_not_a_class_change(target):
     src = point_rend_state(80)
     key = "roi_heads.mask_head.point_head.fc1.weight"
     new, report = reclass(src, model, thing(COCO_CLASSES, target))
-    assert [(t.key, t.action, t.model_shape) for t in report.mismatches] == [
-        (key, "skipped", (256, 128 + len(target), 1))]
+    assert [(t.key, t.action, t.model_shape) for t in report.mismatches
+            if t.layout != NOT_RECOGNISED] == [(key, "skipped", (256, 128 + len(target), 1))]
     assert new[key] is src[key]
     assert key not in {t.key for t in report.tensors}
     if target is TARGET:  # the class change itself still happens everywhere else
@@ -828,10 +839,101 @@ def test_anchor_change_with_class_change_is_still_skipped():
     target = build_model(RETINANET, 3, MODEL__ANCHOR_GENERATOR__ASPECT_RATIOS=[[1.0]])
     new, report = reclass(src, target, thing(), mode="map")
     assert not report.tensors
-    assert {t.key for t in report.mismatches} == {"head.cls_score.weight", "head.cls_score.bias"}
+    assert {t.key: t.layout for t in report.mismatches} == {
+        "head.cls_score.weight": "not a class change", "head.cls_score.bias": "not a class change",
+        "head.bbox_pred.weight": NOT_RECOGNISED, "head.bbox_pred.bias": NOT_RECOGNISED}
     assert new["head.cls_score.weight"] is src["head.cls_score.weight"]
     # Read without the anchor check, 720 rows would pass for 240 classes of 3 anchors.
     assert find_layouts(target)[0].count_classes(720) == 240
+
+
+def _with_extra(state, shape):
+    """``state`` plus a tensor no class layout claims (a user's layer, an unknown head)."""
+    return {**state, "extra.weight": torch.arange(math.prod(shape), dtype=torch.float32)
+            .view(shape)}
+
+
+@pytest.mark.parametrize("mode", ["auto", "map", "reinit"])
+def test_unrecognised_mismatch_is_listed_in_every_mode(head80, mode):
+    model = head(3)
+    ckpt = _with_extra(head80, (5, 4))
+    new, report = reclass_state_dict(ckpt, _with_extra(model.state_dict(), (6, 4)),
+                                     find_layouts(model), classes=thing(), mode=mode)
+    assert [(t.key, t.space, t.checkpoint_shape, t.model_shape, t.action, t.layout)
+            for t in report.mismatches] == [
+        ("extra.weight", "", (5, 4), (6, 4), "skipped", "not recognised")]
+    assert new["extra.weight"] is ckpt["extra.weight"]  # left for fvcore to skip, as stock
+    assert report.summary().endswith(
+        "; 1 tensors of another shape than the model's not recognised (skipped)")
+    assert "| extra.weight " in report.table() and "not recognised" in str(report)
+
+
+def test_strict_raises_for_an_unrecognised_mismatch_with_classes_unchanged(head80):
+    model = head(80)
+    with pytest.raises(ClassMismatchError) as info:
+        reclass_state_dict(_with_extra(head80, (5, 4)), _with_extra(model.state_dict(), (6, 4)),
+                           find_layouts(model), classes=thing(COCO_CLASSES, COCO_CLASSES),
+                           mode="strict", source="x.pth")
+    assert str(info.value).startswith(
+        "MODEL.RECLASS.MODE is 'strict' and x.pth does not fit the model: tensors differ for "
+        "reasons other than classes or are not recognised.\n"
+        "  extra.weight: checkpoint (5, 4), model (6, 4) (not recognised)\n")
+    assert "register one (d2_reclass.register_layout)" in str(info.value)
+    assert info.value.tensors == ["  extra.weight: checkpoint (5, 4), model (6, 4) "
+                                  "(not recognised)"]
+
+
+def test_class_map_applies_in_every_space_its_target_is_in():
+    targets = {THING: ["vehicle", "person"], STUFF: ["things", "water", "person"]}
+    assert class_map_by_space(["water=river+sea", "vehicle=car+truck", "Person=human"],
+                              targets) == {
+        THING: {"vehicle": "car+truck", "Person": "human"},
+        STUFF: {"water": "river+sea", "Person": "human"}}
+    with pytest.raises(ClassListError, match=r"^CLASS_MAP names the target class 'watr', which "
+                       r"is not in MODEL\.RECLASS\.TARGET_CLASSES or MODEL\.RECLASS\."
+                       r"TARGET_STUFF_CLASSES\. Did you mean 'water'\?$"):
+        class_map_by_space(["watr=sea"], targets)
+    # Target names unknown: the things' mapping says what is missing, as before.
+    assert class_map_by_space(["a=b"], {THING: None, STUFF: None}) == {THING: {"a": "b"},
+                                                                        STUFF: {}}
+
+
+class _DetrLike(nn.Module):
+    """A user's head: K+1 "no object"-last logits from an nn.Linear with torch's own init."""
+
+    def __init__(self, num_classes: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.class_embed = nn.Linear(32, num_classes + 1)
+
+
+@register_layout(_DetrLike)
+def _detr_like(m):
+    # The recipe of register_layout's docstring, with the head's own (torch default) init.
+    init = torch_default_init(m.class_embed)
+    return class_rows(m.class_embed, "class_embed", init, init, space=THING,
+                      num_classes=m.class_embed.out_features - 1, background=True,
+                      classifier=True)
+
+
+def test_user_registered_classifier_merges_by_the_classifier_rule():
+    """A merge raises the bias by log(count), a new class is drawn from nn.Linear's own init,
+    the "no object" row is carried."""
+    src, model = _DetrLike(4, seed=1), _DetrLike(3, seed=2)
+    new, report = reclass_state_dict(
+        src.state_dict(), model.state_dict(), find_layouts(model), mode="map",
+        classes={THING: ClassSpec(["a", "b", "c", "d"], ["ab", "d", "new"], ["ab=a+b"])})
+    w, b = new["class_embed.weight"], new["class_embed.bias"]
+    sw, sb = src.state_dict()["class_embed.weight"], src.state_dict()["class_embed.bias"]
+    torch.testing.assert_close(b[0].double(), sb[:2].double().mean() + math.log(2), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(w[0].double(), sw[:2].double().mean(0), rtol=0, atol=1e-6)
+    assert torch.equal(w[1], sw[3]) and torch.equal(b[1], sb[3])
+    assert torch.equal(w[3], sw[4]) and torch.equal(b[3], sb[4])  # "no object"
+    bound = 1 / math.sqrt(32)
+    assert 0 < float(w[2].abs().max()) <= bound and 0 < float(b[2].abs()) <= bound
+    assert not torch.equal(w[2], model.class_embed.weight[2])  # drawn, seeded by name
+    assert report.tensor("class_embed.bias").merged == 1
 
 
 def test_layouts_with_no_tensor_in_the_checkpoint_are_ignored(head80):

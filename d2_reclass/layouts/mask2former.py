@@ -24,7 +24,7 @@ from typing import Any, List, Optional
 
 from torch import nn
 
-from ..fresh import ZERO, linear_default_init
+from ..fresh import ZERO, torch_default_init
 from ..num_classes import register_num_classes_keys
 from .core import (
     STUFF,
@@ -90,7 +90,7 @@ def _class_embed(m: nn.Module) -> List[ClassLayout]:
     if not getattr(m, "mask_classification", True):
         return []
     layer = m.class_embed
-    init = linear_default_init(layer.in_features)
+    init = torch_default_init(layer)
     return class_rows(layer, "class_embed", init, init, space=THING,
                       num_classes=layer.out_features - 1, background=True, classifier=True,
                       kind="softmax + no object (last)", config_key=SEM_SEG_KEY)
