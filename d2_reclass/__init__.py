@@ -10,6 +10,7 @@ from .checkpoint import (
     check_resume,
     read_stored_classes,
     stored_classes,
+    stored_eval_classes,
 )
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
 from .combine import combine_state_dicts
@@ -113,6 +114,7 @@ __all__ = [
     "register_layout",
     "register_num_classes_keys",
     "stored_classes",
+    "stored_eval_classes",
     "torch_default_init",
     "use_reclass_box_predictors",
 ]

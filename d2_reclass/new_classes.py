@@ -92,7 +92,6 @@ __all__ = [
     "broadcast_thing_heads",
     "choose_images",
     "init_new_classes",
-    "unsupported_reason",
 ]
 
 logger = logging.getLogger(__name__)

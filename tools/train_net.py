@@ -24,8 +24,8 @@ from d2_reclass import (
     merge_config_file,
     prepare_reclass_config,
     register_coco_dataset,
+    stored_eval_classes,
 )
-from d2_reclass.checkpoint import stored_eval_classes
 from d2_reclass.config import log_num_classes_changes, target_classes
 from d2_reclass.threads import configure_torch_threads
 
