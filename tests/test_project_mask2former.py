@@ -490,6 +490,20 @@ def test_panoptic_trains_with_auto_num_classes_and_saves_the_loaded_weights(pano
                                                          "stuff_classes": PAN_TARGET}
 
 
+def test_panoptic_wrong_num_classes_names_the_sem_seg_head_key(panoptic, tmp_path):
+    """With AUTO_NUM_CLASSES off, the config's 133 classes are compared with the stuff list's 5
+    (not the 3 things) and the message names MODEL.SEM_SEG_HEAD.NUM_CLASSES, never RetinaNet."""
+    cfg = setup(args_for(panoptic.config_file, TRAIN_OPTS + [
+        "MODEL.WEIGHTS", str(panoptic.out / "model_final.pth"),
+        "MODEL.RECLASS.AUTO_NUM_CLASSES", False, "DATASETS.TRAIN", ("m2f_pan_train",),
+        "OUTPUT_DIR", str(tmp_path)]))
+    trainer = Trainer(cfg)
+    with pytest.raises(ClassListError, match=r"built for 133 classes .* has 5\. "
+                       r"Set MODEL\.SEM_SEG_HEAD\.NUM_CLASSES 5") as e:
+        trainer.resume_or_load(resume=False)
+    assert "RETINANET" not in str(e.value) and "ROI_HEADS" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Semantic: the stuff list, MaskFormer semantic mapper
 # ---------------------------------------------------------------------------------------------
