@@ -37,7 +37,15 @@ from .fast_rcnn import (
     use_reclass_box_predictors,
 )
 from .fresh import InitSpec
-from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
+from .layouts import (
+    KEYPOINT,
+    STUFF,
+    THING,
+    ClassLayout,
+    class_rows,
+    find_layouts,
+    register_layout,
+)
 from .live import reclass_model
 from .new_classes import (
     NEW_CLASS_INITS,
@@ -46,6 +54,7 @@ from .new_classes import (
     apply_new_class_entries,
     init_new_classes,
 )
+from .num_classes import register_num_classes_keys
 from .options import ReclassOptions
 from .report import ReclassReport
 from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
@@ -90,6 +99,7 @@ __all__ = [
     "build_class_mapping",
     "check_resume",
     "check_num_classes",
+    "class_rows",
     "combine_state_dicts",
     "find_layouts",
     "init_new_classes",
@@ -101,6 +111,7 @@ __all__ = [
     "reclass_state_dict",
     "register_coco_dataset",
     "register_layout",
+    "register_num_classes_keys",
     "stored_classes",
     "use_reclass_box_predictors",
 ]

@@ -12,6 +12,8 @@ from iopath.common.file_io import HTTPURLHandler
 
 from .classes import did_you_mean
 from .errors import ClassListError, DatasetError
+from .layouts import STUFF, THING
+from .num_classes import num_classes_keys
 from .options import check_option_values
 
 __all__ = [
@@ -182,30 +184,22 @@ def apply_num_classes(
     thing_classes: Optional[Sequence[str]],
     stuff_classes: Optional[Sequence[str]] = None,
 ) -> List[Tuple[str, int, int]]:
-    """Set every NUM_CLASSES key from the class lists; returns (key, old, new) for changes,
-    for the caller to log once logging is set up.
+    """Set the NUM_CLASSES keys that ``cfg``'s model reads (:func:`num_classes_keys`) from the
+    class lists; returns (key, old, new) for changes, for the caller to log once logging is set
+    up. Keys of heads the model does not have are left as they are.
 
     Must run before the model is built (``cfg`` must not be frozen).
     """
-    keys = []
-    if thing_classes:
-        keys += [(k, len(thing_classes)) for k in (
-            "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES")]
-        if cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
-            keys.append(("MODEL.POINT_HEAD.NUM_CLASSES", len(thing_classes)))
-    if stuff_classes:
-        keys.append(("MODEL.SEM_SEG_HEAD.NUM_CLASSES", len(stuff_classes)))
-        if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
-            keys.append(("MODEL.POINT_HEAD.NUM_CLASSES", len(stuff_classes)))
+    counts = {THING: len(thing_classes or ()), STUFF: len(stuff_classes or ())}
     changes = []
-    for key, value in keys:
+    for key, space in num_classes_keys(cfg):
         node, leaf = _node(cfg, key)
         # POINT_HEAD exists only after add_pointrend_config.
-        if node is None or leaf not in node:
+        if not counts[space] or node is None or leaf not in node:
             continue
-        if node[leaf] != value:
-            changes.append((key, node[leaf], value))
-            node[leaf] = value
+        if node[leaf] != counts[space]:
+            changes.append((key, node[leaf], counts[space]))
+            node[leaf] = counts[space]
     return changes
 
 

@@ -32,16 +32,6 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "reclass_report.json"
 
 
-def _config_key(layout_key: str, space: str) -> str:
-    if "point_head" in layout_key:
-        return "MODEL.POINT_HEAD.NUM_CLASSES"
-    if space == STUFF:
-        return "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
-    if layout_key.startswith("roi_heads."):
-        return "MODEL.ROI_HEADS.NUM_CLASSES"
-    return "MODEL.RETINANET.NUM_CLASSES (or the head's num_classes)"
-
-
 def check_num_classes(
     model: nn.Module,
     thing_classes: Optional[Sequence[str]],
@@ -54,33 +44,38 @@ def check_num_classes(
 
     Catches, before the first iteration, what otherwise fails as a CUDA assert mid-training,
     an evaluator assert at the end, or silently (NUM_CLASSES one too large: a class is never
-    trained; one too small: the last class is trained as background).
+    trained; one too small: the last class is trained as background). Heads are compared with
+    the class list of their own space, and a module's ``num_classes`` attribute with the space
+    of the class tensors it holds (a module holding none is not compared).
 
     Args:
         fix: what to tell the user to do; default: set the head's NUM_CLASSES key.
 
     Raises:
-        ClassListError: naming the head, both counts and the fix.
+        ClassListError: naming the head, both counts and the config key that sizes it.
     """
     expected = {THING: thing_classes, STUFF: stuff_classes}
+    layouts = find_layouts(model)
     problems = []
-    for lay in find_layouts(model):
+    for lay in layouts:
         classes = expected.get(lay.space)
         if classes and lay.num_classes is not None and not lay.agnostic \
                 and lay.num_classes != len(classes):
-            problems.append(
-                (lay.key, lay.num_classes, len(classes), _config_key(lay.key, lay.space)))
+            problems.append((lay.key, lay.num_classes, len(classes), lay.config_key))
     for name, m in model.named_modules():
         k = getattr(m, "num_classes", None)
-        if thing_classes and isinstance(k, int) and k != len(thing_classes) and name \
+        inside = [lay for lay in layouts if name and lay.key.startswith(name + ".")]
+        classes = expected.get(inside[0].space) if inside else None
+        if classes and isinstance(k, int) and k != len(classes) \
                 and not any(p[0].startswith(name + ".") for p in problems):
-            problems.append((name, k, len(thing_classes), _config_key(name + ".", THING)))
+            problems.append((name, k, len(classes), inside[0].config_key))
     if problems:
         key, k, n, cfg_key = problems[0]
         hint = " (one too many: the model would keep a class that never appears)" if k == n + 1 \
             else " (one too few: the last class would be trained as background)" if k == n - 1 \
             else ""
-        fix = fix or f"Set {cfg_key} {n}, or leave MODEL.RECLASS.AUTO_NUM_CLASSES on."
+        setting = f"Set {cfg_key} {n}" if cfg_key else f"Build {key} for {n} classes"
+        fix = fix or f"{setting}, or leave MODEL.RECLASS.AUTO_NUM_CLASSES on."
         raise ClassListError(
             f"The model was built for {k} classes at {key}, but {what} has {n}{hint}. {fix} "
             "Mismatched: " + ", ".join(p[0] for p in problems)

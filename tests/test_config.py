@@ -10,6 +10,8 @@ from detectron2.projects.point_rend import add_pointrend_config
 
 from d2_reclass import ClassListError, add_reclass_config, apply_num_classes, merge_config_file
 from d2_reclass.config import dataset_classes, target_classes, train_classes
+from d2_reclass.layouts import THING
+from d2_reclass.num_classes import num_classes_keys, register_num_classes_keys
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 
@@ -47,20 +49,60 @@ def test_model_zoo_base_is_resolved():
     assert cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"  # from the model zoo's base
 
 
-def test_apply_num_classes_sets_every_head_and_reports_changes():
+def _counts(cfg):
+    m = cfg.MODEL
+    return (m.ROI_HEADS.NUM_CLASSES, m.RETINANET.NUM_CLASSES, m.SEM_SEG_HEAD.NUM_CLASSES,
+            m.POINT_HEAD.NUM_CLASSES)
+
+
+@pytest.mark.parametrize("arch, roi, mask_head, expected", [
+    # (ROI_HEADS, RETINANET, SEM_SEG_HEAD, POINT_HEAD) after setting 3 things and 2 stuff
+    ("GeneralizedRCNN", "StandardROIHeads", "MaskRCNNConvUpsampleHead", (3, 80, 54, 80)),
+    ("GeneralizedRCNN", "PointRendROIHeads", "PointRendMaskHead", (3, 80, 54, 3)),
+    ("GeneralizedRCNN", "StandardROIHeads", "ImplicitPointRendMaskHead", (3, 80, 54, 3)),
+    ("RetinaNet", "StandardROIHeads", "MaskRCNNConvUpsampleHead", (80, 3, 54, 80)),
+    ("PanopticFPN", "StandardROIHeads", "MaskRCNNConvUpsampleHead", (3, 80, 2, 80)),
+    ("SemanticSegmentor", "StandardROIHeads", "MaskRCNNConvUpsampleHead", (80, 80, 2, 80)),
+    # An architecture nobody registered is taken for an R-CNN-style project.
+    ("SomeProjectRCNN", "StandardROIHeads", "MaskRCNNConvUpsampleHead", (3, 80, 2, 80)),
+])
+def test_apply_num_classes_sets_only_the_keys_the_model_reads(arch, roi, mask_head, expected):
     cfg = _cfg()
+    cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.ROI_HEADS.NAME = arch, roi
+    cfg.MODEL.ROI_MASK_HEAD.NAME = mask_head
+    before = _counts(cfg)
     changes = apply_num_classes(cfg, ["a", "b", "c"], ["things", "sky"])
-    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3 and cfg.MODEL.RETINANET.NUM_CLASSES == 3
-    assert cfg.MODEL.POINT_HEAD.NUM_CLASSES == 3 and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 2
-    assert ("MODEL.ROI_HEADS.NUM_CLASSES", 80, 3) in changes
+    assert _counts(cfg) == expected
+    keys = ["MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RETINANET.NUM_CLASSES",
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "MODEL.POINT_HEAD.NUM_CLASSES"]
+    assert sorted(changes) == sorted((k, b, a) for k, b, a in zip(keys, before, expected)
+                                     if b != a)
     assert apply_num_classes(cfg, ["a", "b", "c"], ["things", "sky"]) == []
 
 
 def test_point_rend_semantic_counts_stuff_classes():
     cfg = _cfg()
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "PointRendSemSegHead"
     apply_num_classes(cfg, None, ["road", "car"])
-    assert cfg.MODEL.POINT_HEAD.NUM_CLASSES == 2
+    assert cfg.MODEL.POINT_HEAD.NUM_CLASSES == 2 and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 2
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
+
+
+def test_a_registered_project_decides_its_keys():
+    cfg = _cfg()
+    cfg.MODEL.META_ARCHITECTURE = "CfgTestProjectArch"
+
+    @register_num_classes_keys
+    def _keys(c):
+        return [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", THING)] \
+            if c.MODEL.META_ARCHITECTURE == "CfgTestProjectArch" else None
+
+    assert num_classes_keys(cfg) == [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", THING)]
+    assert apply_num_classes(cfg, ["a", "b", "c"]) == [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", 54, 3)]
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    assert num_classes_keys(cfg) == [("MODEL.ROI_HEADS.NUM_CLASSES", THING)]
 
 
 def test_target_classes_precedence_and_mixed_train_sets():

@@ -1,4 +1,5 @@
 """Layouts: which tensors of which heads are class-dependent, and how their axes are laid out."""
+import logging
 import math
 
 import pytest
@@ -32,6 +33,7 @@ from d2_reclass.layouts import (
     ClassLayout,
     ClassSegment,
     SourceAxis,
+    class_rows,
     find_layouts,
     layouts_for_module,
     register_layout,
@@ -371,3 +373,47 @@ def test_a_registered_module_claims_its_subtree():
 
 def test_model_without_class_tensors():
     assert find_layouts(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())) == []
+
+
+class NamedHead(nn.Module):
+    """A head registered by its qualified class name, as a project's layouts are."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.logits = nn.Conv2d(8, k, 1)
+
+
+class NamedHeadSubclass(NamedHead):
+    pass
+
+
+def test_register_layout_by_qualified_class_name():
+    @register_layout(f"{NamedHead.__module__}.NamedHead")
+    def _named(m):
+        return class_rows(m.logits, "logits", NORMAL_001, space=STUFF, classifier=True,
+                          num_classes=m.logits.out_channels, config_key="MODEL.X.NUM_CLASSES")
+
+    found = by_key(find_layouts(nn.Sequential(NamedHead(5), NamedHeadSubclass(7))))
+    assert {k: lay.num_classes for k, lay in found.items()} == {
+        "0.logits.weight": 5, "0.logits.bias": 5, "1.logits.weight": 7, "1.logits.bias": 7}
+    assert found["0.logits.bias"].merge == MEAN_LOG_COUNT and found["0.logits.weight"].merge == MEAN
+    assert found["1.logits.bias"].config_key == "MODEL.X.NUM_CLASSES"
+
+
+def test_a_head_its_layout_cannot_read_is_reported_not_a_crash(caplog):
+    head = fast_rcnn_head(5)
+    # Detic's class-agnostic box regressor is an nn.Sequential, which has no out_features.
+    head.bbox_pred = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = nn.Sequential(head, fast_rcnn_head(3))
+    unreadable = []
+    with caplog.at_level(logging.WARNING, logger="d2_reclass.layouts.core"):
+        found = find_layouts(model, unreadable)
+    assert sorted({lay.key.split(".")[0] for lay in found}) == ["1"]
+    assert unreadable == [("0", "AttributeError: 'Sequential' object has no attribute "
+                                "'out_features'")]
+    assert "Cannot read the class layout of 0 (FastRCNNOutputLayers)" in caplog.text
+
+
+def test_detectron2_heads_name_their_config_key():
+    keys = {lay.key: lay.config_key for lay in layouts_for_module(fast_rcnn_head(4))}
+    assert set(keys.values()) == {"MODEL.ROI_HEADS.NUM_CLASSES"}

@@ -1,4 +1,4 @@
-"""Layouts: which entries of which tensor belong to which class.
+"""Layouts: which entries of which tensor belong to which class (the value types and registry).
 
 A :class:`ClassLayout` describes one axis of one state-dict tensor as one or more segments::
 
@@ -7,8 +7,10 @@ A :class:`ClassLayout` describes one axis of one state-dict tensor as one or mor
 with every block ``block`` entries long (a second segment on the same axis is a
 :class:`ClassSegment`). Layouts are discovered from the model's *modules* (by type, through
 :func:`register_layout`), never by matching parameter names, so subclasses and renamed
-attributes are found too. Each layout function names the detectron2 code that reads the layout
-it describes.
+attributes are found too. Each layout function names the code that reads the layout it
+describes; they live one module per model family beside this one (``detectron2.py``,
+``point_rend.py``, ``deeplab.py``, and the projects'). A family registers by the qualified name
+of its module classes, so nothing here imports a project that is not installed.
 
 A layout also says how its entries of several source classes merge into one target class
 (``CLASS_MAP "vehicle=car+truck+bus"``), as its ``merge`` rule:
@@ -26,33 +28,42 @@ A layout also says how its entries of several source classes merge into one targ
 * :data:`SUM`: the sum of the parts, for input columns fed with the class's own logits
   (PointRend's point head): when the parts' logits agree, the layer computes what it did.
 
-Shape shorthand: K = number of classes, A = anchors per location, B = box_dim (4, or 5 for
-rotated boxes), R = mask resolution, C = channels of the implicit point head.
+Shape shorthand: K = number of classes.
 """
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
 
 import torch
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
-from detectron2.modeling.roi_heads.keypoint_head import KRCNNConvDeconvUpsampleHead
-from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
-from .entries import BACKGROUND, CLASS, NON_CLASS, EntrySources, SourceIndex, source_parts
-from .fresh import MSRA, NORMAL_0001, NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
+from ..entries import BACKGROUND, CLASS, NON_CLASS, EntrySources, SourceIndex, source_parts
+from ..fresh import ZERO, InitSpec
 
 __all__ = [
     "ClassLayout",
     "ClassSegment",
+    "LayoutFn",
     "SourceAxis",
+    "class_rows",
     "register_layout",
     "find_layouts",
     "layouts_for_module",
     "prefixed_layouts",
+    "merge_weights",
     "retarget",
     "THING",
     "STUFF",
@@ -71,6 +82,7 @@ THING, STUFF, KEYPOINT = "thing", "stuff", "keypoint"
 
 #: Merge rules (see the module docstring).
 MEAN, MEAN_LOG_COUNT, SUM = "mean", "mean + log(count)", "sum"
+
 
 def merge_weights(rule: str, count: int) -> Tuple[float, float]:
     """(weight of each part, shift) merging ``count`` parts by ``rule``; (1, 0) for one part."""
@@ -136,6 +148,8 @@ class ClassLayout:
             this reading to hold (RetinaNet's A is read from its box regressor).
         keep_model (bool): a buffer computed from the dataset; the model's own value is kept.
         kind (str): a short description for reports ("softmax + background", ...).
+        config_key (str): the config key that sets this head's class count, for messages
+            ("MODEL.ROI_HEADS.NUM_CLASSES"); empty when no config key is known.
     """
 
     key: str
@@ -154,6 +168,7 @@ class ClassLayout:
     requires: Tuple[str, ...] = ()
     keep_model: bool = False
     kind: str = ""
+    config_key: str = ""
 
     def all_segments(self) -> Tuple[ClassSegment, ...]:
         """Every class segment of the axis, in order: this layout's own, then ``segments``."""
@@ -300,22 +315,29 @@ class _ClassSlots:
 
 
 LayoutFn = Callable[[nn.Module], List[ClassLayout]]
-_LAYOUTS: Dict[type, LayoutFn] = {}
+#: Layout functions by module type, or by the qualified name of a class ("pkg.module.Class"),
+#: so that a project's layouts register without importing the project.
+_LAYOUTS: Dict[Union[type, str], LayoutFn] = {}
 
 
-def register_layout(*module_types: Type[nn.Module]) -> Callable[[LayoutFn], LayoutFn]:
+def register_layout(
+    *module_types: Union[Type[nn.Module], str]
+) -> Callable[[LayoutFn], LayoutFn]:
     """Register ``fn(module) -> list[ClassLayout]`` for modules of these types (and subclasses).
 
-    Keys in the returned layouts are relative to the module. A registered module claims its
-    whole subtree: layouts of its children are not searched separately, so a parent can assign
-    its children's class space (PointRend's semantic head does). Example, for a DETR-style head
-    with K+1 "no object"-last logits::
+    A type may be given as its qualified name, ``"package.module.ClassName"`` (its
+    ``__module__`` and ``__qualname__``): the function applies whenever such a module is in a
+    model, and the package is never imported here. Keys in the returned layouts are relative
+    to the module. A registered module claims its whole subtree: layouts of its children are
+    not searched separately, so a parent can assign its children's class space (PointRend's
+    semantic head does). Example, for a DETR-style head with K+1 "no object"-last logits
+    (:func:`class_rows` gives a classifier's bias the classifier's merge rule)::
 
-        @register_layout(DETR)
+        @register_layout("detr.models.detr.DETR")
         def _detr(m):
             k = m.class_embed.out_features - 1
-            return [ClassLayout("class_embed.weight", THING, k, NORMAL_001, background=True),
-                    ClassLayout("class_embed.bias", THING, k, ZERO, background=True)]
+            return class_rows(m.class_embed, "class_embed", NORMAL_001, space=THING,
+                              num_classes=k, background=True, classifier=True)
     """
 
     def deco(fn: LayoutFn) -> LayoutFn:
@@ -328,8 +350,9 @@ def register_layout(*module_types: Type[nn.Module]) -> Callable[[LayoutFn], Layo
 
 def _lookup(module: nn.Module) -> Optional[LayoutFn]:
     for t in type(module).__mro__:
-        if t in _LAYOUTS:
-            return _LAYOUTS[t]
+        fn = _LAYOUTS.get(t) or _LAYOUTS.get(f"{t.__module__}.{t.__qualname__}")
+        if fn is not None:
+            return fn
     return None
 
 
@@ -339,8 +362,16 @@ def prefixed_layouts(layouts: List[ClassLayout], prefix: str) -> List[ClassLayou
             for lay in layouts]
 
 
-def layouts_for_module(module: nn.Module) -> List[ClassLayout]:
-    """Layouts of ``module`` and its subtree, with keys relative to ``module``."""
+def layouts_for_module(
+    module: nn.Module, unreadable: Optional[List[Tuple[str, str]]] = None
+) -> List[ClassLayout]:
+    """Layouts of ``module`` and its subtree, with keys relative to ``module``.
+
+    A layout function that cannot read its module (a third-party head built otherwise than it
+    expects: an ``nn.Sequential`` where a ``Linear`` was assumed) never fails the search: that
+    module's tensors are left unrecognised, a warning names it, and ``(module name, reason)``
+    is appended to ``unreadable`` when given.
+    """
     found: List[ClassLayout] = []
     claimed: List[str] = []
     for name, m in module.named_modules():
@@ -350,22 +381,36 @@ def layouts_for_module(module: nn.Module) -> List[ClassLayout]:
         if fn is None:
             continue
         prefix = name + "." if name else ""
-        found.extend(prefixed_layouts(fn(m), prefix))
         claimed.append(prefix)
+        try:
+            layouts = fn(m)
+        except Exception as e:  # third-party code: any attribute or shape may differ
+            reason = f"{type(e).__name__}: {e}"
+            logger.warning(
+                f"Cannot read the class layout of {name or 'the model'} "
+                f"({type(m).__name__}): {reason}. Its tensors are not recognised as class "
+                "tensors; register a layout for it (d2_reclass.register_layout).")
+            if unreadable is not None:
+                unreadable.append((name, reason))
+            layouts = []
+        found.extend(prefixed_layouts(layouts, prefix))
         if not name:
             break
     return found
 
 
-def find_layouts(model: nn.Module) -> List[ClassLayout]:
+def find_layouts(
+    model: nn.Module, unreadable: Optional[List[Tuple[str, str]]] = None
+) -> List[ClassLayout]:
     """Every class-dependent tensor of ``model``, with full state-dict keys.
 
     DataParallel / DistributedDataParallel wrappers are looked through, as fvcore's
-    Checkpointer does, so keys carry no ``module.`` prefix.
+    Checkpointer does, so keys carry no ``module.`` prefix. ``unreadable`` is as in
+    :func:`layouts_for_module`.
     """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
-    return layouts_for_module(model)
+    return layouts_for_module(model, unreadable)
 
 
 def retarget(
@@ -386,8 +431,8 @@ def retarget(
     return new, targets
 
 
-def _rows(layer: nn.Module, name: str, weight_init: InitSpec, bias_init: InitSpec = ZERO, *,
-          classifier: bool = False, **kw) -> List[ClassLayout]:
+def class_rows(layer: nn.Module, name: str, weight_init: InitSpec, bias_init: InitSpec = ZERO,
+               *, classifier: bool = False, **kw: Any) -> List[ClassLayout]:
     """Layouts for a layer whose output rows (weight dim 0, bias) are class-dependent.
 
     A ``classifier`` layer's rows are class logits: merged classes raise the bias by
@@ -398,186 +443,3 @@ def _rows(layer: nn.Module, name: str, weight_init: InitSpec, bias_init: InitSpe
         out.append(ClassLayout(f"{name}.bias", init=bias_init,
                                merge=MEAN_LOG_COUNT if classifier else MEAN, **kw))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# detectron2 heads
-# ---------------------------------------------------------------------------------------------
-
-
-@register_layout(FastRCNNOutputLayers)
-def _fast_rcnn(m: FastRCNNOutputLayers) -> List[ClassLayout]:
-    # Read by FastRCNNOutputLayers.losses/inference: K+1 logits with background last (also with
-    # sigmoid CE, which ignores the last), and box deltas viewed as (R, K, B) in
-    # fast_rcnn_inference / box_reg_loss, or (R, B) when class-agnostic.
-    k = m.num_classes
-    box_dim = len(m.box2box_transform.weights)
-    agnostic = m.bbox_pred.out_features == box_dim and k != 1
-    out = _rows(m.cls_score, "cls_score", NORMAL_001, space=THING, num_classes=k,
-                background=True, classifier=True, kind="softmax + background")
-    out += _rows(m.bbox_pred, "bbox_pred", NORMAL_0001, space=THING, num_classes=k,
-                 block=box_dim, agnostic=agnostic, can_be_agnostic=True,
-                 kind=f"class-major x {box_dim}")
-    if "fed_loss_cls_weights" in dict(m.named_buffers(recurse=False)):
-        # Computed from the training set's class frequencies in __init__: never sliced.
-        out.append(ClassLayout("fed_loss_cls_weights", THING, k, ZERO, keep_model=True,
-                               kind="dataset frequencies"))
-    return out
-
-
-@register_layout(MaskRCNNConvUpsampleHead)
-def _mask_rcnn(m: MaskRCNNConvUpsampleHead) -> List[ClassLayout]:
-    # Read by mask_rcnn_loss / mask_rcnn_inference: one channel per class, or 1 when agnostic.
-    agnostic = m.predictor.out_channels == 1
-    return _rows(m.predictor, "predictor", NORMAL_0001, space=THING,
-                 num_classes=None if agnostic else m.predictor.out_channels,
-                 agnostic=agnostic, can_be_agnostic=True, kind="mask per class")
-
-
-@register_layout(RetinaNetHead)
-def _retinanet(m: RetinaNetHead) -> List[ClassLayout]:
-    # RetinaNet.forward permutes logits with permute_to_N_HWA_K, i.e. channel a*K + k; FCOSHead
-    # is a RetinaNetHead with A = 1. A is read from the box regressor (A*4 channels), which must
-    # agree with the checkpoint, so an anchor-count change is never taken for a class change.
-    a = m.bbox_pred.out_channels // 4
-    k = m.cls_score.out_channels // a
-    bias = m.cls_score.bias.detach()
-    # A freshly built head holds exactly -log((1-p)/p) with its configured prior p.
-    prior = float(bias[0]) if bool((bias == bias[0]).all()) else retinanet_prior_bias(0.01)
-    return _rows(m.cls_score, "cls_score", NORMAL_001, InitSpec("constant", prior), space=THING,
-                 num_classes=k, repeat=a, requires=("bbox_pred.weight",), classifier=True,
-                 kind=f"{a} anchors x classes")
-
-
-@register_layout(SemSegFPNHead)
-def _sem_seg_fpn(m: SemSegFPNHead) -> List[ClassLayout]:
-    # Read by SemSegFPNHead.forward: channel k is stuff class k (Panoptic FPN: 0 = "things").
-    return _rows(m.predictor, "predictor", MSRA, space=STUFF, classifier=True,
-                 num_classes=m.predictor.out_channels, kind="per-pixel class")
-
-
-@register_layout(KRCNNConvDeconvUpsampleHead)
-def _keypoint(m: KRCNNConvDeconvUpsampleHead) -> List[ClassLayout]:
-    # A ConvTranspose2d weight is (in, out, k, k): keypoints are axis 1 of the weight.
-    k = m.score_lowres.out_channels
-    return [
-        ClassLayout("score_lowres.weight", KEYPOINT, k, MSRA, axis=1, kind="keypoint heatmaps"),
-        ClassLayout("score_lowres.bias", KEYPOINT, k, ZERO, kind="keypoint heatmaps"),
-    ]
-
-
-def _register_projects() -> None:
-    """Layouts of detectron2's bundled projects, each registered when it can be imported.
-
-    Each project is tried on its own: PointRend's package imports cv2 (for a data augmentation),
-    and an install without OpenCV must still get DeepLab's layouts.
-    """
-    try:
-        from detectron2.projects.deeplab.semantic_seg import DeepLabV3Head, DeepLabV3PlusHead
-    except ImportError as e:  # a detectron2 installed without its projects
-        logger.debug(f"detectron2's DeepLab project not available, layouts not registered: {e}")
-    else:
-        _register_deeplab(DeepLabV3Head, DeepLabV3PlusHead)
-    try:
-        from detectron2.projects.point_rend.mask_head import (
-            ConvFCHead,
-            ImplicitPointRendMaskHead,
-        )
-        from detectron2.projects.point_rend.point_head import StandardPointHead
-        from detectron2.projects.point_rend.semantic_seg import PointRendSemSegHead
-    except ImportError as e:  # no projects, or no cv2 (imported by point_rend/__init__.py)
-        logger.debug(f"detectron2's PointRend project not available, layouts not registered: {e}")
-    else:
-        _register_point_rend(ConvFCHead, ImplicitPointRendMaskHead, StandardPointHead,
-                             PointRendSemSegHead)
-
-
-def _register_deeplab(*head_types: type) -> None:
-    @register_layout(*head_types)
-    def _deeplab(m: nn.Module) -> List[ClassLayout]:
-        # DeepLabV3PlusHead without num_classes (Panoptic-DeepLab's instance head) has no
-        # predictor and no class-dependent tensor.
-        if not hasattr(m, "predictor"):
-            return []
-        return _rows(m.predictor, "predictor", NORMAL_0001, space=STUFF, classifier=True,
-                     num_classes=m.predictor.out_channels, kind="per-pixel class")
-
-
-def _register_point_rend(ConvFCHead: type, ImplicitPointRendMaskHead: type,
-                         StandardPointHead: type, PointRendSemSegHead: type) -> None:
-    @register_layout(ConvFCHead)
-    def _coarse_mask(m: ConvFCHead) -> List[ClassLayout]:
-        # ConvFCHead.forward views the fc output as (N, K, R, R): class-major blocks of R*R.
-        # With a 1-d output_shape it is Implicit PointRend's parameter head, whose layout only
-        # its mask head knows (below).
-        if len(m.output_shape) != 3:
-            return []
-        k, h, w = m.output_shape
-        return _rows(m.prediction, "prediction", NORMAL_0001, space=THING, num_classes=k,
-                     block=h * w, kind=f"class-major x {h}x{w}")
-
-    @register_layout(ImplicitPointRendMaskHead)
-    def _implicit_point_rend(m: ImplicitPointRendMaskHead) -> List[ClassLayout]:
-        # The parameter head predicts every parameter of the point head's MLP as one flat
-        # vector, which ImplicitPointHead._parse_params splits as [weights of each layer] +
-        # [biases of each layer]. The last layer's are per class: its weights, viewed as
-        # (K, C), end the weights; its biases (K) end the vector. Two class segments on one
-        # axis: K blocks of C after the other layers' weights, then K blocks of 1 after the
-        # other layers' biases.
-        head = m.point_head
-        agnostic = head.num_classes == 1
-        segments = (ClassSegment(offset=sum(head.num_bias_params[:-1])),)
-        return _rows(m.parameter_head.prediction, "parameter_head.prediction", NORMAL_0001,
-                     space=THING, num_classes=None if agnostic else head.num_classes,
-                     offset=sum(head.num_weight_params[:-1]), block=head.channels,
-                     segments=segments, agnostic=agnostic, can_be_agnostic=True,
-                     kind=f"point-head parameters: {head.channels} weights + 1 bias per class")
-
-    @register_layout(StandardPointHead)
-    def _point_head_thing(m: StandardPointHead) -> List[ClassLayout]:
-        return _point_head(m, THING)
-
-    @register_layout(PointRendSemSegHead)
-    def _point_rend_sem_seg(m: PointRendSemSegHead) -> List[ClassLayout]:
-        coarse = layouts_for_module(m.coarse_sem_seg_head)
-        return prefixed_layouts(coarse, "coarse_sem_seg_head.") + prefixed_layouts(
-            _point_head(m.point_head, STUFF), "point_head.")
-
-
-def _point_head(m: nn.Module, space: str) -> List[ClassLayout]:
-    # StandardPointHead.forward concatenates the K coarse logits *after* the fine-grained
-    # features, into the first fc and (coarse_pred_each_layer) into every later layer and the
-    # predictor: the last K input columns of those layers are class-dependent.
-    agnostic = m.predictor.out_channels == 1
-    k = _point_head_num_classes(m)
-    layers = [(f"fc{i + 1}", fc, MSRA, i == 0 or m.coarse_pred_each_layer)
-              for i, fc in enumerate(m.fc_layers)]
-    layers.append(("predictor", m.predictor, NORMAL_0001,
-                   not m.fc_layers or m.coarse_pred_each_layer))
-    out = [
-        ClassLayout(f"{name}.weight", space, k, init, axis=1, offset=layer.in_channels - k,
-                    merge=SUM, kind="coarse logits as input columns")
-        for name, layer, init, has_coarse in layers
-        if has_coarse and k is not None
-    ]
-    # Point logits are mask logits (sigmoid per class) for instances, class logits (softmax)
-    # for semantic segmentation.
-    out += _rows(m.predictor, "predictor", NORMAL_0001, space=space,
-                 num_classes=None if agnostic else k, agnostic=agnostic, can_be_agnostic=True,
-                 classifier=space == STUFF, kind="point logits")
-    return out
-
-
-def _point_head_num_classes(m: nn.Module) -> Optional[int]:
-    # StandardPointHead does not store K. Later layers' inputs are fc_dim + K when coarse logits
-    # are appended to every layer; otherwise the predictor's rows are K unless class-agnostic.
-    if m.coarse_pred_each_layer and m.fc_layers:
-        return m.predictor.in_channels - m.fc_layers[-1].out_channels
-    if m.predictor.out_channels != 1:
-        return m.predictor.out_channels
-    logger.warning("A class-agnostic PointRend point head without COARSE_PRED_EACH_LAYER does not "
-                   "reveal its class count; its coarse-logit input columns are not mapped.")
-    return None
-
-
-_register_projects()

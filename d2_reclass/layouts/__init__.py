@@ -1,0 +1,48 @@
+"""Layouts: which entries of which tensor belong to which class.
+
+:mod:`.core` holds the value types (:class:`ClassLayout`, merge rules) and the registry; every
+other module here holds the layouts of one model family, each registered on import (by module
+type, or by qualified class name for projects that may not be installed).
+"""
+from . import deeplab as _deeplab  # noqa: F401  (registration only)
+from . import detectron2 as _detectron2  # noqa: F401
+from . import point_rend as _point_rend  # noqa: F401
+from .core import (
+    KEYPOINT,
+    MEAN,
+    MEAN_LOG_COUNT,
+    STUFF,
+    SUM,
+    THING,
+    ClassLayout,
+    ClassSegment,
+    LayoutFn,
+    SourceAxis,
+    class_rows,
+    find_layouts,
+    layouts_for_module,
+    merge_weights,
+    prefixed_layouts,
+    register_layout,
+    retarget,
+)
+
+__all__ = [
+    "KEYPOINT",
+    "MEAN",
+    "MEAN_LOG_COUNT",
+    "STUFF",
+    "SUM",
+    "THING",
+    "ClassLayout",
+    "ClassSegment",
+    "LayoutFn",
+    "SourceAxis",
+    "class_rows",
+    "find_layouts",
+    "layouts_for_module",
+    "merge_weights",
+    "prefixed_layouts",
+    "register_layout",
+    "retarget",
+]
