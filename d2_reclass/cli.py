@@ -19,6 +19,7 @@ from .checkpoint import CLASSES_KEY, stored_classes
 from .classes import check_class_list, pick_source_classes
 from .combine import combine_state_dicts, union_classes
 from .errors import CheckpointError, ClassListError, ReclassError
+from .keys import copy_state_dict
 from .layouts import THING, find_layouts, retarget
 from .new_classes import NEW_CLASS_INITS, NewClassExamples, NewClassReport, init_new_classes
 from .recognize import guess_architecture, recognize_layouts
@@ -82,9 +83,10 @@ def _weights(obj: Any, path: str) -> Dict[str, Any]:
         check_state_dict(blobs, path)
         return convert_c2_detectron_names(blobs)[0]
     if fmt == "pycls pyth":
-        weights = dict(obj["model_state"])
+        weights = copy_state_dict(obj["model_state"])
     else:
-        weights = dict(obj["model"]) if fmt in ("d2 pth", "model-zoo pkl") else dict(obj)
+        # With the module versions: the output file must load as the input does.
+        weights = copy_state_dict(obj["model"] if fmt in ("d2 pth", "model-zoo pkl") else obj)
     check_state_dict(weights, path)
     return weights
 
@@ -300,7 +302,7 @@ def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, 
             f"weights, but {len(misfit)} of its tensors are not in the checkpoint with the "
             f"model's shape (first: {misfit[0]}). Pass the config the checkpoint was trained "
             "with, or use --new-class-init head.")
-    model.load_state_dict({k: converted[k] for k in own})
+    model.load_state_dict(copy_state_dict(converted, [(k, converted[k]) for k in own]))
     for name, json_file, image_root in coco_datasets:
         register_coco_dataset(name, json_file, image_root)
     t0 = time.perf_counter()
@@ -320,8 +322,9 @@ def _read_checkpoint(path: str, trust_pickle: bool):
     """(local file, weights as tensors, the thing class names it stores or None) of ``path``."""
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
-    weights = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
-               for k, v in _weights(obj, local).items()}
+    weights = _weights(obj, local)
+    weights = copy_state_dict(weights, [(k, torch.as_tensor(v) if isinstance(v, np.ndarray)
+                                         else v) for k, v in weights.items()])
     return local, weights, stored_classes(obj if isinstance(obj, dict) else {}, source=path).get(
         "thing_classes")
 

@@ -27,7 +27,7 @@ Modes:
 import dataclasses
 import logging
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -37,6 +37,7 @@ from .classes import ClassMapping, build_class_mapping, normalize_class_name
 from .entries import CLASS, NON_CLASS, EntrySources
 from .errors import CheckpointError, ClassListError, ClassMismatchError
 from .fresh import seeded_generator
+from .keys import copy_state_dict
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, SourceAxis
 from .options import MODES
 from .report import ReclassReport, SpaceReport, TensorAction
@@ -488,13 +489,9 @@ def _refit_tensors(
 ) -> Dict[str, torch.Tensor]:
     """The first checkpoint's state dict with every refitted tensor replaced (each listed in
     ``report.tensors``); tensors left as they were are the checkpoint's own objects."""
-    # Keep torch's per-module ``_metadata`` (state-dict versions), as load_state_dict and fvcore
-    # do: without it, modules with versioned state dicts (PointRend's heads) would take the
-    # checkpoint for an old format and apply their upgrade conversions on load.
-    out = OrderedDict(states[0])
-    metadata = getattr(states[0], "_metadata", None)
-    if metadata is not None:
-        out._metadata = type(metadata)(metadata)  # type: ignore[attr-defined]
+    # Keeps torch's per-module ``_metadata`` (see d2_reclass.keys): without it, modules with
+    # versioned state dicts (PointRend's heads) would take the checkpoint for an old format.
+    out = copy_state_dict(states[0])
     for key, head in heads.items():
         refit = _refit_head(head, report.spaces[head.layouts[0].space], states, model_state[key],
                             seed)
