@@ -660,7 +660,7 @@ def _relative_entries(model_state: Mapping[str, torch.Tensor],
         index[t] = r
     by_key: Dict[str, List[ClassLayout]] = {}
     for lay in layouts:
-        if lay.space == THING and not lay.keep_model and not lay.agnostic:
+        if lay.space == THING and not (lay.keep_model or lay.vocabulary) and not lay.agnostic:
             by_key.setdefault(lay.key, []).append(lay)
     out: Dict[str, torch.Tensor] = {}
     for key, lays in by_key.items():

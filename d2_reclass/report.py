@@ -15,14 +15,14 @@ __all__ = ["TensorAction", "SpaceReport", "ReclassReport"]
 class TensorAction:
     """What happened to one checkpoint tensor.
 
-    ``action`` is one of ``"mapped"`` (some entries copied or merged, some fresh),
-    ``"copied"`` (every entry copied: reordered, subset or split), ``"merged"`` (every entry
-    copied or merged, some merged), ``"fresh"`` (every class entry fresh; a background block is
-    still carried over), ``"model's own"`` (a dataset-derived buffer kept from the model), or
-    ``"skipped"`` (a mismatch that is not about classes, left to fvcore, which skips it as
-    stock detectron2 does). ``copied``, ``fresh`` and ``merged`` count entries along the class
-    axis; ``copied`` includes the background block, ``merged`` counts entries computed from
-    several source classes (in the JSON only when there are any).
+    ``action`` is one of ``"mapped"`` (some entries copied or merged, some fresh), ``"copied"``
+    (every entry copied: reordered, subset or split), ``"merged"`` (every entry copied or
+    merged, some merged), ``"fresh"`` (every class entry fresh; a background block is still
+    carried over), ``"model's own"`` (a dataset-derived buffer or a vocabulary kept from the
+    model), or ``"skipped"`` (a mismatch that is not about classes, left to fvcore, which skips
+    it as stock detectron2 does). ``copied``, ``fresh`` and ``merged`` count entries along the
+    class axis; ``copied`` includes the background block, ``merged`` counts entries computed
+    from several source classes (in the JSON only when there are any).
     """
 
     key: str
