@@ -517,6 +517,46 @@ _PROJECTS: Dict[str, Callable[[], Recipe]] = {
 }
 
 
+def _mask2former_cases() -> List[Case]:
+    """Mask2Former's R50 configs, one per upstream YAML file (the installed ``maskformer2``
+    package ships none: benchmarks/mask2former_configs.py rebuilds them), each model built from
+    the package's classes; the class list is the one its task counts (stuff: semantic,
+    panoptic; thing: instance). Importing the package needs detectron2's compiled ``_C`` or the
+    tests' shim of its fallback (tests/shims), which these rows install."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # run as a script: only benchmarks/ is on sys.path
+        sys.path.insert(0, root)
+    from benchmarks.mask2former_configs import R50_CONFIGS, build_mask2former, mask2former_cfg
+
+    def recipe(name: str) -> Recipe:
+        from tests.shims import install_project_shims
+
+        install_project_shims()
+        _project("mask2former")
+        from d2_reclass.layouts.mask2former import task_space
+
+        cfg = mask2former_cfg(name, ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", IMAGE_SIZE])
+        test, notes = cfg.MODEL.MASK_FORMER.TEST, []
+        meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        space = task_space(test.SEMANTIC_ON, test.PANOPTIC_ON, test.INSTANCE_ON,
+                           bool(meta.get("thing_classes", None)),
+                           bool(meta.get("stuff_classes", None)))
+        key = "thing_classes" if space == "thing" else "stuff_classes"
+        names = _names(cfg.DATASETS.TRAIN, key, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, space, notes)
+
+        def build(num_thing: Optional[int], num_stuff: Optional[int], seed: int):
+            c = cfg.clone()
+            c.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_thing if space == "thing" else num_stuff
+            torch.manual_seed(seed)
+            return build_mask2former(c).eval()
+
+        return Recipe(build, names if space == "thing" else None,
+                      names if space == "stuff" else None, notes=notes)
+
+    return [Case(f"projects/Mask2Former/{name}", "project", lambda name=name: recipe(name))
+            for name in R50_CONFIGS]
+
+
 def list_cases() -> List[Case]:
     """Every config of the matrix, in a stable order (nothing is built)."""
     cases: List[Case] = []
@@ -532,6 +572,7 @@ def list_cases() -> List[Case]:
         cases.append(Case(name, "lazy", lambda name=name: _lazy_recipe(name)))
     for name, recipe in _PROJECTS.items():
         cases.append(Case(f"projects/{name}", "project", recipe))
+    cases += _mask2former_cases()
     return cases
 
 

@@ -22,7 +22,7 @@ from fvcore.common.checkpoint import _strip_prefix_if_present
 from torch.nn.parallel import DistributedDataParallel
 
 from .classes import normalize_class_name, pick_source_classes
-from .combine import combine_state_dicts
+from .combine import combine_state_dicts, union_classes
 from .config import dataset_classes
 from .errors import (
     CheckpointError,
@@ -39,6 +39,7 @@ from .new_classes import (
     NewClassReport,
     apply_new_class_entries,
     init_new_classes,
+    unsupported_reason,
 )
 from .options import ReclassOptions
 from .report import ReclassReport
@@ -53,6 +54,7 @@ from .surgery import (
 
 __all__ = [
     "CLASSES_KEY",
+    "stored_eval_classes",
     "ReclassCheckpointer",
     "check_resume",
     "read_stored_classes",
@@ -108,6 +110,21 @@ def read_stored_classes(path: str, *, trust_pickle: bool = False) -> Dict[str, L
     """The class names stored in the checkpoint at ``path`` (local, URL or detectron2://)."""
     return stored_classes(load_checkpoint_file(_existing_local_path(path),
                                                trust_pickle=trust_pickle), source=path)
+
+
+def stored_eval_classes(cfg) -> Dict[str, List[str]]:
+    """The classes to evaluate MODEL.WEIGHTS with: ``thing_classes`` / ``stuff_classes`` as it
+    stores them (with MODEL.RECLASS.COMBINE, every class of all those files); empty lists for
+    what none stores.
+
+    Raises:
+        CheckpointError: a file is missing or cannot be read.
+    """
+    r = cfg.MODEL.RECLASS
+    stored = [read_stored_classes(path, trust_pickle=r.TRUST_PICKLE)
+              for path in [cfg.MODEL.WEIGHTS, *r.COMBINE]]
+    return {key: union_classes([s.get(key, []) for s in stored])
+            for key in ("thing_classes", "stuff_classes")}
 
 
 def resume_mismatch_message(source: str, difference: str, tensors: Sequence[str] = ()) -> str:
@@ -323,12 +340,18 @@ class ReclassCheckpointer(DetectionCheckpointer):
         if self.reclass.new_class_init == "head" or space is None or space.resolution != "map" \
                 or not space.mapping.new:
             return None
+        unsupported = unsupported_reason(self.model)
+        if unsupported:
+            # Known before anything is read or loaded: the mapped load goes on with head init.
+            log = logger.info if self.reclass.new_class_init == "auto" else logger.warning
+            log(f"[ReclassCheckpointer] MODEL.RECLASS.NEW_CLASS_INIT "
+                f"{self.reclass.new_class_init}: {unsupported} for "
+                f"{', '.join(space.mapping.new)}.")
+            self._head_init(space, unsupported)
+            return None
         if self.examples is None and self.reclass.new_class_init == "auto":
-            self.report.new_classes = NewClassReport("auto", self.reclass.init_images,
-                                                     self.reclass.seed, classes=[
-                NewClassInit(name, space.mapping.target.index(name), "head",
-                             reason="no labelled examples were given (DATASETS.TRAIN is empty); "
-                             "head init") for name in space.mapping.new])
+            self._head_init(space, "no labelled examples were given (DATASETS.TRAIN is empty); "
+                            "head init")
             return None
         if self.examples is None:
             raise ConfigError(
@@ -339,6 +362,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
         t0 = time.perf_counter()
         dicts, names = self.examples.load()
         return dicts, names, time.perf_counter() - t0
+
+    def _head_init(self, space, reason: str) -> None:
+        """Report every new thing class as keeping the head's init, for ``reason``."""
+        self.report.new_classes = NewClassReport(
+            self.reclass.new_class_init, self.reclass.init_images, self.reclass.seed,
+            classes=[NewClassInit(name, space.mapping.target.index(name), "head", reason=reason)
+                     for name in space.mapping.new])
 
     def _init_new_classes(self, source_state: Dict[str, Any], dicts: List[dict],
                           names: Optional[List[str]], seconds_dataset: float) -> None:

@@ -92,6 +92,7 @@ __all__ = [
     "broadcast_thing_heads",
     "choose_images",
     "init_new_classes",
+    "unsupported_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -340,6 +341,28 @@ def _res5_features(roi_heads: nn.Module):
         return x.mean(dim=[2, 3])
 
     return run
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why ``relative`` / ``imprint`` cannot run on ``model``, or None when they can.
+
+    Both run the model's own ``preprocess_image`` and ``backbone`` on the example images (as
+    detectron2's meta-architectures have them) and score the examples' boxes with a box
+    classifier (``FastRCNNOutputLayers`` in standard, cascade or Res5 ROI heads) or a
+    RetinaNet / FCOS head. Another model (a MaskFormer, whose queries are scored without
+    boxes) gets the head's init instead, decided before anything is loaded.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    name = type(model).__name__
+    if not _box_paths(model) and _dense_head(model) is None:
+        return (f"the model ({name}) has no box classifier or RetinaNet/FCOS head to score the "
+                "new classes' examples with; head init")
+    if not callable(getattr(model, "preprocess_image", None)) \
+            or not isinstance(getattr(model, "backbone", None), nn.Module):
+        return (f"the model ({name}) has no preprocess_image and backbone to run the examples "
+                "through; head init")
+    return None
 
 
 def _dense_head(model: nn.Module) -> Optional[Tuple[str, RetinaNetHead]]:
@@ -789,8 +812,10 @@ def init_new_classes(
     report = NewClassReport(method, max_images, seed)
     method = "imprint" if method == "auto" else method
     new = [t for t, s in enumerate(mapping.source_index) if s is None]
-    if method == "head" or not new:
-        report.classes = [NewClassInit(mapping.target[t], t, "head") for t in new]
+    reason = unsupported_reason(model) if method != "head" and new else None
+    if method == "head" or not new or reason:
+        report.classes = [NewClassInit(mapping.target[t], t, "head", reason=reason or "")
+                          for t in new]
         return {}, report
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module

@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Tuple
 
 from detectron2.config import CfgNode
 
-from .layouts import STUFF, THING
+from .layouts.core import STUFF, THING  # not .layouts: project layouts import this module
 
 __all__ = [
     "NumClassesCheckFn",

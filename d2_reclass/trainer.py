@@ -1,5 +1,6 @@
 """Trainer integration: ReclassTrainer, a mixin for existing trainers, and class-count checks."""
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -13,8 +14,9 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
-from .checkpoint import ReclassCheckpointer
+from .checkpoint import ReclassCheckpointer, stored_eval_classes
 from .config import (
+    add_reclass_config,
     dataset_classes,
     log_num_classes_changes,
     prepare_reclass_config,
@@ -28,6 +30,10 @@ from .new_classes import broadcast_thing_heads
 __all__ = ["ReclassTrainer", "ReclassTrainerMixin", "check_num_classes", "REPORT_FILE"]
 
 logger = logging.getLogger(__name__)
+
+#: True while ReclassTrainerMixin.__init__ builds the trainer's model; build_model reached
+#: otherwise builds a model to evaluate (a project's --eval-only: ``Trainer.build_model(cfg)``).
+_BUILDING_TRAINER = contextvars.ContextVar("d2_reclass_building_trainer", default=False)
 
 REPORT_FILE = "reclass_report.json"
 
@@ -99,13 +105,20 @@ class ReclassTrainerMixin:
     def __init__(self, cfg, *args, **kwargs):
         cfg, changes = prepare_reclass_config(cfg)
         log_num_classes_changes(changes)
-        with _ddp_on_cpu(cfg):
-            super().__init__(cfg, *args, **kwargs)
+        token = _BUILDING_TRAINER.set(True)
+        try:
+            with _ddp_on_cpu(cfg):
+                super().__init__(cfg, *args, **kwargs)
+        finally:
+            _BUILDING_TRAINER.reset(token)
 
     @classmethod
     def build_model(cls, cfg):
         # Also reached without __init__ (evaluation: Trainer.build_model(cfg)): prepare here
-        # too; a prepared config is left as it is.
+        # too; a prepared config is left as it is. There, the model is built for the classes
+        # MODEL.WEIGHTS stores, which a project's stock DetectionCheckpointer then loads whole.
+        if not _BUILDING_TRAINER.get():
+            cfg = _for_stored_classes(cfg)
         cfg, changes = prepare_reclass_config(cfg)
         log_num_classes_changes(changes)
         model = super().build_model(cfg)
@@ -145,6 +158,33 @@ class ReclassTrainerMixin:
                 "MODEL.RECLASS.TARGET_CLASSES to the dataset's classes to map the model's heads "
                 "to them.")
         return super().test(cfg, model, evaluators)
+
+
+def _for_stored_classes(cfg):
+    """``cfg`` for evaluating MODEL.WEIGHTS: when it is a local ``.pth`` file storing class
+    names (d2_reclass writes them) and the config names no target classes, a copy whose
+    TARGET_(STUFF_)CLASSES are those, so that AUTO_NUM_CLASSES builds the fine-tuned heads
+    instead of DATASETS.TRAIN's; else ``cfg`` itself. Other files (URLs, Caffe2 ``.pkl``) are
+    left to the project's own checkpointer: none stores names."""
+    weights = cfg.MODEL.WEIGHTS
+    reclass = cfg.MODEL.get("RECLASS", None)
+    if reclass is not None and (reclass.TARGET_CLASSES or reclass.TARGET_STUFF_CLASSES) \
+            or not (weights.endswith(".pth") and os.path.isfile(weights)):
+        return cfg
+    out = cfg.clone()
+    out.defrost()
+    add_reclass_config(out)
+    stored = stored_eval_classes(out)
+    if not any(stored.values()):
+        return cfg
+    out.MODEL.RECLASS.TARGET_CLASSES = stored["thing_classes"]
+    out.MODEL.RECLASS.TARGET_STUFF_CLASSES = stored["stuff_classes"]
+    logger.info(f"[ReclassTrainer] Building the model for the classes {weights} stores "
+                f"({', '.join(f'{len(v)} {k}' for k, v in stored.items() if v)}), not "
+                "DATASETS.TRAIN's.")
+    if cfg.is_frozen():
+        out.freeze()
+    return out
 
 
 @contextlib.contextmanager

@@ -57,10 +57,10 @@ if ! "$VENV/bin/python" -c "import detectron2, detectron2.projects.point_rend" 2
 fi
 
 step "install the detectron2 projects the tests use (requirements/projects.txt)"
-# --no-deps: their metadata asks for opencv-python, which would replace opencv-python-headless's
-# cv2 and pull numpy 2; the file pins every module they import instead.
+# --no-deps: their metadata asks for detectron2 by URL and pins conflicting versions (see the
+# file); --no-build-isolation: the maskformer2 sdist's setup.py imports the installed torch.
 "${PIP[@]}" install --no-deps --no-build-isolation -r "$ROOT/requirements/projects.txt" \
-    || fail "install detectron2 projects"
+    -c "$ROOT/requirements/constraints.txt" || fail "install projects"
 
 step "install d2_reclass (editable)"
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" || fail "install d2_reclass"

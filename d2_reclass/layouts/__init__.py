@@ -6,6 +6,7 @@ type, or by qualified class name for projects that may not be installed).
 """
 from . import deeplab as _deeplab  # noqa: F401  (registration only)
 from . import detectron2 as _detectron2  # noqa: F401
+from . import mask2former as _mask2former  # noqa: F401
 from . import point_rend as _point_rend  # noqa: F401
 from .core import (
     KEYPOINT,
