@@ -13,7 +13,7 @@ from iopath.common.file_io import HTTPURLHandler
 from .classes import did_you_mean
 from .errors import ClassListError, DatasetError
 from .layouts import STUFF, THING
-from .num_classes import num_classes_keys
+from .num_classes import check_num_classes_config, num_classes_keys
 from .options import check_option_values
 
 __all__ = [
@@ -221,7 +221,8 @@ def prepare_reclass_config(cfg: CN) -> Tuple[CN, List[NumClassesChange]]:
     prepared config changes nothing.
 
     Raises:
-        ConfigError, ClassListError: a MODEL.RECLASS key cannot work (named).
+        ConfigError, ClassListError: a MODEL.RECLASS key cannot work (named), or a class count
+            disagrees with a file the config names (a project's check, e.g. Detic's vocabulary).
         DatasetError: a training dataset had to be loaded for its classes and failed.
     """
     out = cfg.clone()
@@ -239,6 +240,7 @@ def prepare_reclass_config(cfg: CN) -> Tuple[CN, List[NumClassesChange]]:
                     out, classes if kind == "thing" else None,
                     classes if kind == "stuff" else None):
                 changes.append(NumClassesChange(key, old, new, source))
+    check_num_classes_config(out)
     if cfg.is_frozen():
         out.freeze()
     return out, changes

@@ -682,7 +682,7 @@ def _relative_entries(model_state: Mapping[str, torch.Tensor],
         index[t] = r
     by_key: Dict[str, List[ClassLayout]] = {}
     for lay in layouts:
-        if lay.space == THING and not lay.keep_model and not lay.agnostic:
+        if _learned_class_rows(lay):
             by_key.setdefault(lay.key, []).append(lay)
     out: Dict[str, torch.Tensor] = {}
     for key, lays in by_key.items():
@@ -692,6 +692,11 @@ def _relative_entries(model_state: Mapping[str, torch.Tensor],
             if value is not None:
                 out[key] = value
     return out
+
+
+def _learned_class_rows(lay: ClassLayout) -> bool:
+    """``lay`` holds learned entries per thing class (not a vocabulary, buffer or agnostic)."""
+    return lay.space == THING and not (lay.keep_model or lay.vocabulary or lay.agnostic)
 
 
 def _copy_relatives(src: torch.Tensor, own: torch.Tensor, lays: List[ClassLayout],
@@ -813,6 +818,14 @@ def init_new_classes(
         return {}, report
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
+    if not any(_learned_class_rows(lay) for lay in find_layouts(model)):
+        # Nothing an example could score or write (Detic's zero-shot classifier is the model's
+        # own vocabulary): say so without reading any image.
+        report.classes = [NewClassInit(
+            mapping.target[t], t, "head", reason="the model has no learned class rows (its "
+            "classes are a vocabulary, e.g. Detic's zero-shot classifier); head init")
+            for t in new]
+        return {}, report
     kept = [t for t, s in enumerate(mapping.source_index) if s is not None]
 
     per_image, counts = _image_boxes(dataset_dicts, _class_index(mapping, dataset_classes),

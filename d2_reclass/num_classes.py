@@ -12,12 +12,25 @@ from detectron2.config import CfgNode
 
 from .layouts.core import STUFF, THING  # not .layouts: project layouts import this module
 
-__all__ = ["NumClassesKeysFn", "num_classes_keys", "register_num_classes_keys"]
+__all__ = [
+    "NumClassesCheckFn",
+    "NumClassesKeysFn",
+    "check_num_classes_config",
+    "num_classes_keys",
+    "register_num_classes_check",
+    "register_num_classes_keys",
+]
 
 #: ``fn(cfg) -> [(config key, class space), ...]`` for the configs it knows, else None.
 NumClassesKeysFn = Callable[[CfgNode], Optional[List[Tuple[str, str]]]]
 
 _KEY_FNS: List[NumClassesKeysFn] = []
+
+#: ``fn(cfg)``: raises a :class:`~d2_reclass.errors.ReclassError` where a class count of the
+#: config disagrees with a file the config names (Detic's vocabulary), else returns None.
+NumClassesCheckFn = Callable[[CfgNode], None]
+
+_CHECK_FNS: List[NumClassesCheckFn] = []
 
 
 def register_num_classes_keys(fn: NumClassesKeysFn) -> NumClassesKeysFn:
@@ -26,6 +39,20 @@ def register_num_classes_keys(fn: NumClassesKeysFn) -> NumClassesKeysFn:
     functions registered later are asked first."""
     _KEY_FNS.insert(0, fn)
     return fn
+
+
+def register_num_classes_check(fn: NumClassesCheckFn) -> NumClassesCheckFn:
+    """Register ``fn(cfg)``, run on every prepared config once its class counts are set: it
+    raises, naming the keys and files, where the model it describes could not be built for
+    them. Usable as a decorator."""
+    _CHECK_FNS.append(fn)
+    return fn
+
+
+def check_num_classes_config(cfg: CfgNode) -> None:
+    """Run every registered check (:func:`register_num_classes_check`) on ``cfg``."""
+    for fn in _CHECK_FNS:
+        fn(cfg)
 
 
 def num_classes_keys(cfg: CfgNode) -> List[Tuple[str, str]]:

@@ -22,12 +22,12 @@ class TensorAction:
     ``action`` is one of ``"mapped"`` (some entries copied or merged, some fresh),
     ``"copied"`` (every entry copied: reordered, subset or split), ``"merged"`` (every entry
     copied or merged, some merged), ``"fresh"`` (every class entry fresh; a background block is
-    still carried over), ``"model's own"`` (a dataset-derived buffer kept from the model), or
-    ``"skipped"`` (a mismatch that is not about classes, or of a tensor no layout recognises
-    (``layout`` :data:`NOT_RECOGNISED`, ``space`` empty), left to fvcore, which skips it as
-    stock detectron2 does). ``copied``, ``fresh`` and ``merged`` count entries along the class
-    axis; ``copied`` includes the background block, ``merged`` counts entries computed from
-    several source classes (in the JSON only when there are any).
+    still carried over), ``"model's own"`` (a dataset-derived buffer or a vocabulary kept from
+    the model), or ``"skipped"`` (a mismatch that is not about classes, or of a tensor no
+    layout recognises (``layout`` :data:`NOT_RECOGNISED`, ``space`` empty), left to fvcore,
+    which skips it as stock detectron2 does). ``copied``, ``fresh`` and ``merged`` count
+    entries along the class axis; ``copied`` includes the background block, ``merged`` counts
+    entries computed from several source classes (in the JSON only when there are any).
     """
 
     key: str

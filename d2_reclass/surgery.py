@@ -324,7 +324,8 @@ def _read_heads(
             head.readings.append(readings.get(key))
     for key, head in heads.items():
         ckpt, model = states[0][key], model_state[key]
-        if not head.layouts[0].keep_model and head.readings[0] is None \
+        lay0 = head.layouts[0]
+        if not (lay0.keep_model or lay0.vocabulary) and head.readings[0] is None \
                 and ckpt.shape != model.shape:
             report.mismatches.append(TensorAction(
                 key, head.layouts[0].space, tuple(ckpt.shape), tuple(model.shape), "skipped",
@@ -582,8 +583,11 @@ def _refit_head(
     own (it already fits, or its shape differs for another reason than classes)."""
     lay0 = head.layouts[0]
     ckpt = states[0][head.key]
-    if lay0.keep_model:
-        if space.resolution == "unchanged" and ckpt.shape == model.shape:
+    if lay0.keep_model or lay0.vocabulary:
+        # A vocabulary is the model's whatever the checkpoint holds: loading the checkpoint's
+        # is only left to fvcore where it is the same, bit for bit.
+        if ckpt.shape == model.shape and (torch.equal(ckpt, model.detach().to(ckpt.device))
+                                          if lay0.vocabulary else space.resolution == "unchanged"):
             return None
         return model.detach().clone(), TensorAction(
             head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape), "model's own",

@@ -47,3 +47,8 @@ __all__ = [
     "register_layout",
     "retarget",
 ]
+
+# Projects' layouts last: they also register their config keys with ..num_classes, which reads
+# this package's class spaces.
+from . import centernet as _centernet  # noqa: E402,F401  (registration only)
+from . import detic as _detic  # noqa: E402,F401

@@ -146,7 +146,13 @@ class ClassLayout:
         can_be_agnostic (bool): the head also exists in a class-agnostic form, one block long.
         requires (tuple[str]): keys whose shapes must agree between checkpoint and model for
             this reading to hold (RetinaNet's A is read from its box regressor).
-        keep_model (bool): a buffer computed from the dataset; the model's own value is kept.
+        keep_model (bool): a buffer computed from the dataset; the model's own value is kept
+            when the classes change, and its length is not read as a class count.
+        vocabulary (bool): the model's class vocabulary as its config defines it (Detic's
+            zero-shot text embeddings, fed-loss frequencies read from a file): always the
+            model's own value, never taken from a checkpoint, also when the classes look
+            unchanged. Unless ``keep_model``, the checkpoint's tensor still gives its class
+            count (Detic's embedding columns do; a frequency file's length need not).
         kind (str): a short description for reports ("softmax + background", ...).
         config_key (str): the config key that sets this head's class count, for messages
             ("MODEL.ROI_HEADS.NUM_CLASSES"); empty when no config key is known.
@@ -167,6 +173,7 @@ class ClassLayout:
     can_be_agnostic: bool = False
     requires: Tuple[str, ...] = ()
     keep_model: bool = False
+    vocabulary: bool = False
     kind: str = ""
     config_key: str = ""
 
@@ -419,10 +426,11 @@ def retarget(
     """The same heads built for ``num_classes``: their layouts, and meta tensors of their
     shapes (the engine reads target shapes only; meta tensors cost no memory).
 
-    Dataset-derived buffers (``keep_model``) are left out: they have no shape to derive.
+    Dataset-derived buffers (``keep_model``) and vocabularies are left out: they have no shape
+    to derive (a config gives them).
     """
     new = [replace(lay, num_classes=None if lay.agnostic else num_classes)
-           for lay in layouts if not lay.keep_model]
+           for lay in layouts if not lay.keep_model and not lay.vocabulary]
     targets: Dict[str, torch.Tensor] = {}
     for lay in new:
         shape = list(targets[lay.key].shape if lay.key in targets else shapes[lay.key])

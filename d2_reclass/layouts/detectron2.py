@@ -14,14 +14,14 @@ from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from ..fresh import MSRA, NORMAL_0001, NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
 from .core import KEYPOINT, STUFF, THING, ClassLayout, class_rows, register_layout
 
-__all__: List[str] = []
+__all__ = ["fast_rcnn_layouts"]
 
 ROI_HEADS_KEY = "MODEL.ROI_HEADS.NUM_CLASSES"
 SEM_SEG_KEY = "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
 
 
 @register_layout(FastRCNNOutputLayers)
-def _fast_rcnn(m: FastRCNNOutputLayers) -> List[ClassLayout]:
+def fast_rcnn_layouts(m: FastRCNNOutputLayers) -> List[ClassLayout]:
     # modeling/roi_heads/fast_rcnn.py: losses/inference read K+1 logits with background last
     # (also with sigmoid CE, which ignores the last), and box deltas viewed as (R, K, B) in
     # fast_rcnn_inference / box_reg_loss, or (R, B) when class-agnostic.
