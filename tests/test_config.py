@@ -9,9 +9,19 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.projects.point_rend import add_pointrend_config
 
 from d2_reclass import ClassListError, add_reclass_config, apply_num_classes, merge_config_file
-from d2_reclass.config import dataset_classes, target_classes, train_classes
+from d2_reclass.config import (
+    dataset_classes,
+    prepare_reclass_config,
+    target_classes,
+    train_classes,
+)
 from d2_reclass.layouts import THING
-from d2_reclass.num_classes import num_classes_keys, register_num_classes_keys
+from d2_reclass.num_classes import (
+    _CHECK_FNS,
+    num_classes_keys,
+    register_num_classes_check,
+    register_num_classes_keys,
+)
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 
@@ -103,6 +113,28 @@ def test_a_registered_project_decides_its_keys():
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
     cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     assert num_classes_keys(cfg) == [("MODEL.ROI_HEADS.NUM_CLASSES", THING)]
+
+
+def test_a_registered_check_runs_on_every_prepared_config():
+    seen = []
+
+    @register_num_classes_check
+    def _check(c):
+        seen.append(c.MODEL.ROI_HEADS.NUM_CLASSES)
+        if c.MODEL.META_ARCHITECTURE == "CfgTestCheckedArch":
+            raise ClassListError(f"vocabulary has 5 rows, NUM_CLASSES is "
+                                 f"{c.MODEL.ROI_HEADS.NUM_CLASSES}")
+
+    cfg = _cfg()
+    add_reclass_config(cfg)
+    cfg.MODEL.RECLASS.TARGET_CLASSES = ["a", "b", "c"]
+    prepare_reclass_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "CfgTestCheckedArch"
+    # The check sees the counts AUTO_NUM_CLASSES set, not the config's 80.
+    with pytest.raises(ClassListError, match="NUM_CLASSES is 3"):
+        prepare_reclass_config(cfg)
+    assert seen == [3, 3]
+    _CHECK_FNS.remove(_check)
 
 
 def test_target_classes_precedence_and_mixed_train_sets():

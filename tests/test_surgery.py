@@ -46,8 +46,15 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from d2_reclass.errors import CheckpointError, ClassListError, ClassMismatchError
-from d2_reclass.fresh import torch_default_init
-from d2_reclass.layouts import STUFF, THING, class_rows, find_layouts, register_layout
+from d2_reclass.fresh import ZERO, torch_default_init
+from d2_reclass.layouts import (
+    STUFF,
+    THING,
+    ClassLayout,
+    class_rows,
+    find_layouts,
+    register_layout,
+)
 from d2_reclass.report import NOT_RECOGNISED
 from d2_reclass.surgery import ClassSpec, class_map_by_space, reclass_state_dict
 
@@ -717,6 +724,27 @@ def test_fed_loss_weights_are_the_models_own():
     same, report = reclass(src, head(80, use_sigmoid_ce=True, use_fed_loss=True,
                                      get_fed_loss_cls_weights=weights(80, 3.0)))
     assert same["fed_loss_cls_weights"] is src["fed_loss_cls_weights"]  # unchanged classes
+
+
+def test_a_vocabulary_is_always_the_models_own_and_counts_the_checkpoints_classes():
+    # Detic's zero-shot classifier: D x (K+1) embedding columns, background last.
+    lay = ClassLayout("zs_weight", THING, 3, ZERO, axis=1, background=True, vocabulary=True,
+                      kind="zero-shot vocabulary")
+    ckpt = {"zs_weight": torch.randn(8, 81)}
+    model = {"zs_weight": torch.randn(8, 4)}
+    new, report = reclass_state_dict(ckpt, model, [lay], classes=thing(), mode="map")
+    assert torch.equal(new["zs_weight"], model["zs_weight"])
+    assert report.tensor("zs_weight").action == "model's own"
+    assert report.spaces[THING].num_source == 80
+    # Same classes and shape, other embeddings: still the model's; the same bits: left alone.
+    same = {"zs_weight": torch.randn(8, 4)}
+    new, report = reclass_state_dict({"zs_weight": same["zs_weight"] + 1}, same, [lay])
+    assert torch.equal(new["zs_weight"], same["zs_weight"])
+    new, report = reclass_state_dict(dict(same), same, [lay])
+    assert new["zs_weight"] is same["zs_weight"] and not report.tensors
+    # Its columns count the checkpoint's classes: MODE strict raises with no names given.
+    with pytest.raises(ClassMismatchError, match="checkpoint 80, model 3"):
+        reclass_state_dict(ckpt, model, [lay], mode="strict")
 
 
 # ---------------------------------------------------------------------------------------------
