@@ -286,6 +286,12 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 reclass_state_dict(state, model_state, layouts, classes=classes, mode="strict",
                                    seed=self.reclass.seed, source=source)
             except ClassMismatchError as e:
+                if not e.problems:  # no class change: the config changed since the save
+                    raise CheckpointError(
+                        f"Cannot resume from {source}: tensors have another shape than the "
+                        "model's, and not because of classes (the config changed since it was "
+                        "saved). Resume with the config it was trained with, or use a new "
+                        "OUTPUT_DIR.\n" + "\n".join(e.tensors)) from None
                 raise ResumeClassMismatchError(
                     resume_mismatch_message(source, "; ".join(e.problems), e.tensors)) from None
         else:

@@ -535,17 +535,17 @@ def _raise_if_strict(
     tensors = [f"  {k}: checkpoint {tuple(state_dict[k].shape)}, model "
                f"{tuple(model_state[k].shape)}" + (f" ({NOT_RECOGNISED})" if k in unrecognised
                                                    else "") for k in keys]
-    problems = strict_errors or ["tensors differ for reasons other than classes"
-                                 + (" or are not recognised" if unrecognised else "")]
+    what = strict_errors or ["tensors differ for reasons other than classes"
+                             + (" or are not recognised" if unrecognised else "")]
     hint = (" A tensor marked 'not recognised' may be a class head d2_reclass has no layout "
             "for: register one (d2_reclass.register_layout), or load it as stock does with "
             "another mode (it is skipped)." if unrecognised else "")
     raise ClassMismatchError(
         f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
-        + "; ".join(problems) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
+        + "; ".join(what) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
         "MODEL.RECLASS.MODE to 'map' (with class names) or 'reinit' to adapt the heads, or "
         "build the model with the checkpoint's NUM_CLASSES." + hint,
-        problems, tensors)
+        strict_errors, tensors)
 
 
 # ---------------------------------------------------------------------------------------------

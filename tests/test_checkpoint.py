@@ -363,6 +363,21 @@ def test_unrecognised_mismatch_is_a_warning_and_skipped_as_stock(six, six_pth):
         ReclassCheckpointer(model, reclass=ReclassOptions(mode="strict")).load(six_pth)
 
 
+def test_resume_with_a_changed_config_names_the_config_not_classes(six, tmp_path):
+    torch.save({"model": six.state_dict(), CLASSES_KEY: {"thing_classes": SIX}},
+               tmp_path / "model_0000009.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    model = small_model(6, opts=["MODEL.FPN.OUT_CHANNELS", 128], seed=2)
+    before = params(model)
+    with pytest.raises(CheckpointError, match=r"^Cannot resume from .*model_0000009\.pth: "
+                       r"tensors have another shape than the model's, and not because of "
+                       r"classes .*\n  backbone\.fpn_lateral2\.weight: checkpoint \(64, 64, 1, "
+                       r"1\), model \(128, 64, 1, 1\) \(not recognised\)"):
+        ReclassCheckpointer(model, str(tmp_path), reclass=ReclassOptions(
+            target_classes=SIX)).resume_or_load("", resume=True)
+    assert_same_state(params(model), before)
+
+
 def test_missing_file_names_the_key_to_fix(tmp_path):
     with pytest.raises(CheckpointError, match="not found. Check MODEL.WEIGHTS"):
         ReclassCheckpointer(small_model(3)).load(str(tmp_path / "nope.pth"))

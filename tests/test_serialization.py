@@ -211,6 +211,34 @@ def test_loads_python3_pickles(tmp_path, protocol):
     assert type(loaded["extra"]["scale"]) is np.float32
 
 
+def _with_metadata(values):
+    """A state dict as ``Module.state_dict()`` returns it: an OrderedDict with ``_metadata``."""
+    state = OrderedDict(values)
+    state._metadata = OrderedDict([("", {"version": 1}), ("head", {"version": 2})])
+    return state
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickled_state_dict_keeps_its_module_versions(tmp_path, protocol):
+    """The restricted unpickler restores an OrderedDict's ``_metadata`` (a BUILD of its
+    attributes), as plain pickle does: versioned modules then see their version."""
+    state = _with_metadata([("head.weight", np.ones((2, 3), dtype=np.float32))])
+    path = write(tmp_path / "model.pkl", pickle.dumps(
+        {"model": state, "__author__": "Detectron2 Model Zoo"}, protocol=protocol))
+    loaded = load_checkpoint_file(path)["model"]
+    assert type(loaded) is OrderedDict and loaded._metadata == state._metadata
+    assert pickle.loads(pickle.dumps(state, protocol=protocol))._metadata == state._metadata
+
+
+def test_saved_state_dict_keeps_its_module_versions(tmp_path):
+    """save_checkpoint_file (the CLI's output) keeps ``_metadata``; the safe torch loader reads
+    it back."""
+    state = _with_metadata([("head.weight", torch.ones(2, 3))])
+    path = str(tmp_path / "out.pth")
+    save_checkpoint_file({"model": state}, path)
+    assert load_checkpoint_file(path)["model"]._metadata == state._metadata
+
+
 def test_loads_caffe2_pickles(tmp_path):
     blobs = {
         "conv1_w": np.ones((2, 3, 7, 7), dtype=np.float32),

@@ -909,6 +909,7 @@ def test_strict_raises_for_an_unrecognised_mismatch_with_classes_unchanged(head8
     assert "register one (d2_reclass.register_layout)" in str(info.value)
     assert info.value.tensors == ["  extra.weight: checkpoint (5, 4), model (6, 4) "
                                   "(not recognised)"]
+    assert info.value.problems == []  # no class space differs
 
 
 def test_class_map_applies_in_every_space_its_target_is_in():
