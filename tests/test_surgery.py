@@ -223,13 +223,14 @@ def test_map_errors_name_each_spaces_keys():
                                              r"train on registered datasets whose metadata has "
                                              r"stuff_classes\.$"):
         reclass(src, model, {**thing(), "stuff": ClassSpec(COCO_STUFF, None)}, mode="map")
-    # No CLASS_MAP for stuff: the config applies it to things only.
+    # CLASS_MAP applies to stuff too (class_map_by_space), so its by-index form is offered.
     with pytest.raises(ClassListError, match=r"^MODE map needs the stuff class names of x\.pth, "
                                              r"which stores none: set "
                                              r"MODEL\.RECLASS\.SOURCE_STUFF_CLASSES or "
                                              r"SOURCE_DATASET \(a dataset with stuff_classes, "
-                                             r"e\.g\. coco_2017_train_panoptic_separated\), or "
-                                             r"use MODE reinit\.$"):
+                                             r"e\.g\. coco_2017_train_panoptic_separated\), map "
+                                             r"classes by index with CLASS_MAP 'target=INDEX', "
+                                             r"or use MODE reinit\.$"):
         reclass(src, model, {**thing(), "stuff": ClassSpec(None, STUFF_TARGET)}, mode="map",
                 source="x.pth")
     # Where the caller names its lists, messages use its names.
