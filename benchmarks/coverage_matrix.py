@@ -605,7 +605,9 @@ def _detic_recipe(path: str, root: str) -> Recipe:
     cfg.merge_from_file(path)
     cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS, cfg.MODEL.TIMM.PRETRAINED = "cpu", "", False
     box, k, notes = cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.ROI_HEADS.NUM_CLASSES, []
-    work = tempfile.mkdtemp(prefix="d2_reclass_detic_")
+    # Removed with the recipe (TemporaryDirectory's finalizer), once the build closure is gone.
+    tmp = tempfile.TemporaryDirectory(prefix="d2_reclass_detic_")
+    work = tmp.name
     vocabulary = os.path.join(root, box.ZEROSHOT_WEIGHT_PATH)
     if box.ZEROSHOT_WEIGHT_PATH != "rand" and not os.path.isfile(vocabulary):
         notes.append(f"{box.ZEROSHOT_WEIGHT_PATH} not shipped: random stand-in of {k} rows")
@@ -625,7 +627,8 @@ def _detic_recipe(path: str, root: str) -> Recipe:
         notes.append("the dataset's class names repeat: synthetic names")
         thing = [f"thing{i}" for i in range(k)]
 
-    def build(num_thing: Optional[int], num_stuff: Optional[int], seed: int) -> torch.nn.Module:
+    def build(num_thing: Optional[int], num_stuff: Optional[int], seed: int,
+              _tmp: tempfile.TemporaryDirectory = tmp) -> torch.nn.Module:
         c = cfg.clone()
         c.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH = vocabulary
         if num_thing is not None and num_thing != k:
