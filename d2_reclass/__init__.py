@@ -19,6 +19,7 @@ from .config import (
     merge_config_file,
     prepare_reclass_config,
 )
+from .dataset_classes import map_datasets_to_classes
 from .datasets import register_coco_dataset
 from .errors import (
     CheckpointError,
@@ -93,6 +94,7 @@ __all__ = [
     "combine_state_dicts",
     "find_layouts",
     "init_new_classes",
+    "map_datasets_to_classes",
     "merge_config_file",
     "normalize_class_name",
     "prepare_reclass_config",
