@@ -48,6 +48,7 @@ from .new_classes import (
     init_new_classes,
 )
 from .options import ReclassOptions
+from .predictor import ReclassPredictor, use_checkpoint_classes
 from .report import ReclassReport
 from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
 from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
@@ -76,6 +77,7 @@ __all__ = [
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
     "ReclassOptions",
+    "ReclassPredictor",
     "ReclassReport",
     "ReclassTrainer",
     "ReclassTrainerMixin",
@@ -104,5 +106,6 @@ __all__ = [
     "register_coco_dataset",
     "register_layout",
     "stored_classes",
+    "use_checkpoint_classes",
     "use_reclass_box_predictors",
 ]

@@ -25,6 +25,7 @@ from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import broadcast_thing_heads
+from .stock_loads import warn_on_skipped_class_heads
 
 __all__ = [
     "REPORT_FILE",
@@ -123,7 +124,9 @@ class ReclassTrainerMixin:
         log_num_classes_changes(changes)
         model = super().build_model(cfg)
         use_reclass_box_predictors(model, cfg)
-        return model
+        # A stock DetectionCheckpointer loading into this model (a project's eval-only path)
+        # skips class rows of another length: say so, naming the line to change.
+        return warn_on_skipped_class_heads(model)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a DetectionCheckpointer, then calls build_hooks,
