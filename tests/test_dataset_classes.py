@@ -267,3 +267,22 @@ def test_a_class_the_model_lacks_and_other_stuff_classes_are_errors():
     with pytest.raises(DatasetError, match="x.png has category_id 5, but its dataset names 2 "
                        "classes"):
         DatasetCatalog.get("dc_bad_ids")
+
+
+def test_a_lazyconfig_maps_its_train_and_test_datasets(project):
+    from omegaconf import OmegaConf
+
+    from d2_reclass.lazy import map_lazy_datasets
+
+    cfg = OmegaConf.create({
+        "dataloader": {"train": {"dataset": {"names": ["dc_six", "dc_star_only"]}},
+                       "test": {"dataset": {"names": "dc_reordered"}}}, "reclass": {}})
+    map_lazy_datasets(cfg)
+    assert [list(MetadataCatalog.get(n).thing_classes)
+            for n in ("dc_six", "dc_star_only", "dc_reordered")] == [SEVEN] * 3
+    cfg.reclass = {"target_classes": THREE}
+    with pytest.raises(ClassListError, match=re.escape(
+            "dataloader.train.dataset.names 'dc_six' has the thing classes 'circle', 'diamond', "
+            "'hexagon', 'cross', not among the model's classes (reclass.target_classes, else "
+            "those of dataloader.train)")):
+        map_lazy_datasets(cfg)
