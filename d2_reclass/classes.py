@@ -20,6 +20,7 @@ __all__ = [
     "build_class_mapping",
     "check_class_list",
     "class_list_difference",
+    "close_names",
     "normalize_class_name",
     "pick_source_classes",
     "union_classes",
@@ -66,7 +67,7 @@ def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
     return classes
 
 
-def _close_names(name: str, choices: Iterable[str], cutoff: float) -> List[str]:
+def close_names(name: str, choices: Iterable[str], cutoff: float) -> List[str]:
     """Up to 3 of ``choices`` whose normalised names are at least ``cutoff`` alike, best first."""
     by_norm = {normalize_class_name(c): c for c in choices}
     close = difflib.get_close_matches(normalize_class_name(name), list(by_norm), n=3, cutoff=cutoff)
@@ -75,7 +76,7 @@ def _close_names(name: str, choices: Iterable[str], cutoff: float) -> List[str]:
 
 def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """' Did you mean ...?' naming the closest of ``choices``, or '' if none is close."""
-    close = _close_names(name, choices, cutoff)
+    close = close_names(name, choices, cutoff)
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
@@ -399,7 +400,7 @@ def _check_new_classes(
                 f"{target_what} names {tname!r}, which is not in {source_what}.{hint} "
                 f"Fix the name, or declare it new on purpose with CLASS_MAP '{tname}='."
             )
-        near = _close_names(tname, unused, _CLOSE_RATIO)
+        near = close_names(tname, unused, _CLOSE_RATIO)
         if near and normalize_class_name(tname) not in known:
             raise ClassListError(
                 f"{target_what} names {tname!r}, which is in neither {source_what} nor the "

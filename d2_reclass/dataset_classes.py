@@ -28,7 +28,7 @@ from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
 from .atomic import atomic_file
-from .classes import _close_names, check_class_list, did_you_mean, normalize_class_name
+from .classes import check_class_list, close_names, did_you_mean, normalize_class_name
 from .errors import ClassListError, DatasetError
 
 __all__ = [
@@ -41,8 +41,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Metadata keys indexed by the dataset's own class order: replaced when the classes are mapped.
-CLASS_INDEXED_METADATA = ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id",
-                  "json_file")
+CLASS_INDEXED_METADATA = (
+    "thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id", "json_file")
 
 #: Datasets loaded once to read their classes, whose loader set none: never loaded again.
 _LOADED_WITHOUT_CLASSES = set()
@@ -68,8 +68,8 @@ def _load_for_classes(name: str) -> None:
     except Exception as e:  # a registered loader may raise anything; name the dataset
         raise DatasetError(
             f"Dataset {name!r} could not be loaded to read its class names: "
-            f"{type(e).__name__}: {e}. Check the files it was registered with, or set "
-            "MODEL.RECLASS.TARGET_CLASSES."
+            f"{type(e).__name__}: {e}. Check the files it was registered with (its classes "
+            "are read by name to map its labels to the model's classes)."
         ) from e
     if not (meta.get("thing_classes", None) or meta.get("stuff_classes", None)):
         _LOADED_WITHOUT_CLASSES.add(name)
@@ -228,7 +228,7 @@ def _check_covered(name: str, own: Sequence[str], target: Sequence[str], kind: s
     unlisted = [t for t in target if normalize_class_name(t) not in
                 {normalize_class_name(c) for c in own}]
     hints = "".join(f" Is {close[0]!r} of {target_what} meant to be {c!r}?" for c in missing
-                    for close in [_close_names(c, unlisted, 0.75)] if close)
+                    for close in [close_names(c, unlisted, 0.75)] if close)
     classes = f"class {missing[0]!r}" if len(missing) == 1 else \
         f"classes {', '.join(map(repr, missing))}"
     raise ClassListError(
