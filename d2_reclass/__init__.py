@@ -11,6 +11,7 @@ from .checkpoint import (
     read_stored_classes,
     stored_classes,
     stored_eval_classes,
+    use_checkpoint_classes,
 )
 from .classes import ClassMapping, build_class_mapping, normalize_class_name
 from .combine import combine_state_dicts
@@ -20,6 +21,7 @@ from .config import (
     merge_config_file,
     prepare_reclass_config,
 )
+from .dataset_classes import map_datasets_to_classes
 from .datasets import register_coco_dataset
 from .errors import (
     CheckpointError,
@@ -57,6 +59,7 @@ from .new_classes import (
 )
 from .num_classes import register_num_classes_check, register_num_classes_keys
 from .options import ReclassOptions
+from .predictor import ReclassPredictor
 from .report import ReclassReport
 from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
 from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
@@ -85,6 +88,7 @@ __all__ = [
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
     "ReclassOptions",
+    "ReclassPredictor",
     "ReclassReport",
     "ReclassTrainer",
     "ReclassTrainerMixin",
@@ -104,6 +108,7 @@ __all__ = [
     "combine_state_dicts",
     "find_layouts",
     "init_new_classes",
+    "map_datasets_to_classes",
     "merge_config_file",
     "normalize_class_name",
     "prepare_reclass_config",
@@ -117,5 +122,6 @@ __all__ = [
     "stored_classes",
     "stored_eval_classes",
     "torch_default_init",
+    "use_checkpoint_classes",
     "use_reclass_box_predictors",
 ]

@@ -21,8 +21,8 @@ from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 from torch.nn.parallel import DistributedDataParallel
 
-from .classes import normalize_class_name, pick_source_classes
-from .combine import combine_state_dicts, union_classes
+from .classes import normalize_class_name, pick_source_classes, union_classes
+from .combine import combine_state_dicts
 from .config import dataset_classes
 from .errors import (
     CheckpointError,
@@ -55,6 +55,7 @@ from .surgery import (
 __all__ = [
     "CLASSES_KEY",
     "stored_eval_classes",
+    "use_checkpoint_classes",
     "ReclassCheckpointer",
     "check_resume",
     "read_stored_classes",
@@ -125,6 +126,23 @@ def stored_eval_classes(cfg) -> Dict[str, List[str]]:
               for path in [cfg.MODEL.WEIGHTS, *r.COMBINE]]
     return {key: union_classes([s.get(key, []) for s in stored])
             for key in ("thing_classes", "stuff_classes")}
+
+
+def use_checkpoint_classes(cfg) -> None:
+    """Set MODEL.RECLASS.TARGET_(STUFF_)CLASSES, when TARGET_CLASSES is empty, to the classes
+    MODEL.WEIGHTS (and MODEL.RECLASS.COMBINE) store (:func:`stored_eval_classes`): a checkpoint
+    that names its classes is evaluated with them, whatever NUM_CLASSES the base config has.
+    ``cfg`` must not be frozen and must have MODEL.RECLASS (:func:`add_reclass_config`).
+
+    Raises:
+        CheckpointError: a checkpoint is missing or unreadable.
+    """
+    r = cfg.MODEL.RECLASS
+    if r.TARGET_CLASSES or not cfg.MODEL.WEIGHTS:
+        return
+    stored = stored_eval_classes(cfg)
+    r.TARGET_CLASSES = stored["thing_classes"]
+    r.TARGET_STUFF_CLASSES = stored["stuff_classes"]
 
 
 def resume_mismatch_message(source: str, difference: str, tensors: Sequence[str] = ()) -> str:
@@ -420,10 +438,18 @@ class ReclassCheckpointer(DetectionCheckpointer):
                                                      STUFF: r.target_stuff_classes})
         return {
             THING: ClassSpec(thing_source, r.target_classes, class_map[THING], thing_what,
-                             "MODEL.RECLASS.TARGET_CLASSES"),
+                             "MODEL.RECLASS.TARGET_CLASSES", known=self._data_classes()),
             STUFF: ClassSpec(stuff_source, r.target_stuff_classes, class_map[STUFF], stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
+
+    def _data_classes(self) -> List[str]:
+        """The thing classes the training data names (each dataset's own, before mapping)."""
+        if self.examples is None:
+            return []
+        if self.examples.class_names is not None:
+            return list(self.examples.class_names)
+        return union_classes([dataset_classes(name) or [] for name in self.examples.datasets])
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
         """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET.

@@ -13,12 +13,13 @@ take their examples from ``dataloader.train.dataset.names``, read as
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import train_classes
+from .dataset_classes import map_datasets_to_classes
 from .errors import ConfigError
 from .new_classes import NewClassExamples
 from .options import ReclassOptions
 
 __all__ = ["lazy_new_class_examples", "lazy_reclass_options", "lazy_target_classes",
-           "apply_lazy_num_classes"]
+           "apply_lazy_num_classes", "map_lazy_datasets"]
 
 _KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_map", "seed",
          "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes",
@@ -33,8 +34,9 @@ def _reclass(cfg) -> Dict[str, Any]:
     return options
 
 
-def _train_names(cfg) -> List[str]:
-    names = cfg.dataloader.train.dataset.get("names", ()) if "dataloader" in cfg else ()
+def _train_names(cfg, split: str = "train") -> List[str]:
+    loader = cfg.dataloader.get(split, None) if "dataloader" in cfg else None
+    names = loader.dataset.get("names", ()) if loader is not None and "dataset" in loader else ()
     return [names] if isinstance(names, str) else list(names)
 
 
@@ -85,3 +87,20 @@ def apply_lazy_num_classes(cfg) -> List[Tuple[str, int, int]]:
             changes.append((path, node[leaf], len(classes)))
             node[leaf] = len(classes)
     return changes
+
+
+def map_lazy_datasets(cfg) -> None:
+    """Map the datasets of ``dataloader.train`` and ``dataloader.test`` to the model's classes
+    by name (see :func:`~d2_reclass.map_datasets_to_classes`); call it before instantiating
+    the data loaders.
+
+    Raises:
+        ClassListError: a dataset names a class the model lacks.
+    """
+    thing, stuff = lazy_target_classes(cfg, "thing"), lazy_target_classes(cfg, "stuff")
+    for split in ("train", "test"):
+        map_datasets_to_classes(_train_names(cfg, split), thing, stuff,
+                                what=f"dataloader.{split}.dataset.names",
+                                target_what="the model's classes (reclass.target_classes, else "
+                                "those of dataloader.train)",
+                                fix="Add the missing classes to reclass.target_classes.")

@@ -256,7 +256,7 @@ def test_a_dataset_that_cannot_be_loaded_for_its_classes_is_named(shapes, tmp_pa
     from d2_reclass import DatasetError
 
     with pytest.raises(DatasetError, match=f"Dataset '{name}' could not be loaded to read its "
-                       "class names: .*nope.json.*set MODEL.RECLASS.TARGET_CLASSES"):
+                       "class names: .*nope.json.*Check the files it was registered with"):
         Trainer(_user_cfg(root, name))
 
 

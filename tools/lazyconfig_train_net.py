@@ -33,6 +33,7 @@ from d2_reclass.lazy import (
     lazy_new_class_examples,
     lazy_reclass_options,
     lazy_target_classes,
+    map_lazy_datasets,
 )
 from d2_reclass.new_classes import broadcast_thing_heads
 from d2_reclass.threads import configure_torch_threads
@@ -101,6 +102,7 @@ def main(args):
     default_setup(cfg, args)
     for key, old, new in changes:
         logger.info(f"num_classes: {key} {old} -> {new}")
+    map_lazy_datasets(cfg)
     if args.eval_only:
         model = _ddp(cfg, build_model(cfg))
         checkpointer = ReclassCheckpointer(model, reclass=lazy_reclass_options(cfg),
