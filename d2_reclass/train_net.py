@@ -1,14 +1,16 @@
-#!/usr/bin/env python
 """Train or evaluate a detectron2 model whose class set differs from its checkpoint's.
 
 detectron2's tools/train_net.py with d2_reclass added: MODEL.RECLASS.* keys, class names
 stored in every checkpoint, AUTO_NUM_CLASSES, and --coco-dataset to register COCO-format
 datasets without writing Python. Multi-GPU and multi-machine flags are detectron2's own.
+It lives in the package so that ``pip install`` provides it: as the ``d2-reclass-train``
+command, as ``python -m d2_reclass.train_net``, and (in a checkout) as tools/train_net.py.
 
-    tools/train_net.py --config-file configs/coco_subset_map.yaml \
+    d2-reclass-train --config-file configs/COCO-subset-map.yaml \
         --coco-dataset mine_train data/train.json data/images DATASETS.TRAIN '("mine_train",)'
 """
 import logging
+from typing import Optional, Sequence
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -93,9 +95,12 @@ def argument_parser():
     return parser
 
 
-if __name__ == "__main__":
+def command_line(argv: Optional[Sequence[str]] = None) -> None:
+    """Run from the command line (``argv``: the flags, default ``sys.argv[1:]``), one process
+    per GPU through detectron2's ``launch``, torch pinned to ``OMP_NUM_THREADS`` threads (1
+    when unset) first."""
     configure_torch_threads()  # before launch(), whose worker processes inherit it
-    args = argument_parser().parse_args()
+    args = argument_parser().parse_args(argv)
     logger.info("Command Line Args: %s", args)
     launch(
         main,
@@ -105,3 +110,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    command_line()
