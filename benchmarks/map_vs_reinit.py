@@ -20,8 +20,8 @@ changes the training that follows it. Saving does not, so with the default N the
 exactly as the demo's, and the iteration-N row equals the demo's table.
 
 Runs live in ``output/map_vs_reinit/`` and are cached like the demo's; the intermediate
-checkpoints (98 MB each) are deleted once evaluated. Machine, timings and the table: README,
-"Map vs reinit".
+checkpoints (98 MB each) are deleted once evaluated. Machine, timings and the table:
+docs/benchmarks.md, "Map vs reinit".
 """
 import argparse
 import glob

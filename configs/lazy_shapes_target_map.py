@@ -2,7 +2,7 @@
 # Faster R-CNN (ResNet-18 FPN, 64 channels, 128 px) built from detectron2's LazyConfig model
 # fragments, fine-tuned from the demo's 6-class source model to the classes of
 # dataloader.train.dataset.names, rows of the classes it keeps mapped by name. It runs on a CPU;
-# register the datasets with --coco-dataset (see the README).
+# register the datasets with --coco-dataset (see the README, "Try it").
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T

@@ -7,7 +7,7 @@ measured on a few of the user's own labelled images:
 
 * ``head``: the head's own init (nothing here runs).
 * ``auto`` (the default): ``imprint`` where labelled examples are given, else ``head``:
-  imprint measured best in ``benchmarks/new_class_init.py`` (see the README).
+  imprint measured best in ``benchmarks/new_class_init.py`` (docs/new_class_init.md, docs/benchmarks.md).
 * ``relative``: the source model's classifiers score the new class's ground-truth boxes; the
   source class with the highest mean probability is its *relative*, and every class entry of
   every thing head (box classifier and regressor of every cascade stage, mask predictor,

@@ -285,7 +285,7 @@ def test_zoo_bases_are_served_from_the_installed_detectron2():
 
 def test_the_readme_integration_snippet_is_what_these_tests_use():
     readme = open(os.path.join(REPO, "README.md")).read()
-    snippet = readme.split("## Use it in an existing detectron2 project", 1)[1].split("```")[1]
+    snippet = readme.split("### In an existing project (trainer mixin)", 1)[1].split("```")[1]
     assert "add_reclass_config(cfg)" in snippet
     assert "class Trainer(ReclassTrainerMixin, " in snippet
     for line in textwrap.dedent(PROJECT).splitlines():
