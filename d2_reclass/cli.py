@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import numbers
 import os
 import sys
 import warnings
@@ -128,7 +129,7 @@ def _print_inspect(info: Dict[str, Any]) -> None:
 
     print(f"{info['path']}: {info['format']}, looks like {info['architecture']}")
     print(f"{info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB of weights; "
-          f"iteration {info['iteration']}; optimizer state: {info['optimizer_state']}; "
+          f"{_iterations(info['iteration'])}; optimizer state: {info['optimizer_state']}; "
           f"scheduler state: {info['scheduler_state']}")
     for space, k in info["num_classes"].items():
         print(f"{space} classes: {k}")
@@ -146,6 +147,14 @@ def _print_inspect(info: Dict[str, Any]) -> None:
                    tablefmt="pipe"))
     for note in info["notes"]:
         print(f"note: {note}")
+
+
+def _iterations(iteration: Any) -> str:
+    """The training progress a checkpoint stores, in words: detectron2 stores the index of the
+    last iteration run (399 after 400), from which ``--resume`` goes on."""
+    if not isinstance(iteration, numbers.Integral):
+        return "no iteration stored"
+    return f"{int(iteration) + 1} iterations trained (stored iteration {iteration})"
 
 
 def _model_from_config(config_file: str, classes: Sequence[str]):

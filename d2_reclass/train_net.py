@@ -47,17 +47,23 @@ def setup(args):
     if args.config_file:
         merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
+    stored_in = []
     if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
         # A checkpoint that stores its classes is evaluated with them, whatever the base
         # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
         # Combined with further checkpoints, with every class of them all.
+        stored_in = [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]
         stored = [read_stored_classes(path, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
-                  for path in [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]]
+                  for path in stored_in]
         cfg.MODEL.RECLASS.TARGET_CLASSES = union_classes([s.get("thing_classes", [])
                                                           for s in stored])
         cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = union_classes([s.get("stuff_classes", [])
                                                                 for s in stored])
     cfg, changes = prepare_reclass_config(cfg)
+    if stored_in:  # the log lines name where those TARGET_(STUFF_)CLASSES came from
+        source = f"the checkpoint{'s' if len(stored_in) > 1 else ''} {', '.join(stored_in)}"
+        changes = [c._replace(source=source)
+                   if c.source.startswith("MODEL.RECLASS.TARGET_") else c for c in changes]
     if args.resume:
         check_resume(cfg.OUTPUT_DIR, target_classes(cfg, "thing"), target_classes(cfg, "stuff"),
                      trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)

@@ -439,6 +439,7 @@ def test_inspect_without_names_says_how_to_name_them_and_no_warning_noise(tmp_pa
             f"convert {ckpt} --out NAMED.pth --classes A,B,... --source-classes A,B,...\n"
             ) in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr  # no torch.jit / pkg_resources lines
+    assert "47.0 MiB of weights; no iteration stored; optimizer state: False" in proc.stdout
 
     # The command it suggests works: the names are stored, the weights unchanged.
     named = str(tmp_path / "named.pth")
@@ -448,3 +449,10 @@ def test_inspect_without_names_says_how_to_name_them_and_no_warning_noise(tmp_pa
     assert f"stored thing_classes: {', '.join(SIX)}\n" in run("inspect", named).stdout
     assert_same_state(torch.load(named, weights_only=True)["model"],
                       torch.load(ckpt, weights_only=True)["model"])
+
+
+def test_inspect_counts_the_iterations_trained(tmp_path):
+    # detectron2 stores the index of the last iteration run: 399 after SOLVER.MAX_ITER 400.
+    ckpt = str(tmp_path / "model_final.pth")
+    torch.save({"model": small_model(3, seed=1).state_dict(), "iteration": 399}, ckpt)
+    assert "; 400 iterations trained (stored iteration 399); " in run("inspect", ckpt).stdout
