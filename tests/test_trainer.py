@@ -169,6 +169,23 @@ def test_two_process_launch_with_reinit_keeps_ranks_identical(coco_task, tmp_pat
     assert abs(float(loaded[CLS][:3].std()) - 0.01) < 0.002
 
 
+def test_the_lazy_demo_config_is_seeded_as_its_yaml_twin():
+    from detectron2.config import LazyConfig, get_cfg
+    from detectron2.engine.defaults import _try_get_key
+
+    from d2_reclass import add_reclass_config, merge_config_file
+
+    lazy = LazyConfig.load(os.path.join(REPO, "configs", "lazy_shapes_target_map.py"))
+    cfg = get_cfg()
+    add_reclass_config(cfg)
+    merge_config_file(cfg, os.path.join(REPO, "configs", "shapes_target_map.yaml"))
+    # default_setup's own lookup: -1 would mean "Using a generated random seed".
+    assert _try_get_key(lazy, "SEED", "train.seed", default=-1) == cfg.SEED == 1
+    r = cfg.MODEL.RECLASS
+    assert (lazy.reclass["mode"], lazy.reclass["seed"], lazy.reclass["new_class_init"]) == (
+        r.MODE, r.SEED, r.NEW_CLASS_INIT)
+
+
 def test_lazyconfig_train_net_maps_init_checkpoint(coco_task, tmp_path):
     from detectron2 import model_zoo
     from detectron2.config import instantiate
