@@ -153,7 +153,10 @@ def test_what_d2_reclass_logs_reaches_log_txt_and_the_console(project_run):
     log = (out / "log.txt").read_text()
     for text in (log, console):
         assert re.search(r"\| thing +\| triangle +\| triangle \[2\] +\|", text)
-        assert re.search(r"\| thing +\| star +\| fresh +\|", text)
+        # star is new: the default NEW_CLASS_INIT imprints it, and both tables say so.
+        assert re.search(r"\| thing +\| star +\| new: imprint \(relative \w+\) +\|", text)
+        assert re.search(r"NEW_CLASS_INIT \w+: 1 new class, ", text)
+        assert re.search(r"\| star +\| imprint +\|", text)
         assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3 (the classes of " \
                "DATASETS.TRAIN ('pets_train',))" in text
         assert f"[ReclassTrainer] Wrote {out / 'reclass_report.json'}" in text
