@@ -13,5 +13,7 @@ setup(
     # detectron2 is deliberately not listed: users install it from source for their CUDA build
     # (it is not on PyPI under its own name); everything else it needs comes with it.
     install_requires=["torch", "fvcore", "iopath", "tabulate", "tqdm", "numpy"],
-    entry_points={"console_scripts": ["d2-reclass = d2_reclass.cli:main"]},
+    # d2-reclass-train: tools/train_net.py for pip users, who get no tools/ directory.
+    entry_points={"console_scripts": ["d2-reclass = d2_reclass.cli:main",
+                                      "d2-reclass-train = d2_reclass.train_net:command_line"]},
 )

@@ -7,8 +7,9 @@
 
 Reuses the demo's datasets, source model and iteration-0 evaluations (``tools/demo.py`` makes
 them first when they are missing), then fine-tunes the source model to the target task
-(triangle, square, star) with ``configs/shapes_target_map.yaml`` and
-``configs/shapes_target_reinit.yaml`` for every seed (``SEED s MODEL.RECLASS.SEED s``, as the
+(triangle, square, star) with each of the demo's target configs (``TARGET_CONFIGS`` in
+tools/demo.py: map with the head's init for the new class, map with the default init, reinit)
+for every seed (``SEED s MODEL.RECLASS.SEED s``, as the
 demo) and N iterations (the configs' LR steps moved to the same fraction of N), saving a
 checkpoint every N / 4. Each checkpoint is then evaluated by ``tools/train_net.py --eval-only``;
 iteration N is the evaluation at the end of training.
@@ -20,8 +21,8 @@ changes the training that follows it. Saving does not, so with the default N the
 exactly as the demo's, and the iteration-N row equals the demo's table.
 
 Runs live in ``output/map_vs_reinit/`` and are cached like the demo's; the intermediate
-checkpoints (98 MB each) are deleted once evaluated. Machine, timings and the table: README,
-"Map vs reinit".
+checkpoints (98 MB each) are deleted once evaluated. Machine, timings and the table:
+docs/benchmarks.md, "Map vs reinit".
 """
 import argparse
 import glob
@@ -56,7 +57,7 @@ def fine_tune_curve(mode: str, seed: int, data_dir: str, source: dict, n: int,
     config = demo.TARGET_CONFIGS[mode]
     opts = [*demo.seed_opts(seed), *schedule_opts(mode, n, points)]
     run_dir = os.path.join(RUNS, f"{mode}-{n}iters-seed{seed}")
-    key = demo.run_key(source["weights"], demo.BASE_CONFIG, config, opts)
+    key = demo.run_key(source["weights"], *demo.config_chain(config), opts)
     record = demo.cached(run_dir, key)
     if record is not None:
         print(f"   cached: {demo.rel(run_dir)}")
@@ -108,7 +109,7 @@ def main() -> None:
         n = args.iters or int(demo.load_config(config).SOLVER.MAX_ITER)
         curves[mode] = {}
         for seed in args.seeds:
-            demo.step(f"MODEL.RECLASS.MODE {mode}, seed {seed}, {n} iterations")
+            demo.step(f"{mode} ({config}), seed {seed}, {n} iterations")
             start = demo.eval_iteration0(mode, seed, data_dir, source)
             curves[mode][seed] = {0: start["metrics"],
                                   **fine_tune_curve(mode, seed, data_dir, source, n, args.points)}

@@ -27,7 +27,7 @@ Everything runs in one process with one torch thread (``torch.set_num_threads(1)
 only waits for the other processes. Results are cached under ``data/bench/new_class_init/``
 keyed by a hash of every setting and of the code they depend on; ``--force`` recomputes.
 Writes ``new_class_init.json``, the tables (``new_class_init.md``) and a plot
-(``new_class_init.png``, Pillow) there, and copies the plot to ``docs/``.
+(``new_class_init.png``, matplotlib) there, and copies the plot to ``docs/``.
 """
 import os
 
@@ -365,48 +365,34 @@ def tables(summary: Dict[str, dict], runs: Dict[str, List[dict]]) -> str:
 
 def plot(summary: Dict[str, dict], path: str) -> None:
     """AP against iteration, one line per init (mean over seeds, band: min to max), two panels:
-    the new classes and all classes. Drawn with Pillow (matplotlib is not installed here)."""
-    from PIL import Image, ImageDraw
+    the new classes and all classes."""
+    import matplotlib
 
-    colours = {"reinit": (120, 120, 120), "head": (200, 60, 50), "relative": (40, 120, 200),
-               "imprint": (30, 160, 70)}
-    width, height, margin = 1100, 440, 60
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    iters = summary["imprint"]["iterations"]
-    panel_w = (width - 3 * margin) // 2
-    for p, (key, title) in enumerate((("new", "AP of the new classes (star, octagon)"),
-                                      ("all", "AP of all 5 classes"))):
-        x0, y0, y1 = margin + p * (panel_w + margin), 40, height - margin
-        top = max(max(max(v) for v in s[key]) for s in summary.values())
-        top = 10 * (int(top) // 10 + 1)
+    matplotlib.use("Agg")  # files only: no display here, and none wanted in a benchmark
+    import matplotlib.pyplot as plt
 
-        def xy(i, v, x0=x0, y0=y0, y1=y1, top=top):
-            return (x0 + panel_w * i / iters[-1], y1 - (y1 - y0) * v / top)
-
-        draw.rectangle([x0, y0, x0 + panel_w, y1], outline="black")
-        draw.text((x0, 15), title, fill="black")
-        for v in range(0, top + 1, 10):
-            draw.line([xy(0, v), (x0 - 4, xy(0, v)[1])], fill="black")
-            draw.text((x0 - 28, xy(0, v)[1] - 6), str(v), fill="black")
-        for i in iters:
-            draw.line([xy(i, 0), (xy(i, 0)[0], y1 + 4)], fill="black")
-            draw.text((xy(i, 0)[0] - 8, y1 + 8), str(i), fill="black")
-        draw.text((x0 + panel_w // 2 - 30, y1 + 26), "iteration", fill="black")
+    colours = {"reinit": "tab:gray", "head": "tab:red", "relative": "tab:blue",
+               "imprint": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    for ax, (key, title) in zip(axes, (("new", "AP of the new classes (star, octagon)"),
+                                       ("all", "AP of all 5 classes"))):
         for label, s in summary.items():
-            colour = colours[label]
-            light = tuple(int(c + (255 - c) * 0.75) for c in colour)
-            band = [xy(i, max(v)) for i, v in zip(iters, s[key])] + [
-                xy(i, min(v)) for i, v in reversed(list(zip(iters, s[key])))]
-            draw.polygon(band, fill=light)
-        for label, s in summary.items():
-            line = [xy(i, statistics.mean(v)) for i, v in zip(iters, s[key])]
-            draw.line(line, fill=colours[label], width=3)
-    for k, (label, colour) in enumerate(colours.items()):
-        x = margin + k * 150
-        draw.line([(x, height - 14), (x + 30, height - 14)], fill=colour, width=3)
-        draw.text((x + 36, height - 20), label, fill="black")
-    img.save(path)
+            iters = s["iterations"]
+            ax.fill_between(iters, [min(v) for v in s[key]], [max(v) for v in s[key]],
+                            color=colours[label], alpha=0.2, linewidth=0)
+            ax.plot(iters, [statistics.mean(v) for v in s[key]], color=colours[label],
+                    linewidth=2, marker="o", markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("fine-tuning iteration")
+        ax.set_xticks(iters)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("box AP (%)")
+    axes[0].legend(title="init (mean; band: min-max over seeds)", fontsize="small",
+                   loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main

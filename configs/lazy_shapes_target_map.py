@@ -2,7 +2,7 @@
 # Faster R-CNN (ResNet-18 FPN, 64 channels, 128 px) built from detectron2's LazyConfig model
 # fragments, fine-tuned from the demo's 6-class source model to the classes of
 # dataloader.train.dataset.names, rows of the classes it keeps mapped by name. It runs on a CPU;
-# register the datasets with --coco-dataset (see the README).
+# register the datasets with --coco-dataset (see the README, "Try it").
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
@@ -61,4 +61,7 @@ lr_multiplier = L(WarmupParamScheduler)(
     warmup_factor=0.001,
 )
 
-reclass = dict(mode="map", seed=0, new_class_init="head")
+# The YAML twin's seeds (SEED 1, MODEL.RECLASS.SEED 1): without train.seed, default_setup
+# draws a random seed, and data order, flips and proposal sampling differ on every run.
+train.seed = 1
+reclass = dict(mode="map", seed=1, new_class_init="head")

@@ -2,126 +2,68 @@
 
 Public surface: the engine (layouts, class mapping, :func:`reclass_state_dict`) and its
 detectron2 glue (config keys, checkpointer, box predictor, trainer).
-"""
-from . import logger as _logger
-from .checkpoint import (
-    CLASSES_KEY,
-    ReclassCheckpointer,
-    check_resume,
-    read_stored_classes,
-    stored_classes,
-    stored_eval_classes,
-    use_checkpoint_classes,
-)
-from .classes import ClassMapping, build_class_mapping, normalize_class_name
-from .combine import combine_state_dicts
-from .config import (
-    add_reclass_config,
-    apply_num_classes,
-    merge_config_file,
-    prepare_reclass_config,
-)
-from .dataset_classes import map_datasets_to_classes
-from .datasets import register_coco_dataset
-from .errors import (
-    CheckpointError,
-    ClassListError,
-    ClassMismatchError,
-    CombineError,
-    ConfigError,
-    DatasetError,
-    ReclassError,
-    ResumeClassMismatchError,
-    UnsafeCheckpointError,
-)
-from .fast_rcnn import (
-    ReclassFastRCNNOutputLayers,
-    adopt_box_predictors,
-    use_reclass_box_predictors,
-)
-from .fresh import InitSpec, torch_default_init
-from .layouts import (
-    KEYPOINT,
-    STUFF,
-    THING,
-    ClassLayout,
-    class_rows,
-    find_layouts,
-    register_layout,
-)
-from .live import reclass_model
-from .new_classes import (
-    NEW_CLASS_INITS,
-    NewClassExamples,
-    NewClassReport,
-    apply_new_class_entries,
-    init_new_classes,
-)
-from .num_classes import register_num_classes_check, register_num_classes_keys
-from .options import ReclassOptions
-from .predictor import ReclassPredictor
-from .report import ReclassReport
-from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
-from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
 
-_logger.install_detectron2_forwarding()
+The names below are imported on first use (PEP 562): importing torch and detectron2 takes
+seconds, and ``d2-reclass --help`` / ``--version`` need neither. ``from d2_reclass import X``
+and ``d2_reclass.X`` work as with eager imports.
+"""
+import importlib
+import sys
+from typing import Any, List
+
+from . import logger as _logger
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CLASSES_KEY",
-    "CheckpointError",
-    "ClassLayout",
-    "ClassListError",
-    "ClassMapping",
-    "ClassMismatchError",
-    "ClassSpec",
-    "CombineError",
-    "ConfigError",
-    "DatasetError",
-    "InitSpec",
-    "KEYPOINT",
-    "NEW_CLASS_INITS",
-    "NewClassExamples",
-    "NewClassReport",
-    "ReclassCheckpointer",
-    "ReclassError",
-    "ReclassFastRCNNOutputLayers",
-    "ReclassOptions",
-    "ReclassPredictor",
-    "ReclassReport",
-    "ReclassTrainer",
-    "ReclassTrainerMixin",
-    "ResumeClassMismatchError",
-    "STUFF",
-    "SourceCheckpoint",
-    "THING",
-    "UnsafeCheckpointError",
-    "add_reclass_config",
-    "adopt_box_predictors",
-    "apply_new_class_entries",
-    "apply_num_classes",
-    "build_class_mapping",
-    "check_resume",
-    "check_num_classes",
-    "class_rows",
-    "combine_state_dicts",
-    "find_layouts",
-    "init_new_classes",
-    "map_datasets_to_classes",
-    "merge_config_file",
-    "normalize_class_name",
-    "prepare_reclass_config",
-    "read_stored_classes",
-    "reclass_model",
-    "reclass_state_dict",
-    "register_coco_dataset",
-    "register_layout",
-    "register_num_classes_check",
-    "register_num_classes_keys",
-    "stored_classes",
-    "stored_eval_classes",
-    "torch_default_init",
-    "use_checkpoint_classes",
-    "use_reclass_box_predictors",
-]
+# Each public name, grouped by the module that defines it.
+_EXPORTS = {
+    "checkpoint": ("CLASSES_KEY", "ReclassCheckpointer", "check_resume", "read_stored_classes",
+                   "stored_classes", "stored_eval_classes", "use_checkpoint_classes"),
+    "classes": ("ClassMapping", "build_class_mapping", "normalize_class_name"),
+    "combine": ("combine_state_dicts",),
+    "config": ("add_reclass_config", "apply_num_classes", "merge_config_file",
+               "prepare_reclass_config"),
+    "dataset_classes": ("map_datasets_to_classes",),
+    "datasets": ("register_coco_dataset",),
+    "errors": ("CheckpointError", "ClassListError", "ClassMismatchError", "CombineError",
+               "ConfigError", "DatasetError", "ReclassError", "ResumeClassMismatchError",
+               "UnsafeCheckpointError"),
+    "fast_rcnn": ("ReclassFastRCNNOutputLayers", "adopt_box_predictors",
+                  "use_reclass_box_predictors"),
+    "fresh": ("InitSpec", "torch_default_init"),
+    "layouts": ("KEYPOINT", "STUFF", "THING", "ClassLayout", "class_rows", "find_layouts",
+                "register_layout"),
+    "live": ("reclass_model",),
+    "new_classes": ("NEW_CLASS_INITS", "NewClassExamples", "NewClassReport",
+                    "apply_new_class_entries", "init_new_classes"),
+    "num_classes": ("register_num_classes_check", "register_num_classes_keys"),
+    "options": ("ReclassOptions",),
+    "predictor": ("ReclassPredictor",),
+    "report": ("ReclassReport",),
+    "surgery": ("ClassSpec", "SourceCheckpoint", "reclass_state_dict"),
+    "trainer": ("ReclassTrainer", "ReclassTrainerMixin", "check_num_classes"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_logger.install_detectron2_forwarding()
+if "detectron2" in sys.modules:
+    # The model-zoo config URL handler registers itself with detectron2's PathManager when
+    # config.py is imported; with detectron2 already loaded that costs nothing, so a project
+    # that imports detectron2 first gets it at ``import d2_reclass``, as before.
+    importlib.import_module(".config", __name__)

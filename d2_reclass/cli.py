@@ -1,36 +1,26 @@
 """The ``d2-reclass`` command line: ``inspect``, ``convert`` and ``combine`` checkpoints offline.
 
 Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 usage.
+
+torch and detectron2 are imported inside the functions that use them: importing them takes
+seconds, and ``--help`` / ``--version`` need neither.
 """
 import argparse
 import contextlib
 import json
 import logging
+import numbers
 import os
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+import warnings
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
 from urllib.error import HTTPError, URLError
 
-import numpy as np
-import torch
-from tabulate import tabulate
-
-from .checkpoint import CLASSES_KEY, stored_classes
-from .classes import check_class_list, pick_source_classes
-from .combine import combine_state_dicts, union_classes
+from . import __version__
 from .errors import CheckpointError, ClassListError, ReclassError
-from .keys import copy_state_dict
-from .layouts import THING, find_layouts, retarget
-from .new_classes import NEW_CLASS_INITS, NewClassExamples, NewClassReport, init_new_classes
-from .recognize import guess_architecture, recognize_layouts
-from .serialization import (
-    check_output_path,
-    check_state_dict,
-    checkpoint_format,
-    load_checkpoint_file,
-    save_checkpoint_file,
-)
-from .surgery import MODES, ClassSpec, SourceCheckpoint, reclass_state_dict
+
+if TYPE_CHECKING:
+    from .new_classes import NewClassReport
 
 __all__ = ["main", "inspect_checkpoint", "convert_checkpoint", "combine_checkpoints"]
 
@@ -72,6 +62,9 @@ def _drop_record(record: logging.LogRecord) -> bool:
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
     """The state dict ``obj`` holds, every entry checked by :func:`check_state_dict` before
     anything reads it (CheckpointError naming ``path`` and the key otherwise)."""
+    from .keys import copy_state_dict
+    from .serialization import check_state_dict, checkpoint_format
+
     fmt = checkpoint_format(obj, path)
     if fmt == "caffe2 pkl":
         from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
@@ -97,6 +90,12 @@ def _shape(v: Any) -> List[int]:
 
 def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, Any]:
     """What a checkpoint holds: format, architecture guess, class-dependent tensors, classes."""
+    import torch
+
+    from .checkpoint import stored_classes
+    from .recognize import guess_architecture, recognize_layouts
+    from .serialization import checkpoint_format, load_checkpoint_file
+
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
     fmt = checkpoint_format(obj, local)
@@ -128,22 +127,36 @@ def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, An
 
 
 def _print_inspect(info: Dict[str, Any]) -> None:
+    from tabulate import tabulate
+
     print(f"{info['path']}: {info['format']}, looks like {info['architecture']}")
     print(f"{info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB of weights; "
-          f"iteration {info['iteration']}; optimizer state: {info['optimizer_state']}; "
+          f"{_iterations(info['iteration'])}; optimizer state: {info['optimizer_state']}; "
           f"scheduler state: {info['scheduler_state']}")
     for space, k in info["num_classes"].items():
         print(f"{space} classes: {k}")
     for kind, names in info["stored_classes"].items():
         print(f"stored {kind}: {', '.join(names)}")
     if not info["stored_classes"]:
-        print("stored class names: none")
+        print("stored class names: none. Name its classes (in its order) with --source-classes "
+              "or --source-dataset when converting, --names when combining, or "
+              "MODEL.RECLASS.SOURCE_CLASSES when training; or store them once: d2-reclass "
+              f"convert {info['path']} --out NAMED.pth --classes A,B,... --source-classes "
+              "A,B,...")
     rows = [(t["key"], tuple(t["shape"]), t["space"], t["classes"], t["layout"])
             for t in info["class_dependent"]]
     print(tabulate(rows, headers=["tensor", "shape", "space", "classes", "layout"],
                    tablefmt="pipe"))
     for note in info["notes"]:
         print(f"note: {note}")
+
+
+def _iterations(iteration: Any) -> str:
+    """The training progress a checkpoint stores, in words: detectron2 stores the index of the
+    last iteration run (399 after 400), from which ``--resume`` goes on."""
+    if not isinstance(iteration, numbers.Integral):
+        return "no iteration stored"
+    return f"{int(iteration) + 1} iterations trained (stored iteration {iteration})"
 
 
 def _model_from_config(config_file: str, classes: Sequence[str]):
@@ -168,6 +181,8 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
 
 def _check_arguments(path: str, out: str, config_file: str, force: bool) -> None:
     """The checks that need no download and no loading, so that they fail before either."""
+    from .serialization import check_output_path
+
     if not out.endswith((".pth", ".pt")):
         raise ReclassError(f"--out {out}: write a .pth file (torch format, loads with "
                            "weights_only=True).")
@@ -227,6 +242,12 @@ def convert_checkpoint(
     downloaded or loaded. ``out`` is written atomically and never over ``path`` (nor over an
     existing file unless ``force``).
     """
+    from .checkpoint import CLASSES_KEY
+    from .classes import check_class_list, pick_source_classes
+    from .layouts import THING
+    from .serialization import save_checkpoint_file
+    from .surgery import ClassSpec, reclass_state_dict
+
     _check_arguments(path, out, config_file, force)
     classes = list(check_class_list(classes, "--classes"))
     if source_classes:
@@ -292,7 +313,7 @@ def _check_new_class_init(method: str, images: int, config_file: str,
 
 def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, Any], mapping,
                       *, method: str, max_images: int, seed: int,
-                      coco_datasets: Sequence[Sequence[str]]) -> NewClassReport:
+                      coco_datasets: Sequence[Sequence[str]]) -> "NewClassReport":
     """Initialise the new classes of ``converted`` (updated in place) from the datasets'
     examples, the model of ``cfg`` holding the converted weights."""
     import time
@@ -300,6 +321,8 @@ def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, 
     from detectron2.data.detection_utils import build_augmentation
 
     from .datasets import register_coco_dataset
+    from .keys import copy_state_dict
+    from .new_classes import NewClassExamples, init_new_classes
 
     own = model.state_dict()
     misfit = [k for k, v in own.items() if k not in converted or converted[k].shape != v.shape]
@@ -327,6 +350,13 @@ def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, 
 
 def _read_checkpoint(path: str, trust_pickle: bool):
     """(local file, weights as tensors, the thing class names it stores or None) of ``path``."""
+    import numpy as np
+    import torch
+
+    from .checkpoint import stored_classes
+    from .keys import copy_state_dict
+    from .serialization import load_checkpoint_file
+
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
     weights = _weights(obj, local)
@@ -340,6 +370,9 @@ def _target_heads(path: str, weights: Dict[str, Any], classes: Sequence[str], co
     """(layouts, target state dict, model, cfg) of the heads built for ``classes``: from the
     model of ``config_file``, else from the standard heads recognised in ``path``'s ``weights``
     (model and cfg None)."""
+    from .layouts import THING, find_layouts, retarget
+    from .recognize import recognize_layouts
+
     if config_file:
         model, cfg = _model_from_config(config_file, classes)
         return find_layouts(model), model.state_dict(), model, cfg
@@ -360,6 +393,8 @@ def _parse_names(entries: Sequence[str], paths: Sequence[str]) -> Dict[str, List
     Raises:
         ClassListError: an entry is malformed or names a checkpoint not combined.
     """
+    from .classes import check_class_list
+
     out = {}
     for entry in entries:
         path, sep, names = entry.rpartition("=")
@@ -405,6 +440,13 @@ def combine_checkpoints(
         CombineError: non-class tensors differ (and that was not allowed), or a checkpoint
             gives no class.
     """
+    from .checkpoint import CLASSES_KEY
+    from .classes import check_class_list
+    from .combine import combine_state_dicts, union_classes
+    from .layouts import THING
+    from .serialization import save_checkpoint_file
+    from .surgery import ClassSpec, SourceCheckpoint
+
     if len(paths) < 2:
         raise ReclassError("combine needs at least two checkpoints (e.g. base.pth novel.pth).")
     for path in paths:
@@ -451,17 +493,45 @@ def _read_classes(args) -> Optional[List[str]]:
     return [c.strip() for c in args.classes.split(",")] if args.classes else None
 
 
+#: The ``--mode`` values: MODEL.RECLASS.MODE's without ``strict``, which only checks (an offline
+#: conversion that refuses every change has nothing to write). Literal, so that ``--help`` does
+#: not import torch; tests/test_cli.py checks them against :data:`d2_reclass.options.MODES`.
+_MODES = ("auto", "map", "reinit")
+#: :data:`d2_reclass.options.NEW_CLASS_INITS`, literal for the same reason (and checked the same).
+_NEW_CLASS_INITS = ("auto", "head", "relative", "imprint")
+
+_HELP = {
+    "checkpoint": "a .pth / .pkl file, URL or detectron2:// path",
+    "classes-file": "target classes, one per line (instead of --classes)",
+    "class-map": "overrides of the by-name mapping, one TARGET=SOURCE per argument: "
+    "'automobile=car' (a target from a source class of another name), "
+    "'vehicle=car+truck+bus' (merge: one target from several source classes), "
+    "'gadget=' (a class new on purpose, not a misspelt source class); two targets of one source "
+    "split it ('alive tree=tree' 'dead tree=tree')",
+    "config-file": "a detectron2 config (YAML) of the model: its modules give the class-"
+    "dependent heads; default: detectron2's standard heads recognised from key names and shapes",
+    "force": "overwrite an existing --out",
+    "trust-pickle": "fully unpickle a .pkl or legacy file (this can run code the file names: "
+    "only for files you trust); by default only containers, scalars and numpy arrays are read",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d2-reclass", description="Inspect and convert detectron2 checkpoints between "
         "class sets (offline; no trainer needed).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="describe a checkpoint's class-dependent tensors")
-    p.add_argument("checkpoint", help="a .pth / .pkl file, URL or detectron2:// path")
+    p = sub.add_parser(
+        "inspect", help="describe a checkpoint's class-dependent tensors",
+        description="Describe a checkpoint: its format, the architecture its keys suggest, "
+        "every class-dependent tensor with its class count, the class names it stores (as "
+        "d2_reclass and d2-reclass convert write them), its iteration and whether it holds "
+        "optimizer or scheduler state.")
+    p.add_argument("checkpoint", help=_HELP["checkpoint"])
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="fully unpickle a legacy file you trust")
+    p.add_argument("--trust-pickle", action="store_true", help=_HELP["trust-pickle"])
 
     p = sub.add_parser(
         "convert", help="fit a checkpoint's heads to other classes",
@@ -469,11 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
         "own class names are taken from --source-classes, else the names it stores (written by "
         "d2_reclass), else --source-dataset; a warning says when a list given is not used or "
         "overrides different stored names, and the report names the list used.")
-    p.add_argument("checkpoint", help="a .pth / .pkl file, URL or detectron2:// path")
+    p.add_argument("checkpoint", help=_HELP["checkpoint"])
     p.add_argument("--out", required=True, help="output .pth (not the input)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--classes", help="target classes, comma-separated, in order")
-    group.add_argument("--classes-file", help="target classes, one per line")
+    group.add_argument("--classes-file", help=_HELP["classes-file"])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--source-classes",
                      help="the checkpoint's classes, comma-separated, in its order; used even "
@@ -481,21 +551,28 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--source-dataset", default="",
                      help="a registered dataset (e.g. coco_2017_train) whose thing classes the "
                      "checkpoint has; used only when the checkpoint stores no names")
-    p.add_argument("--mode", default="auto", choices=[m for m in MODES if m != "strict"])
-    p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
-    p.add_argument("--config-file", default="", help="build the model to read its heads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--new-class-init", default="auto", choices=NEW_CLASS_INITS,
+    p.add_argument("--mode", default="auto", choices=_MODES,
+                   help="map: copy rows class by class by name (needs the checkpoint's class "
+                   "names); reinit: fresh rows from each head's own init for every class; auto "
+                   "(default): map when the checkpoint's class names are known, else reinit "
+                   "the heads whose class count changed")
+    p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE",
+                   help=_HELP["class-map"])
+    p.add_argument("--config-file", default="", help=_HELP["config-file"])
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the fresh rows (together with each tensor's name) and the choice "
+                   "of --init-images; default 0")
+    p.add_argument("--new-class-init", default="auto", choices=_NEW_CLASS_INITS,
                    help="how classes new to the checkpoint start: relative / imprint run the "
                    "model of --config-file on --coco-dataset examples; auto (default): imprint "
                    "when both are given, else head")
     p.add_argument("--init-images", type=int, default=16,
-                   help="labelled images read per new class for --new-class-init")
+                   help="labelled images read per new class for --new-class-init (default 16)")
     p.add_argument("--coco-dataset", nargs=3, action="append", default=[],
                    metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="labelled examples for --new-class-init (repeatable)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--force", action="store_true", help=_HELP["force"])
+    p.add_argument("--trust-pickle", action="store_true", help=_HELP["trust-pickle"])
 
     p = sub.add_parser(
         "combine", help="one checkpoint from several: each class from the first that knows it",
@@ -509,16 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--classes", help="target classes, comma-separated, in order (default: "
                        "every class of the checkpoints, in order of appearance)")
-    group.add_argument("--classes-file", help="target classes, one per line")
+    group.add_argument("--classes-file", help=_HELP["classes-file"])
     p.add_argument("--names", nargs="+", default=[], metavar="CHECKPOINT=A,B,...",
                    help="the classes of a checkpoint that stores none, in its order")
-    p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE")
+    p.add_argument("--class-map", nargs="+", default=[], metavar="TARGET=SOURCE",
+                   help=_HELP["class-map"])
     p.add_argument("--allow-different-weights", action="store_true",
                    help="the checkpoints' non-class tensors may differ (the first's are used)")
-    p.add_argument("--config-file", default="", help="build the model to read its heads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--config-file", default="", help=_HELP["config-file"])
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the fresh rows of classes no checkpoint knows (together with "
+                   "each tensor's name); default 0")
+    p.add_argument("--force", action="store_true", help=_HELP["force"])
+    p.add_argument("--trust-pickle", action="store_true", help=_HELP["trust-pickle"])
     return parser
 
 
@@ -550,7 +630,14 @@ def _warnings_on_stderr() -> Iterator[None]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``d2-reclass``; returns the exit code (0 success, 1 an error on one stderr line)."""
     args = build_parser().parse_args(argv)
-    with _warnings_on_stderr():
+    with _warnings_on_stderr(), warnings.catch_warnings():
+        # Warnings about the libraries' own imports, which say nothing about the command:
+        # fvcore decorates functions with torch.jit.script when detectron2.modeling is imported
+        # (torch 2.14 deprecates it), and detectron2.model_zoo imports pkg_resources.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated",
+                                category=UserWarning)
         try:
             return _run(args)
         except ReclassError as e:

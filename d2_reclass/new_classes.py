@@ -7,7 +7,7 @@ measured on a few of the user's own labelled images:
 
 * ``head``: the head's own init (nothing here runs).
 * ``auto`` (the default): ``imprint`` where labelled examples are given, else ``head``:
-  imprint measured best in ``benchmarks/new_class_init.py`` (see the README).
+  imprint measured best in ``benchmarks/new_class_init.py`` (docs/benchmarks.md).
 * ``relative``: the source model's classifiers score the new class's ground-truth boxes; the
   source class with the highest mean probability is its *relative*, and every class entry of
   every thing head (box classifier and regressor of every cascade stage, mask predictor,
@@ -248,7 +248,8 @@ class NewClassReport:
                                        "boxes", "note"], tablefmt="pipe")
 
     def __str__(self) -> str:
-        return (f"NEW_CLASS_INIT {self.method}: {len(self.classes)} new classes, "
+        count = len(self.classes)
+        return (f"NEW_CLASS_INIT {self.method}: {count} new class{'es' if count != 1 else ''}, "
                 f"{self.images_read} images read in {self.seconds:.2f} s "
                 f"({self.seconds_per_image:.3f} s per image, {self.seconds_dataset:.2f} s "
                 f"loading the dataset dicts)\n{self.table()}")

@@ -151,7 +151,9 @@ class ReclassReport:
                 elif parts and copies[c, parts[0]] > 1:
                     origin += f" (split into {copies[c, parts[0]]})"
                 elif not parts:
-                    origin = f"fresh (close to dropped {close[t]!r})" if t in close else "fresh"
+                    origin = self._new_class_origin(t)
+                    if t in close:
+                        origin += f" (close to dropped {close[t]!r})"
                 rows.append((space.space, t, origin))
             for c in range(1 + len(m.more)):
                 dropped = m.unused(c)
@@ -160,6 +162,15 @@ class ReclassReport:
                     rows.append((space.space, f"({len(dropped)} dropped)",
                                  self._checkpoint_prefix(c) + shown))
         return tabulate(rows, headers=["space", "target class", "from source"], tablefmt="pipe")
+
+    def _new_class_origin(self, name: str) -> str:
+        """``"fresh"`` (the head's init), or how NEW_CLASS_INIT started the class, so that the
+        mapping table agrees with the new-class table below it."""
+        done = {c.name: c for c in self.new_classes.classes} if self.new_classes else {}
+        init = done.get(name)
+        if init is None or init.method == "head":
+            return "fresh"
+        return f"new: {init.method}" + (f" (relative {init.relative})" if init.relative else "")
 
     def _checkpoint_prefix(self, checkpoint: int) -> str:
         """``"name: "`` of a checkpoint when several were combined, else nothing."""

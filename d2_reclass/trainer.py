@@ -146,9 +146,10 @@ class ReclassTrainerMixin:
         return super().build_hooks()
 
     def resume_or_load(self, resume: bool = True) -> None:
-        check_num_classes(self.checkpointer.model, target_classes(self.cfg, "thing"),
-                          target_classes(self.cfg, "stuff"))
-        super().resume_or_load(resume=resume)
+        with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
+            check_num_classes(self.checkpointer.model, target_classes(self.cfg, "thing"),
+                              target_classes(self.cfg, "stuff"))
+            super().resume_or_load(resume=resume)
         report = self.checkpointer.report
         if report is not None and report.new_classes is not None:
             broadcast_thing_heads(self.checkpointer.model)
@@ -157,6 +158,10 @@ class ReclassTrainerMixin:
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
             report.to_json(path)
             logger.info(f"[ReclassTrainer] Wrote {path}")
+
+    def train(self):
+        with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
+            return super().train()
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -230,6 +235,24 @@ def _classes_loaded_as(name: str, kind: str):
     dataset_classes(name, kind)  # loads it for its metadata if needed
     classes = MetadataCatalog.get(name).get(f"{kind}_classes", None)
     return list(classes) if classes else None
+
+
+@contextlib.contextmanager
+def _no_empty_metrics_on_failure(output_dir: str):
+    """On an exception, remove ``output_dir/metrics.json`` if it is empty, then re-raise.
+
+    detectron2's JSONWriter creates that file when the trainer is built; a run that fails
+    before any iteration is logged (a class-count error, a checkpoint that cannot be mapped)
+    would leave it empty, looking like a run that produced metrics. A file with lines (a run
+    that trained, or an earlier run in the same directory) is kept.
+    """
+    try:
+        yield
+    except BaseException:
+        path = os.path.join(output_dir, "metrics.json")
+        if comm.is_main_process() and os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
+        raise
 
 
 @contextlib.contextmanager

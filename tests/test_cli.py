@@ -1,4 +1,5 @@
 """The d2-reclass console script end to end, on real .pth and model-zoo .pkl checkpoints."""
+import argparse
 import json
 import os
 import pickle
@@ -392,3 +393,87 @@ def test_non_tensor_entry_is_one_line_exit_1_and_no_file(tmp_path, capsys, fmt):
                      "'roi_heads.box_predictor.cls_score.bias' holds a str ('edited')"):
             assert part in err[0], err
     assert sorted(os.listdir(tmp_path)) == [path.name]
+
+
+def test_version_prints_the_package_version_without_importing_torch():
+    import d2_reclass
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom d2_reclass.cli import main\n"
+         "try:\n    main(['--version'])\nexcept SystemExit as e:\n"
+         "    print(e.code, 'torch' in sys.modules, 'detectron2' in sys.modules)"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.stdout == f"d2-reclass {d2_reclass.__version__}\n0 False False\n", proc.stderr
+    assert run("--version").stdout == f"d2-reclass {d2_reclass.__version__}\n"
+
+
+@pytest.mark.parametrize("command", [None, "inspect", "convert", "combine"])
+def test_help_documents_every_option_and_imports_nothing_heavy(command):
+    from d2_reclass.cli import build_parser
+
+    parser = build_parser()
+    if command:
+        parser = parser._subparsers._group_actions[0].choices[command]
+        assert parser.description, f"{command} has no description"
+    for action in parser._actions:
+        if action.option_strings or command:
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
+    argv = [command, "--help"] if command else ["--help"]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom d2_reclass.cli import main\n"
+         f"try:\n    main({argv!r})\nexcept SystemExit:\n"
+         "    print('torch' in sys.modules, 'detectron2' in sys.modules)"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.stdout.endswith("\nFalse False\n") and proc.stderr == "", proc.stderr
+
+
+def test_convert_help_shows_the_class_map_syntax_and_every_option():
+    proc = run("convert", "--help")
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    for expected in [
+        "'vehicle=car+truck+bus' (merge: one target from several source classes)",
+        "'gadget=' (a class new on purpose, not a misspelt source class)",
+        "two targets of one source split it",
+        "--mode {auto,map,reinit} map: copy rows class by class by name",
+        "--seed SEED seeds the fresh rows",
+        "--trust-pickle fully unpickle a .pkl or legacy file",
+    ]:
+        assert expected in text, expected
+    assert proc.stderr == ""
+
+
+def test_cli_choices_are_the_options_values():
+    from d2_reclass import cli
+    from d2_reclass.options import MODES, NEW_CLASS_INITS
+
+    assert cli._MODES == tuple(m for m in MODES if m != "strict")
+    assert cli._NEW_CLASS_INITS == NEW_CLASS_INITS
+
+
+def test_inspect_without_names_says_how_to_name_them_and_no_warning_noise(tmp_path):
+    ckpt = str(tmp_path / "unnamed.pth")
+    torch.save({"model": small_model(6, seed=1).state_dict()}, ckpt)
+    proc = run("inspect", ckpt)
+    assert (f"stored class names: none. Name its classes (in its order) with --source-classes "
+            "or --source-dataset when converting, --names when combining, or "
+            "MODEL.RECLASS.SOURCE_CLASSES when training; or store them once: d2-reclass "
+            f"convert {ckpt} --out NAMED.pth --classes A,B,... --source-classes A,B,...\n"
+            ) in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr  # no torch.jit / pkg_resources lines
+    assert "47.0 MiB of weights; no iteration stored; optimizer state: False" in proc.stdout
+
+    # The command it suggests works: the names are stored, the weights unchanged.
+    named = str(tmp_path / "named.pth")
+    proc = run("convert", ckpt, "--out", named, "--classes", ",".join(SIX), "--source-classes",
+               ",".join(SIX), "--config-file", "configs/Base-Shapes-RCNN.yaml")
+    assert "Warning" not in proc.stderr, proc.stderr
+    assert f"stored thing_classes: {', '.join(SIX)}\n" in run("inspect", named).stdout
+    assert_same_state(torch.load(named, weights_only=True)["model"],
+                      torch.load(ckpt, weights_only=True)["model"])
+
+
+def test_inspect_counts_the_iterations_trained(tmp_path):
+    # detectron2 stores the index of the last iteration run: 399 after SOLVER.MAX_ITER 400.
+    ckpt = str(tmp_path / "model_final.pth")
+    torch.save({"model": small_model(3, seed=1).state_dict(), "iteration": 399}, ckpt)
+    assert "; 400 iterations trained (stored iteration 399); " in run("inspect", ckpt).stdout

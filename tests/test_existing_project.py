@@ -153,7 +153,10 @@ def test_what_d2_reclass_logs_reaches_log_txt_and_the_console(project_run):
     log = (out / "log.txt").read_text()
     for text in (log, console):
         assert re.search(r"\| thing +\| triangle +\| triangle \[2\] +\|", text)
-        assert re.search(r"\| thing +\| star +\| fresh +\|", text)
+        # star is new: the default NEW_CLASS_INIT imprints it, and both tables say so.
+        assert re.search(r"\| thing +\| star +\| new: imprint \(relative \w+\) +\|", text)
+        assert re.search(r"NEW_CLASS_INIT \w+: 1 new class, ", text)
+        assert re.search(r"\| star +\| imprint +\|", text)
         assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3 (the classes of " \
                "DATASETS.TRAIN ('pets_train',))" in text
         assert f"[ReclassTrainer] Wrote {out / 'reclass_report.json'}" in text
@@ -285,7 +288,7 @@ def test_zoo_bases_are_served_from_the_installed_detectron2():
 
 def test_the_readme_integration_snippet_is_what_these_tests_use():
     readme = open(os.path.join(REPO, "README.md")).read()
-    snippet = readme.split("## Use it in an existing detectron2 project", 1)[1].split("```")[1]
+    snippet = readme.split("### In an existing project (trainer mixin)", 1)[1].split("```")[1]
     assert "add_reclass_config(cfg)" in snippet
     assert "class Trainer(ReclassTrainerMixin, " in snippet
     for line in textwrap.dedent(PROJECT).splitlines():

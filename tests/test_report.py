@@ -1,4 +1,5 @@
 """The reclass report: per tensor and per class space, as a log table and as JSON."""
+import dataclasses
 import json
 
 import pytest
@@ -100,6 +101,32 @@ def test_mapping_table(report):
     assert "| thing   | person         | person [0]" in text
     assert "| thing   | gadget         | fresh" in text
     assert "(78 dropped)" in text and "bicycle, car, motorcycle" in text and ", ..." in text
+
+
+@pytest.mark.parametrize("inits, origin, count", [
+    ([("imprint", "dog")], "new: imprint (relative dog)", "1 new class,"),
+    ([("relative", "person")], "new: relative (relative person)", "1 new class,"),
+    ([("head", None)], "fresh", "1 new class,"),  # a fallback to the head's init
+])
+def test_mapping_table_agrees_with_the_new_class_table(report, inits, origin, count):
+    from d2_reclass.new_classes import NewClassInit, NewClassReport
+
+    rep = dataclasses.replace(report, new_classes=NewClassReport("auto", 16, 7, classes=[
+        NewClassInit("gadget", 2, method, relative=relative) for method, relative in inits]))
+    text = str(rep)
+    assert f"| thing   | gadget         | {origin}" in rep.mapping_table()
+    assert f"NEW_CLASS_INIT auto: {count} 0 images read" in text
+    new_rows = text.split("| new class")[1]
+    assert f"| gadget      | {inits[0][0]}" in new_rows
+    assert "| thing   | gadget         | fresh" in report.mapping_table()  # no NEW_CLASS_INIT
+
+
+def test_two_new_classes_are_counted_in_the_plural():
+    from d2_reclass.new_classes import NewClassInit, NewClassReport
+
+    two = NewClassReport("imprint", 16, 0, classes=[NewClassInit("a", 0, "imprint"),
+                                                    NewClassInit("b", 1, "imprint")])
+    assert str(two).startswith("NEW_CLASS_INIT imprint: 2 new classes, 0 images read")
 
 
 def test_summary_and_str(report):

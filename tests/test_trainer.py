@@ -98,11 +98,26 @@ def test_eval_only_with_the_base_config_uses_the_stored_classes(coco_task, train
     log = _train_net(root, "--eval-only", "--config-file", "configs/Base-Shapes-RCNN.yaml",
                      "MODEL.WEIGHTS", str(out / "model_final.pth"),
                      "OUTPUT_DIR", str(out / "eval"))
-    assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3" in log
+    # The classes came from the checkpoint, and the log line says so.
+    assert ("AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 3 (the classes of the "
+            f"checkpoint {out / 'model_final.pth'})") in log
+    assert "MODEL.RECLASS.TARGET_CLASSES" not in log
     assert "Skip loading parameter" not in log
     assert "Evaluation results for t_val" in log
     # The evaluator's class histogram: the model's 3 classes are the dataset's.
     assert "|    dog     |" in log and "|   gadget   |" in log
+
+
+def test_a_run_that_fails_before_training_leaves_no_empty_metrics_json(coco_task, tmp_path):
+    root, ckpt, _ = coco_task
+    # MODE map, and the checkpoint stores no class names: the load fails, in resume_or_load.
+    log = _train_net(root, "--config-file", "configs/shapes_target_map.yaml",
+                     "MODEL.WEIGHTS", ckpt, "OUTPUT_DIR", str(tmp_path), returncode=1)
+    assert f"ClassListError: MODE map needs the thing class names of {ckpt}, which stores none" \
+        in log
+    # default_setup's files stay (they say what ran); detectron2's JSONWriter had created an
+    # empty metrics.json when the trainer was built, which is gone.
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "log.txt"]
 
 
 def test_resume_with_reordered_classes_fails_before_anything_is_written(coco_task, trained):
@@ -153,6 +168,23 @@ def test_two_process_launch_with_reinit_keeps_ranks_identical(coco_task, tmp_pat
     assert loaded[CLS].shape == (4, 256)
     # reinit: every class row fresh from N(0, 0.01); background carried over.
     assert abs(float(loaded[CLS][:3].std()) - 0.01) < 0.002
+
+
+def test_the_lazy_demo_config_is_seeded_as_its_yaml_twin():
+    from detectron2.config import LazyConfig, get_cfg
+    from detectron2.engine.defaults import _try_get_key
+
+    from d2_reclass import add_reclass_config, merge_config_file
+
+    lazy = LazyConfig.load(os.path.join(REPO, "configs", "lazy_shapes_target_map.py"))
+    cfg = get_cfg()
+    add_reclass_config(cfg)
+    merge_config_file(cfg, os.path.join(REPO, "configs", "shapes_target_map.yaml"))
+    # default_setup's own lookup: -1 would mean "Using a generated random seed".
+    assert _try_get_key(lazy, "SEED", "train.seed", default=-1) == cfg.SEED == 1
+    r = cfg.MODEL.RECLASS
+    assert (lazy.reclass["mode"], lazy.reclass["seed"], lazy.reclass["new_class_init"]) == (
+        r.MODE, r.SEED, r.NEW_CLASS_INIT)
 
 
 def test_lazyconfig_train_net_maps_init_checkpoint(coco_task, tmp_path):

@@ -11,12 +11,14 @@
 2. Trains the source model with ``tools/train_net.py --config-file configs/shapes_source.yaml``
    into that config's OUTPUT_DIR, ``output/shapes_source/``, whose ``model_final.pth`` is the
    MODEL.WEIGHTS of both target configs.
-3. For every seed s, fine-tunes it to the target task twice, with
-   ``configs/shapes_target_map.yaml`` (head rows mapped by class name) and
-   ``configs/shapes_target_reinit.yaml`` (every class row fresh), both with ``SEED s
-   MODEL.RECLASS.SEED s`` (seed 1 is what the configs hold), into
-   ``output/shapes_target_<mode>/seed<s>/``; each is evaluated before the first iteration
-   (``--eval-only``, in ``iter0/``) and at the end (``train/``).
+3. For every seed s, fine-tunes it to the target task three times, with
+   ``configs/shapes_target_map.yaml`` (head rows mapped by class name, the new class from the
+   head's init), ``configs/shapes_target_map_imprint.yaml`` (the same with the default
+   NEW_CLASS_INIT, which imprints the new class from its labelled examples) and
+   ``configs/shapes_target_reinit.yaml`` (every class row fresh), all with ``SEED s
+   MODEL.RECLASS.SEED s`` (seed 1 is what the configs hold), into each config's
+   ``OUTPUT_DIR/seed<s>/``; each is evaluated before the first iteration (``--eval-only``, in
+   ``iter0/``) and at the end (``train/``).
 4. Prints box AP, AP50 and per-class AP as the mean and min-max over the seeds, AP per seed,
    the ``reclass_report.json`` paths, and saves the seed-1 mapped model's predictions on a val
    image to ``output/demo_predictions.png``.
@@ -34,9 +36,10 @@ defines the step (dataset settings, config files, command-line options, the code
 tools/train_net.py and d2_reclass, thread count, the source weights), so a rerun takes seconds
 and a change redoes only what depends on it.
 
-Measured on a 2-core x86-64 CPU (no GPU) shared with other processes: from nothing 9 minutes at
-a load average of 1-3 (source model 3 min, each of the 6 fine-tunes 51 s, each evaluation 7 s,
-mostly start-up) and 14-16 minutes at 3-4; 8-10 s when everything is cached.
+Measured on a 2-core x86-64 CPU (no GPU) shared with other processes, with two of the three
+target configs: from nothing 9 minutes at a load average of 1-3 (source model 3 min, each of
+the 6 fine-tunes 51 s, each evaluation 7 s, mostly start-up) and 14-16 minutes at 3-4; 8-10 s
+when everything is cached. The third config adds 3 fine-tunes and 3 evaluations.
 """
 import argparse
 import contextlib
@@ -72,8 +75,17 @@ TASKS = {
 }
 
 SOURCE_CONFIG = "configs/shapes_source.yaml"
+#: The fine-tunes compared, each a config file (its own OUTPUT_DIR), by the name the tables use.
 TARGET_CONFIGS = {"map": "configs/shapes_target_map.yaml",
+                  "map-imprint": "configs/shapes_target_map_imprint.yaml",
                   "reinit": "configs/shapes_target_reinit.yaml"}
+#: What each name means, printed with the tables.
+TARGET_LEGEND = {
+    "map": "rows mapped by class name, the new class from the head's init (NEW_CLASS_INIT head)",
+    "map-imprint": "the same with NEW_CLASS_INIT at its default, auto, which imprints the new "
+    "class from its labelled examples",
+    "reinit": "every class row fresh (MODE reinit): what stock detectron2 gives at best",
+}
 BASE_CONFIG = "configs/Base-Shapes-RCNN.yaml"
 #: Fine-tuning seeds: each sets SEED (data order, flips, RPN/ROI sampling) and
 #: MODEL.RECLASS.SEED (the fresh class rows). The target configs hold the first.
@@ -116,6 +128,21 @@ def run_key(*parts) -> str:
     """
     code = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "d2_reclass", "*.py")))
     return digest(*parts, TRAIN_NET, *code, {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
+
+
+def config_chain(config: str) -> List[str]:
+    """``config`` and the files of this repository it inherits from (``_BASE_``), for cache
+    keys: a change in a base changes every config built on it."""
+    import yaml
+
+    chain = []
+    while config:
+        chain.append(config)
+        with open(os.path.join(ROOT, config)) as f:
+            base = yaml.safe_load(f).get("_BASE_", "")
+        config = "" if not base or "://" in base else rel(
+            os.path.join(ROOT, os.path.dirname(config), base))
+    return chain
 
 
 def seed_opts(seed: int) -> List[str]:
@@ -349,7 +376,7 @@ def eval_iteration0(mode: str, seed: int, data_dir: str, source: dict,
     config = TARGET_CONFIGS[mode]
     opts = [*seed_opts(seed), *TARGET_CLASSES_OPT]
     run_dir = os.path.join(target_dir(mode, seed), "iter0")
-    key = run_key(source["weights"], BASE_CONFIG, config, opts)
+    key = run_key(source["weights"], *config_chain(config), opts)
     record = cached(run_dir, key, force)
     if record is None:
         train_net(["--eval-only", "--config-file", config, *dataset_args(data_dir, ["target"]),
@@ -367,7 +394,7 @@ def fine_tune(mode: str, seed: int, data_dir: str, source: dict, force: bool = F
     config = TARGET_CONFIGS[mode]
     opts = seed_opts(seed)
     run_dir = os.path.join(target_dir(mode, seed), "train")
-    key = run_key(source["weights"], BASE_CONFIG, config, opts)
+    key = run_key(source["weights"], *config_chain(config), opts)
     record = cached(run_dir, key, force)
     if record is None:
         t0 = time.time()
@@ -513,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     starts: Dict[str, List[dict]] = {}
     finals: Dict[str, List[dict]] = {}
     for mode in TARGET_CONFIGS:
-        step(f"3. Target model, MODEL.RECLASS.MODE {mode}: {TARGET_CONFIGS[mode]}, "
+        step(f"3. Target model, {mode}: {TARGET_CONFIGS[mode]}, "
              f"seeds {args.seeds}")
         starts[mode], finals[mode] = [], []
         for seed in args.seeds:
@@ -532,6 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"AP50 {m['AP50']:.1f}; " + ", ".join(f"{c} AP {m[f'AP-{c}']:.1f}" for c in KEPT))
     print(f"\nMean and (min-max) over {len(args.seeds)} fine-tuning seeds {args.seeds}, "
           f"{os.environ['OMP_NUM_THREADS']} torch thread(s) per process:\n")
+    print("\n".join(f"{mode}: {TARGET_LEGEND[mode]}" for mode in TARGET_CONFIGS) + "\n")
     print(results_table(rows))
     print()
     print(per_seed_table(rows, args.seeds))

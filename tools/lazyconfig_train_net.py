@@ -24,7 +24,6 @@ from detectron2.engine import (
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from train_net import argument_parser
 
 from d2_reclass import ReclassCheckpointer, register_coco_dataset
 from d2_reclass.fast_rcnn import adopt_box_predictors
@@ -37,6 +36,7 @@ from d2_reclass.lazy import (
 )
 from d2_reclass.new_classes import broadcast_thing_heads
 from d2_reclass.threads import configure_torch_threads
+from d2_reclass.train_net import argument_parser
 from d2_reclass.trainer import REPORT_FILE
 
 logger = logging.getLogger("d2_reclass.lazyconfig_train_net")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the development environment in .venv from nothing: pinned packages from the registries,
-# detectron2 from the `sal-detectron2` wheel (see README "Environment"), this project editable.
+# detectron2 from the `sal-detectron2` wheel (see docs/environment.md), this project editable.
 #
 # Idempotent: a stamp records a hash of every input; when nothing changed a rerun exits at once.
 # Any failing step stops the script with a message naming that step.
