@@ -324,6 +324,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
             else:
                 state, self.report = reclass_state_dict(state, model_state, layouts, **options)
             _warn_non_finite(state, layouts, source)
+            if self.reclass.mode == "auto":
+                _warn_unasked_reinit(self.report, source)
             # Read before anything is loaded: a dataset that fails leaves the model as it was.
             examples = self._new_class_examples()
         checkpoint["model"] = state
@@ -522,6 +524,23 @@ def _without_suffix(state: Any, suffix: str) -> Any:
     if not isinstance(state, dict):
         return state
     return {k: v for k, v in state.items() if not (isinstance(k, str) and k.endswith(suffix))}
+
+
+def _warn_unasked_reinit(report: ReclassReport, source: str) -> None:
+    """MODE auto re-initialises a class space whose names are unknown on one side: say so, since
+    what the checkpoint knew about the classes the model keeps is then lost."""
+    for space in (THING, STUFF):
+        fitted = report.spaces.get(space)
+        if fitted is None or fitted.resolution != "reinit":
+            continue
+        key = "SOURCE_CLASSES" if space == THING else "SOURCE_STUFF_CLASSES"
+        logger.warning(
+            f"[ReclassCheckpointer] {source}: every {space} class row is re-initialised "
+            f"({fitted.num_source} -> {fitted.num_target} classes), because the {space} class "
+            "names of the checkpoint or of the model are unknown. To keep the rows of the "
+            f"classes the two share, give both: MODEL.RECLASS.{key} or SOURCE_DATASET for the "
+            "checkpoint (or CLASS_MAP 'target=INDEX'), and the model's target classes or "
+            "DATASETS.TRAIN; MODE reinit does this on purpose, without this warning.")
 
 
 def _warn_non_finite(state: Dict[str, torch.Tensor], layouts, source: str) -> None:

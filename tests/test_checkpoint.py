@@ -399,6 +399,22 @@ def test_source_dataset_gives_coco_names(tmp_path):
     assert torch.equal(new[CLS][3], old[CLS][80])
 
 
+def test_an_unasked_reinit_is_a_warning_naming_the_keys(six, tmp_path):
+    torch.save({"model": six.state_dict()}, tmp_path / "nameless.pth")
+    with captured_logs(*LOGGERS) as logs:
+        ReclassCheckpointer(small_model(3)).load(str(tmp_path / "nameless.pth"))
+    assert any("nameless.pth: every thing class row is re-initialised (6 -> 3 classes), because "
+               "the thing class names of the checkpoint or of the model are unknown. To keep the "
+               "rows of the classes the two share, give both: MODEL.RECLASS.SOURCE_CLASSES" in m
+               for m in logs)
+    for options in (ReclassOptions(mode="reinit"),
+                    ReclassOptions(source_classes=SIX, target_classes=THREE)):
+        with captured_logs(*LOGGERS) as logs:
+            ReclassCheckpointer(small_model(3), reclass=options).load(
+                str(tmp_path / "nameless.pth"))
+        assert not any("re-initialised" in m for m in logs)
+
+
 def test_non_finite_class_rows_are_named_in_a_warning(six, tmp_path):
     state = {k: v.clone() for k, v in six.state_dict().items()}
     state[CLS][2, 0] = float("nan")
