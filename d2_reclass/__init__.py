@@ -55,7 +55,11 @@ from .new_classes import (
     apply_new_class_entries,
     init_new_classes,
 )
-from .num_classes import register_num_classes_check, register_num_classes_keys
+from .num_classes import (
+    register_default_config,
+    register_num_classes_check,
+    register_num_classes_keys,
+)
 from .options import ReclassOptions
 from .report import ReclassReport
 from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
@@ -111,6 +115,7 @@ __all__ = [
     "reclass_model",
     "reclass_state_dict",
     "register_coco_dataset",
+    "register_default_config",
     "register_layout",
     "register_num_classes_check",
     "register_num_classes_keys",

@@ -24,7 +24,6 @@ from d2_reclass import (
     merge_config_file,
     prepare_reclass_config,
     register_coco_dataset,
-    stored_eval_classes,
 )
 from d2_reclass.config import log_num_classes_changes, target_classes
 from d2_reclass.threads import configure_torch_threads
@@ -44,14 +43,10 @@ def setup(args):
     if args.config_file:
         merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
-    if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
-        # A checkpoint that stores its classes is evaluated with them, whatever the base
-        # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
-        # Combined with further checkpoints, with every class of them all.
-        stored = stored_eval_classes(cfg)
-        cfg.MODEL.RECLASS.TARGET_CLASSES = stored["thing_classes"]
-        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = stored["stuff_classes"]
-    cfg, changes = prepare_reclass_config(cfg)
+    # --eval-only: a checkpoint that stores its classes is evaluated with them, whatever the
+    # base config's NUM_CLASSES says (stock detectron2 would skip its heads and predict
+    # garbage); combined with further checkpoints, with every class of them all.
+    cfg, changes = prepare_reclass_config(cfg, eval_only=args.eval_only)
     if args.resume:
         check_resume(cfg.OUTPUT_DIR, target_classes(cfg, "thing"), target_classes(cfg, "stuff"),
                      trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
