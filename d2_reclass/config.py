@@ -246,7 +246,7 @@ def prepare_reclass_config(cfg: CN, *, eval_only: bool = False
             source = f"MODEL.RECLASS.TARGET_{'' if kind == 'thing' else 'STUFF_'}CLASSES" \
                 if _explicit_target(out, kind) else f"DATASETS.TRAIN {tuple(out.DATASETS.TRAIN)}"
             if kind in stored:
-                source = f"MODEL.WEIGHTS {out.MODEL.WEIGHTS!r} (the classes it stores)"
+                source = f"MODEL.WEIGHTS {out.MODEL.WEIGHTS!r}"
             for key, old, new in apply_num_classes(
                     out, classes if kind == "thing" else None,
                     classes if kind == "stuff" else None):

@@ -3,12 +3,19 @@ import glob
 import os
 
 import pytest
+import torch
 from d2_fixtures import REPO
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.projects.point_rend import add_pointrend_config
 
-from d2_reclass import ClassListError, add_reclass_config, apply_num_classes, merge_config_file
+from d2_reclass import (
+    CLASSES_KEY,
+    ClassListError,
+    add_reclass_config,
+    apply_num_classes,
+    merge_config_file,
+)
 from d2_reclass.config import (
     dataset_classes,
     prepare_reclass_config,
@@ -156,3 +163,35 @@ def test_unknown_dataset_suggests_a_registered_one():
                        "Did you mean 'coco_2017_train'"):
         dataset_classes("coco_2017_trian", what="MODEL.RECLASS.SOURCE_DATASET")
     assert len(dataset_classes("lvis_v1_train")) == 1203
+
+
+def test_eval_only_targets_the_classes_the_weights_store(tmp_path):
+    weights = str(tmp_path / "fine_tuned.pth")
+    torch.save({"model": {}, CLASSES_KEY: {"thing_classes": ["a", "b", "c"]}}, weights)
+    cfg = _cfg()
+    cfg.merge_from_list(["MODEL.WEIGHTS", weights, "DATASETS.TRAIN", ("coco_2017_train",)])
+    prepared, changes = prepare_reclass_config(cfg, eval_only=True)
+    assert prepared.MODEL.RECLASS.TARGET_CLASSES == ["a", "b", "c"]
+    assert [(c.key, c.old, c.new, c.source) for c in changes] == [
+        ("MODEL.ROI_HEADS.NUM_CLASSES", 80, 3, f"MODEL.WEIGHTS {weights!r}")]
+    assert cfg.MODEL.RECLASS.TARGET_CLASSES == []  # the caller's config untouched
+    # Training, or explicit target classes, never read the weights' classes.
+    assert prepare_reclass_config(cfg)[0].MODEL.ROI_HEADS.NUM_CLASSES == 80
+    cfg.MODEL.RECLASS.TARGET_CLASSES = ["x", "y"]
+    assert prepare_reclass_config(cfg, eval_only=True)[0].MODEL.ROI_HEADS.NUM_CLASSES == 2
+
+
+def test_fed_loss_counts_must_match_num_classes():
+    cfg = _cfg()
+    cfg.merge_from_list(["MODEL.ROI_BOX_HEAD.USE_FED_LOSS", True,
+                         "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", True,
+                         "DATASETS.TRAIN", ("lvis_v1_train",),
+                         "MODEL.RECLASS.TARGET_CLASSES", ["a", "b", "c"]])
+    with pytest.raises(ClassListError, match=r"USE_FED_LOSS reads the class_image_count of "
+                       r"DATASETS.TRAIN\[0\] 'lvis_v1_train', which counts 1203 classes, but "
+                       r"MODEL.ROI_HEADS.NUM_CLASSES is 3\. Train on a dataset registered with "
+                       r"the counts of the model's 3 classes, or set "
+                       r"MODEL.ROI_BOX_HEAD.USE_FED_LOSS False"):
+        prepare_reclass_config(cfg)
+    cfg.MODEL.RECLASS.TARGET_CLASSES = []
+    assert prepare_reclass_config(cfg)[0].MODEL.ROI_HEADS.NUM_CLASSES == 1203
