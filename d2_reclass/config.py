@@ -13,7 +13,7 @@ from .classes import union_classes
 from .dataset_classes import dataset_classes
 from .errors import ConfigError
 from .layouts import STUFF, THING
-from .num_classes import check_num_classes_config, num_classes_keys
+from .num_classes import add_registered_defaults, check_num_classes_config, num_classes_keys
 from .options import check_option_values
 
 __all__ = [
@@ -161,7 +161,8 @@ def _node(cfg: CN, key: str):
     return node, leaf
 
 
-def prepare_reclass_config(cfg: CN) -> Tuple[CN, List[NumClassesChange]]:
+def prepare_reclass_config(cfg: CN, *, eval_only: bool = False
+                           ) -> Tuple[CN, List[NumClassesChange]]:
     """A copy of ``cfg`` ready to build a model for its target classes, and what changed.
 
     The copy has ``MODEL.RECLASS`` (its defaults when the config has none), its keys are
@@ -169,22 +170,32 @@ def prepare_reclass_config(cfg: CN) -> Tuple[CN, List[NumClassesChange]]:
     classes. It is frozen when ``cfg`` was. ``cfg`` itself is never modified, and preparing a
     prepared config changes nothing.
 
+    Args:
+        eval_only: the model is built to evaluate MODEL.WEIGHTS (``--eval-only``). When no
+            TARGET_(STUFF_)CLASSES are set, they become the classes MODEL.WEIGHTS (and
+            COMBINE) store, so that a fine-tuned checkpoint is evaluated with its own classes
+            whatever DATASETS.TRAIN names; what no file stores stays DATASETS.TRAIN's.
+
     Raises:
         ConfigError, ClassListError: a MODEL.RECLASS key cannot work (named), or a class count
             disagrees with a file the config names (a project's check, e.g. Detic's vocabulary).
         DatasetError: a training dataset had to be loaded for its classes and failed.
+        CheckpointError: with ``eval_only``, MODEL.WEIGHTS cannot be read.
     """
     out = cfg.clone()
     out.defrost()
     add_reclass_config(out)
     r = out.MODEL.RECLASS
     check_option_values({k.lower(): v for k, v in r.items() if k != "AUTO_NUM_CLASSES"})
+    stored = _stored_targets(out) if eval_only else set()
     changes: List[NumClassesChange] = []
     if r.AUTO_NUM_CLASSES:
         for kind in ("thing", "stuff"):
             classes = target_classes(out, kind)
             source = f"MODEL.RECLASS.TARGET_{'' if kind == 'thing' else 'STUFF_'}CLASSES" \
                 if _explicit_target(out, kind) else f"DATASETS.TRAIN {tuple(out.DATASETS.TRAIN)}"
+            if kind in stored:
+                source = _stored_in(out)
             for key, old, new in apply_num_classes(
                     out, classes if kind == "thing" else None,
                     classes if kind == "stuff" else None):
@@ -195,6 +206,25 @@ def prepare_reclass_config(cfg: CN) -> Tuple[CN, List[NumClassesChange]]:
     return out, changes
 
 
+def _stored_targets(cfg: CN) -> set:
+    """For evaluation: set TARGET_(STUFF_)CLASSES of ``cfg`` (none set yet) to the classes
+    MODEL.WEIGHTS stores; returns the kinds ("thing", "stuff") set."""
+    r = cfg.MODEL.RECLASS
+    if r.TARGET_CLASSES or r.TARGET_STUFF_CLASSES:
+        return set()
+    from .checkpoint import use_checkpoint_classes  # checkpoint.py imports this module
+
+    use_checkpoint_classes(cfg)
+    return {kind for kind, names in (("thing", r.TARGET_CLASSES),
+                                     ("stuff", r.TARGET_STUFF_CLASSES)) if names}
+
+
+def _stored_in(cfg: CN) -> str:
+    """The checkpoints :func:`_stored_targets` read, for log lines."""
+    paths = [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]
+    return f"the checkpoint{'s' if len(paths) > 1 else ''} {', '.join(paths)}"
+
+
 def _default_config() -> CN:
     cfg = get_cfg()
     try:
@@ -203,12 +233,14 @@ def _default_config() -> CN:
         add_pointrend_config(cfg)
     except ImportError:  # PointRend needs OpenCV; without it there is no POINT_HEAD key
         pass
+    add_registered_defaults(cfg)  # the projects' own keys (MODEL.CENTERNET.NUM_CLASSES, ...)
     return cfg
 
 
 def log_num_classes_changes(changes: Sequence[NumClassesChange]) -> None:
-    """Log each change: INFO where the key had detectron2's default, else a WARNING, since a
-    value somebody set disagreed with the classes."""
+    """Log each change: INFO where the key had its default (detectron2's, or for a key a
+    project adds, that project's: :func:`~d2_reclass.num_classes.register_default_config`),
+    else a WARNING, since a value somebody set disagreed with the classes."""
     defaults = _default_config()
     for change in changes:
         node, leaf = _node(defaults, change.key)

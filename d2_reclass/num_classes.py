@@ -9,14 +9,19 @@ a RetinaNet key.
 from typing import Callable, List, Optional, Tuple
 
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 
+from .errors import ClassListError
 from .layouts.core import STUFF, THING  # not .layouts: project layouts import this module
 
 __all__ = [
+    "DefaultConfigFn",
     "NumClassesCheckFn",
     "NumClassesKeysFn",
+    "add_registered_defaults",
     "check_num_classes_config",
     "num_classes_keys",
+    "register_default_config",
     "register_num_classes_check",
     "register_num_classes_keys",
 ]
@@ -31,6 +36,12 @@ _KEY_FNS: List[NumClassesKeysFn] = []
 NumClassesCheckFn = Callable[[CfgNode], None]
 
 _CHECK_FNS: List[NumClassesCheckFn] = []
+
+#: ``fn(cfg)``: adds a project's config keys with their defaults to ``cfg`` (its own
+#: ``add_*_config``) when that project is already imported; never imports it.
+DefaultConfigFn = Callable[[CfgNode], None]
+
+_DEFAULT_FNS: List[DefaultConfigFn] = []
 
 
 def register_num_classes_keys(fn: NumClassesKeysFn) -> NumClassesKeysFn:
@@ -49,10 +60,44 @@ def register_num_classes_check(fn: NumClassesCheckFn) -> NumClassesCheckFn:
     return fn
 
 
+def register_default_config(fn: DefaultConfigFn) -> DefaultConfigFn:
+    """Register ``fn(cfg)``, which adds a project's keys with their defaults (its own
+    ``add_*_config``) to ``cfg``, so that a class count the user left at the project's default
+    is told from one somebody set. Usable as a decorator; run in registration order."""
+    _DEFAULT_FNS.append(fn)
+    return fn
+
+
+def add_registered_defaults(cfg: CfgNode) -> None:
+    """Run every registered default-config function (:func:`register_default_config`)."""
+    for fn in _DEFAULT_FNS:
+        fn(cfg)
+
+
 def check_num_classes_config(cfg: CfgNode) -> None:
-    """Run every registered check (:func:`register_num_classes_check`) on ``cfg``."""
+    """Run every registered check (:func:`register_num_classes_check`) on ``cfg``, then
+    detectron2's own (the fed loss's class counts)."""
     for fn in _CHECK_FNS:
         fn(cfg)
+    _check_fed_loss_counts(cfg)
+
+
+def _check_fed_loss_counts(cfg: CfgNode) -> None:
+    # modeling/roi_heads/fast_rcnn.py: with ROI_BOX_HEAD.USE_FED_LOSS (detectron2 0.6+; also
+    # CenterNet2's and Detic's key), FastRCNNOutputLayers reads the class_image_count of
+    # DATASETS.TRAIN[0] and asserts, with no key named, that it counts NUM_CLASSES classes.
+    box, train = cfg.MODEL.get("ROI_BOX_HEAD", {}), cfg.DATASETS.TRAIN
+    if not box.get("USE_FED_LOSS", False) or not train or train[0] not in MetadataCatalog.list():
+        return
+    counts = MetadataCatalog.get(train[0]).get("class_image_count", None)
+    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if counts is not None and len(counts) != k:
+        raise ClassListError(
+            f"MODEL.ROI_BOX_HEAD.USE_FED_LOSS reads the class_image_count of DATASETS.TRAIN[0] "
+            f"{train[0]!r}, which counts {len(counts)} classes, but MODEL.ROI_HEADS.NUM_CLASSES "
+            f"is {k}. Train on a dataset registered with the counts of the model's {k} classes, "
+            "or set MODEL.ROI_BOX_HEAD.USE_FED_LOSS False (to evaluate, the fed loss is not "
+            "used).")
 
 
 def num_classes_keys(cfg: CfgNode) -> List[Tuple[str, str]]:

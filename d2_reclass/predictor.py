@@ -5,7 +5,7 @@ from typing import List, Optional
 from detectron2.data import Metadata
 from detectron2.engine import DefaultPredictor
 
-from .checkpoint import ReclassCheckpointer, use_checkpoint_classes
+from .checkpoint import ReclassCheckpointer
 from .config import (
     add_reclass_config,
     log_num_classes_changes,
@@ -37,8 +37,7 @@ class ReclassPredictor(DefaultPredictor):
         cfg = cfg.clone()
         cfg.defrost()
         add_reclass_config(cfg)
-        use_checkpoint_classes(cfg)
-        cfg, changes = prepare_reclass_config(cfg)
+        cfg, changes = prepare_reclass_config(cfg, eval_only=True)
         log_num_classes_changes(changes)
         weights = cfg.MODEL.WEIGHTS
         # DefaultPredictor loads with a DetectionCheckpointer: give it nothing to load, then

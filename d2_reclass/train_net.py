@@ -26,7 +26,6 @@ from d2_reclass import (
     merge_config_file,
     prepare_reclass_config,
     register_coco_dataset,
-    use_checkpoint_classes,
 )
 from d2_reclass.config import log_num_classes_changes, target_classes
 from d2_reclass.threads import configure_torch_threads
@@ -46,18 +45,10 @@ def setup(args):
     if args.config_file:
         merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
-    stored_in = []
-    if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
-        # A checkpoint that stores its classes is evaluated with them, whatever the base
-        # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
-        # Combined with further checkpoints, with every class of them all.
-        stored_in = [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]
-        use_checkpoint_classes(cfg)
-    cfg, changes = prepare_reclass_config(cfg)
-    if stored_in:  # the log lines name where those TARGET_(STUFF_)CLASSES came from
-        source = f"the checkpoint{'s' if len(stored_in) > 1 else ''} {', '.join(stored_in)}"
-        changes = [c._replace(source=source)
-                   if c.source.startswith("MODEL.RECLASS.TARGET_") else c for c in changes]
+    # A checkpoint that stores its classes is evaluated with them, whatever the base config's
+    # NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage. Combined
+    # with further checkpoints, with every class of them all.
+    cfg, changes = prepare_reclass_config(cfg, eval_only=args.eval_only)
     if args.resume:
         check_resume(cfg.OUTPUT_DIR, target_classes(cfg, "thing"), target_classes(cfg, "stuff"),
                      trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)

@@ -14,9 +14,8 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
-from .checkpoint import ReclassCheckpointer, use_checkpoint_classes
+from .checkpoint import ReclassCheckpointer
 from .config import (
-    add_reclass_config,
     log_num_classes_changes,
     prepare_reclass_config,
     target_classes,
@@ -126,9 +125,8 @@ class ReclassTrainerMixin:
         # Also reached without __init__ (evaluation: Trainer.build_model(cfg)): prepare here
         # too; a prepared config is left as it is. There, the model is built for the classes
         # MODEL.WEIGHTS stores, which a project's stock DetectionCheckpointer then loads whole.
-        if not _BUILDING_TRAINER.get():
-            cfg = _for_stored_classes(cfg)
-        cfg, changes = prepare_reclass_config(cfg)
+        cfg, changes = prepare_reclass_config(
+            cfg, eval_only=not _BUILDING_TRAINER.get() and _stores_names(cfg.MODEL.WEIGHTS))
         log_num_classes_changes(changes)
         model = super().build_model(cfg)
         use_reclass_box_predictors(model, cfg)
@@ -177,31 +175,11 @@ class ReclassTrainerMixin:
         return super().test(cfg, model, evaluators)
 
 
-def _for_stored_classes(cfg):
-    """``cfg`` for evaluating MODEL.WEIGHTS: when it is a local ``.pth`` file storing class
-    names (d2_reclass writes them) and the config names no target classes, a copy whose
-    TARGET_(STUFF_)CLASSES are those, so that AUTO_NUM_CLASSES builds the fine-tuned heads
-    instead of DATASETS.TRAIN's; else ``cfg`` itself. Other files (URLs, Caffe2 ``.pkl``) are
-    left to the project's own checkpointer: none stores names."""
-    weights = cfg.MODEL.WEIGHTS
-    reclass = cfg.MODEL.get("RECLASS", None)
-    if reclass is not None and (reclass.TARGET_CLASSES or reclass.TARGET_STUFF_CLASSES) \
-            or not (weights.endswith(".pth") and os.path.isfile(weights)):
-        return cfg
-    out = cfg.clone()
-    out.defrost()
-    add_reclass_config(out)
-    use_checkpoint_classes(out)
-    stored = {"thing_classes": out.MODEL.RECLASS.TARGET_CLASSES,
-              "stuff_classes": out.MODEL.RECLASS.TARGET_STUFF_CLASSES}
-    if not any(stored.values()):
-        return cfg
-    logger.info(f"[ReclassTrainer] Building the model for the classes {weights} stores "
-                f"({', '.join(f'{len(v)} {k}' for k, v in stored.items() if v)}), not "
-                "DATASETS.TRAIN's.")
-    if cfg.is_frozen():
-        out.freeze()
-    return out
+def _stores_names(weights: str) -> bool:
+    """Whether MODEL.WEIGHTS may store class names: a local ``.pth`` file (d2_reclass writes
+    them). Other files (URLs, Caffe2 ``.pkl``) are left to the project's own checkpointer,
+    unread: none stores names."""
+    return weights.endswith(".pth") and os.path.isfile(weights)
 
 
 def map_config_datasets(cfg, *, train: bool = True) -> None:

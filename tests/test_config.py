@@ -4,12 +4,14 @@ import os
 import re
 
 import pytest
+import torch
 from d2_fixtures import BASE_CONFIG, REPO
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.projects.point_rend import add_pointrend_config
 
 from d2_reclass import (
+    CLASSES_KEY,
     ClassListError,
     ConfigError,
     add_reclass_config,
@@ -177,3 +179,35 @@ def test_a_yaml_setting_reclass_keys_without_add_reclass_config_names_the_call(t
     add_reclass_config(cfg)
     merge_config_file(cfg, str(config))
     assert cfg.MODEL.RECLASS.MODE == "map"
+
+
+def test_eval_only_targets_the_classes_the_weights_store(tmp_path):
+    weights = str(tmp_path / "fine_tuned.pth")
+    torch.save({"model": {}, CLASSES_KEY: {"thing_classes": ["a", "b", "c"]}}, weights)
+    cfg = _cfg()
+    cfg.merge_from_list(["MODEL.WEIGHTS", weights, "DATASETS.TRAIN", ("coco_2017_train",)])
+    prepared, changes = prepare_reclass_config(cfg, eval_only=True)
+    assert prepared.MODEL.RECLASS.TARGET_CLASSES == ["a", "b", "c"]
+    assert [(c.key, c.old, c.new, c.source) for c in changes] == [
+        ("MODEL.ROI_HEADS.NUM_CLASSES", 80, 3, f"MODEL.WEIGHTS {weights!r}")]
+    assert cfg.MODEL.RECLASS.TARGET_CLASSES == []  # the caller's config untouched
+    # Training, or explicit target classes, never read the weights' classes.
+    assert prepare_reclass_config(cfg)[0].MODEL.ROI_HEADS.NUM_CLASSES == 80
+    cfg.MODEL.RECLASS.TARGET_CLASSES = ["x", "y"]
+    assert prepare_reclass_config(cfg, eval_only=True)[0].MODEL.ROI_HEADS.NUM_CLASSES == 2
+
+
+def test_fed_loss_counts_must_match_num_classes():
+    cfg = _cfg()
+    cfg.merge_from_list(["MODEL.ROI_BOX_HEAD.USE_FED_LOSS", True,
+                         "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", True,
+                         "DATASETS.TRAIN", ("lvis_v1_train",),
+                         "MODEL.RECLASS.TARGET_CLASSES", ["a", "b", "c"]])
+    with pytest.raises(ClassListError, match=r"USE_FED_LOSS reads the class_image_count of "
+                       r"DATASETS.TRAIN\[0\] 'lvis_v1_train', which counts 1203 classes, but "
+                       r"MODEL.ROI_HEADS.NUM_CLASSES is 3\. Train on a dataset registered with "
+                       r"the counts of the model's 3 classes, or set "
+                       r"MODEL.ROI_BOX_HEAD.USE_FED_LOSS False"):
+        prepare_reclass_config(cfg)
+    cfg.MODEL.RECLASS.TARGET_CLASSES = []
+    assert prepare_reclass_config(cfg)[0].MODEL.ROI_HEADS.NUM_CLASSES == 1203

@@ -246,6 +246,27 @@ def test_auto_num_classes_sets_the_keys_each_model_reads(files):
     assert one.MODEL.ROI_HEADS.NUM_CLASSES == 80 and one.MODEL.RETINANET.NUM_CLASSES == 80
 
 
+def test_auto_num_classes_compares_centernet_keys_with_centernets_default(files):
+    from d2_fixtures import captured_logs
+
+    from d2_reclass.config import log_num_classes_changes
+
+    # 80 is add_centernet_config's default for CENTERNET.NUM_CLASSES (detectron2 has no such
+    # key): an INFO line. A value somebody set (20) disagreeing with the classes: a WARNING.
+    opts = ["MODEL.RECLASS.TARGET_CLASSES", TARGET]
+    for num_classes, message in (
+            (80, "AUTO_NUM_CLASSES: MODEL.CENTERNET.NUM_CLASSES 80 -> 3 (the classes of "
+                 "MODEL.RECLASS.TARGET_CLASSES)"),
+            (20, "AUTO_NUM_CLASSES: MODEL.CENTERNET.NUM_CLASSES was set to 20, but "
+                 "MODEL.RECLASS.TARGET_CLASSES has 3 classes; using 3. Set it to 3 (or "
+                 "MODEL.RECLASS.AUTO_NUM_CLASSES False to keep your value and get an error).")):
+        _, changes = prepare_reclass_config(centernet2_cfg(num_classes, "", one_stage=True,
+                                                           opts=opts))
+        with captured_logs("d2_reclass") as logs:
+            log_num_classes_changes(changes)
+        assert logs == [message]
+
+
 def test_class_count_check_names_the_centernet_key(files):
     model = build(centernet2_cfg(80, "", one_stage=True))
     with pytest.raises(ClassListError, match=r"built for 80 classes at proposal_generator.*"
@@ -332,3 +353,137 @@ def test_centernet2_training_loop_with_the_integration_lines(files, tmp_path):
     # NEW_CLASS_INIT auto imprints the new class from DATASETS.TRAIN's examples (CenterNet2 has
     # learned class rows to score them with, unlike Detic).
     assert checkpointer.report.new_classes.classes[0].method == "imprint"
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval-only through CenterNet2's own main with the integration lines
+# ---------------------------------------------------------------------------------------------
+
+
+def centernet2_setup(args):
+    """CenterNet2's train_net.py ``setup`` (not part of the wheel) with the integration lines:
+    ``add_reclass_config`` before ``merge_from_file``, ``prepare_reclass_config`` before
+    ``cfg.freeze()``. (``default_setup``'s logging and seeding are left out.)"""
+    cfg = get_cfg()
+    add_centernet_config(cfg)
+    add_reclass_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg, _ = prepare_reclass_config(cfg, eval_only=args.eval_only)
+    cfg.freeze()
+    return cfg
+
+
+def centernet2_do_test(cfg, model):
+    """CenterNet2's train_net.py ``do_test``, written as upstream writes it."""
+    from collections import OrderedDict
+
+    from centernet.data.custom_build_augmentation import build_custom_augmentation
+    from detectron2.data import DatasetMapper, build_detection_test_loader
+    from detectron2.evaluation import COCOEvaluator, LVISEvaluator, inference_on_dataset
+
+    results = OrderedDict()
+    for dataset_name in cfg.DATASETS.TEST:
+        mapper = None if cfg.INPUT.TEST_INPUT_TYPE == "default" else DatasetMapper(
+            cfg, False, augmentations=build_custom_augmentation(cfg, False))
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        output_folder = os.path.join(cfg.OUTPUT_DIR, f"inference_{dataset_name}")
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        if evaluator_type == "lvis":
+            evaluator = LVISEvaluator(dataset_name, cfg, True, output_folder)
+        elif evaluator_type == "coco":
+            evaluator = COCOEvaluator(dataset_name, cfg, True, output_folder)
+        else:
+            raise AssertionError(evaluator_type)
+        results[dataset_name] = inference_on_dataset(model, loader, evaluator)
+    return list(results.values())[0] if len(results) == 1 else results
+
+
+def centernet2_main(args):
+    """CenterNet2's train_net.py ``main`` as upstream writes it (no TTA, no DDP), unchanged:
+    ``build_model``, then a stock ``DetectionCheckpointer`` for ``--eval-only``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    cfg = centernet2_setup(args)
+    model = build_model(cfg)
+    if args.eval_only:
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        return centernet2_do_test(cfg, model)
+    centernet2_do_train(cfg, model, resume=args.resume)
+    return centernet2_do_test(cfg, model)
+
+
+def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from d2_reclass.synthetic import make_shapes_dataset
+
+    # The fine-tuned checkpoint: the training lines (setup's prepare_reclass_config, do_train's
+    # ReclassCheckpointer.from_config) load the LVIS source into 3 classes and save it, as the
+    # loop's checkpointer does at BASE_LR 0.
+    out = str(tmp_path / "fine_tune")
+    train = centernet2_cfg(len(LVIS_CLASSES), files["target_counts"], opts=[
+        "MODEL.WEIGHTS", files["two_stage"], "MODEL.RECLASS.SOURCE_DATASET", LVIS,
+        "MODEL.RECLASS.NEW_CLASS_INIT", "head", "OUTPUT_DIR", out])
+    train, _ = prepare_reclass_config(train)
+    os.makedirs(out)  # what setup()'s default_setup(cfg, args) does first
+    torch.manual_seed(5)
+    checkpointer = ReclassCheckpointer.from_config(train, build_model(train), out)
+    checkpointer.resume_or_load(train.MODEL.WEIGHTS, resume=False)
+    checkpointer.save("model_final")
+    saved = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    assert saved[CLASSES_KEY] == {"thing_classes": TARGET}
+
+    # The eval config is the LVIS config (DATASETS.TRAIN lvis_v1_train, NUM_CLASSES 1203, its
+    # fed-loss counts); only MODEL.WEIGHTS and DATASETS.TEST are given.
+    val = "centernet2_three_val"
+    val_json = make_shapes_dataset(str(tmp_path), "val", ["square", "circle", "triangle"], 2,
+                                   image_size=96, seed=1)
+    with open(val_json) as f:
+        data = json.load(f)
+    for category, name in zip(data["categories"], TARGET):
+        category["name"] = name
+    with open(val_json, "w") as f:
+        json.dump(data, f)
+    if val not in MetadataCatalog.list():
+        register_coco_instances(val, {}, val_json, str(tmp_path / "val"))
+    config_file = tmp_path / "lvis.yaml"
+    config_file.write_text(centernet2_cfg(len(LVIS_CLASSES), files["lvis_counts"],
+                                          train=LVIS).dump())
+    evaluated, do_test = [], centernet2_do_test
+
+    def spy(cfg, model):  # upstream's do_test, recording the model it evaluates
+        evaluated.append(model)
+        return do_test(cfg, model)
+
+    monkeypatch.setattr(sys.modules[__name__], "centernet2_do_test", spy)
+    opts = ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "DATASETS.TEST", (val,),
+            "INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 96, "DATALOADER.NUM_WORKERS", 0,
+            "OUTPUT_DIR", str(tmp_path / "eval")]
+    # detectron2's fed loss reads DATASETS.TRAIN's counts (LVIS's 1203) and would assert at
+    # build: one clear error in setup instead, naming the fix.
+    with pytest.raises(ClassListError, match=r"USE_FED_LOSS reads the class_image_count of "
+                       r"DATASETS.TRAIN\[0\] 'lvis_v1_train', which counts 1203 classes, but "
+                       r"MODEL.ROI_HEADS.NUM_CLASSES is 3.*USE_FED_LOSS False"):
+        centernet2_main(SimpleNamespace(config_file=str(config_file), eval_only=True,
+                                        resume=False, opts=opts))
+    assert not evaluated
+    results = centernet2_main(SimpleNamespace(
+        config_file=str(config_file), eval_only=True, resume=False,
+        opts=opts + ["MODEL.ROI_BOX_HEAD.USE_FED_LOSS", False]))
+
+    model = evaluated[0]
+    state = model.state_dict()
+    for s in STAGES:
+        p = f"roi_heads.box_predictor.{s}."
+        assert model.roi_heads.box_predictor[s].num_classes == 3
+        for key in ("cls_score.weight", "cls_score.bias", "bbox_pred.weight"):
+            assert torch.equal(state[p + key], saved["model"][p + key])
+    assert state.keys() == saved["model"].keys() - {
+        f"roi_heads.box_predictor.{s}.{k}" for s in STAGES
+        for k in ("freq_weight", "fed_loss_cls_weights")}
+    assert all(torch.equal(v, saved["model"][k]) for k, v in state.items())
+    assert sorted(k for k in results["bbox"] if k.startswith("AP-")) == [
+        "AP-dog", "AP-gadget", "AP-person"]

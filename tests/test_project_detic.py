@@ -181,6 +181,12 @@ def test_num_classes_is_checked_against_the_vocabulary_before_the_model_is_built
                        r"1203 classes, but MODEL.ROI_HEADS.NUM_CLASSES is 3"):
         prepare_reclass_config(cfg)
     cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH = files["vocabulary"]
+    # The shipped config's fed loss: detectron2's box predictors (built first by the cascade)
+    # would assert on DATASETS.TRAIN's 1203 image counts.
+    with pytest.raises(ClassListError, match=r"USE_FED_LOSS reads the class_image_count of "
+                       r"DATASETS.TRAIN\[0\] 'lvis_v1_train\+coco', which counts 1203 classes"):
+        prepare_reclass_config(cfg)
+    cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = False
     prepared, changes = prepare_reclass_config(cfg)
     assert prepared.MODEL.ROI_HEADS.NUM_CLASSES == 3
     # Detic's proposals are class-agnostic (ONLY_PROPOSAL): CENTERNET.NUM_CLASSES is not read.
@@ -302,3 +308,154 @@ def test_detic_training_loop_with_the_integration_lines(files, tmp_path):
     for k, v in stock.state_dict().items():
         if not k.endswith(("zs_weight", "freq_weight")):
             assert torch.equal(saved["model"][k], v), k
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval-only through Detic's own main with the integration lines
+# ---------------------------------------------------------------------------------------------
+
+
+def detic_setup(args):
+    """Detic's train_net.py ``setup`` (not part of the wheel) with the integration lines:
+    ``add_reclass_config`` before ``merge_from_file``, ``prepare_reclass_config`` before
+    ``cfg.freeze()``. (``default_setup``'s logging and seeding are left out.)"""
+    cfg = get_cfg()
+    add_centernet_config(cfg)
+    add_detic_config(cfg)
+    add_reclass_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg, _ = prepare_reclass_config(cfg, eval_only=args.eval_only)
+    cfg.freeze()
+    return cfg
+
+
+def detic_do_test(cfg, model):
+    """Detic's train_net.py ``do_test``, written as upstream writes it, except that
+    ``OIDEvaluator`` is imported only for an ``oid`` dataset (upstream imports it at the top;
+    it needs the ``lvis`` package, which the test environment does not install)."""
+    from collections import OrderedDict
+
+    from detectron2.data import DatasetMapper, build_detection_test_loader
+    from detectron2.evaluation import COCOEvaluator, LVISEvaluator, inference_on_dataset
+    from detic.data.custom_build_augmentation import build_custom_augmentation
+    from detic.evaluation.custom_coco_eval import CustomCOCOEvaluator
+    from detic.modeling.utils import reset_cls_test
+
+    results = OrderedDict()
+    for d, dataset_name in enumerate(cfg.DATASETS.TEST):
+        if cfg.MODEL.RESET_CLS_TESTS:
+            reset_cls_test(model, cfg.MODEL.TEST_CLASSIFIERS[d], cfg.MODEL.TEST_NUM_CLASSES[d])
+        mapper = None if cfg.INPUT.TEST_INPUT_TYPE == "default" else DatasetMapper(
+            cfg, False, augmentations=build_custom_augmentation(cfg, False))
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        output_folder = os.path.join(cfg.OUTPUT_DIR, f"inference_{dataset_name}")
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        if evaluator_type == "lvis" or cfg.GEN_PSEDO_LABELS:
+            evaluator = LVISEvaluator(dataset_name, cfg, True, output_folder)
+        elif evaluator_type == "coco":
+            if dataset_name == "coco_generalized_zeroshot_val":
+                evaluator = CustomCOCOEvaluator(dataset_name, cfg, True, output_folder)
+            else:
+                evaluator = COCOEvaluator(dataset_name, cfg, True, output_folder)
+        elif evaluator_type == "oid":
+            from detic.evaluation.oideval import OIDEvaluator
+
+            evaluator = OIDEvaluator(dataset_name, cfg, True, output_folder)
+        else:
+            raise AssertionError(evaluator_type)
+        results[dataset_name] = inference_on_dataset(model, loader, evaluator)
+    return list(results.values())[0] if len(results) == 1 else results
+
+
+def detic_main(args):
+    """Detic's train_net.py ``main`` as upstream writes it (no DDP), unchanged: ``build_model``,
+    then a stock ``DetectionCheckpointer`` for ``--eval-only``."""
+    cfg = detic_setup(args)
+    model = build_model(cfg)
+    if args.eval_only:
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        return detic_do_test(cfg, model)
+    detic_do_train(cfg, model, resume=args.resume)
+    return detic_do_test(cfg, model)
+
+
+def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from detectron2.data.datasets import register_coco_instances
+
+    from d2_reclass.synthetic import make_shapes_dataset
+
+    # The fine-tuned checkpoint: the training lines (setup's prepare_reclass_config, do_train's
+    # ReclassCheckpointer.from_config) load the LVIS source into the 3-class vocabulary and
+    # save it, as the loop's checkpointer does at BASE_LR 0.
+    out = str(tmp_path / "fine_tune")
+    train, _ = prepare_reclass_config(target_cfg(files, [
+        "MODEL.WEIGHTS", files["source"], "MODEL.RECLASS.SOURCE_DATASET", "lvis_v1_train",
+        "MODEL.RECLASS.TARGET_CLASSES", TARGET, "MODEL.RECLASS.NEW_CLASS_INIT", "head",
+        "OUTPUT_DIR", out]))
+    os.makedirs(out)  # what setup()'s default_setup(cfg, args) does first
+    torch.manual_seed(5)
+    checkpointer = ReclassCheckpointer.from_config(train, build_model(train), out)
+    checkpointer.resume_or_load(train.MODEL.WEIGHTS, resume=False)
+    checkpointer.save("model_final")
+    saved = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    assert saved[CLASSES_KEY] == {"thing_classes": TARGET}
+
+    val = "detic_three_val"
+    val_json = make_shapes_dataset(str(tmp_path), "val", ["square", "circle", "triangle"], 2,
+                                   image_size=96, seed=1)
+    with open(val_json) as f:
+        data = json.load(f)
+    for category, name in zip(data["categories"], TARGET):
+        category["name"] = name
+    with open(val_json, "w") as f:
+        json.dump(data, f)
+    if val not in MetadataCatalog.list():
+        register_coco_instances(val, {}, val_json, str(tmp_path / "val"))
+    evaluated, do_test = [], detic_do_test
+
+    def spy(cfg, model):  # upstream's do_test, recording the model it evaluates
+        evaluated.append(model)
+        return do_test(cfg, model)
+
+    monkeypatch.setattr(sys.modules[__name__], "detic_do_test", spy)
+    # The shipped config as it is (DATASETS.TRAIN lvis_v1_train+coco, NUM_CLASSES 1203) with
+    # the command line of an evaluation: the checkpoint, the test set, the vocabulary, and the
+    # fed loss off (detectron2's reads DATASETS.TRAIN's 1203 counts; evaluation never uses it).
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.TIMM.PRETRAINED", False, *SMALL,
+            "MODEL.ROI_BOX_HEAD.USE_FED_LOSS", False,
+            "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "DATASETS.TEST", (val,),
+            "INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 96, "DATALOADER.NUM_WORKERS", 0,
+            "OUTPUT_DIR", str(tmp_path / "eval")]
+
+    def run(vocabulary: str):
+        return detic_main(SimpleNamespace(
+            config_file=CONFIG, eval_only=True, resume=False,
+            opts=opts + ["MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH", vocabulary]))
+
+    # The LVIS vocabulary cannot classify the 3 stored classes: one error naming both keys.
+    with pytest.raises(ClassListError, match=r"ZEROSHOT_WEIGHT_PATH .* holds the embeddings of "
+                       r"1203 classes, but MODEL.ROI_HEADS.NUM_CLASSES is 3"):
+        run(LVIS_VOCABULARY)
+    assert not evaluated
+    # The vocabulary the model was fine-tuned with (the 3 stored classes, in their order).
+    results = run(files["vocabulary"])
+
+    model = evaluated[0]
+    state = model.state_dict()
+    for s in STAGES:
+        p = f"roi_heads.box_predictor.{s}."
+        assert model.roi_heads.box_predictor[s].num_classes == 3
+        for key in ("cls_score.zs_weight", "cls_score.linear.weight", "bbox_pred.2.weight"):
+            assert torch.equal(state[p + key], saved["model"][p + key])
+        assert state[p + "cls_score.zs_weight"].shape == (512, 4)
+    # Every tensor is the checkpoint's (freq_weight is not built: the fed loss is off).
+    assert state.keys() == saved["model"].keys() - {
+        f"roi_heads.box_predictor.{s}.freq_weight" for s in STAGES}
+    assert all(torch.equal(v, saved["model"][k]) for k, v in state.items())
+    assert sorted(k for k in results["bbox"] if k.startswith("AP-")) == [
+        "AP-dog", "AP-gadget", "AP-person"]

@@ -8,6 +8,7 @@ CenterNet (``CenterNetDetector``) predicts one heatmap channel per class instead
 
 Shape shorthand: K = number of classes.
 """
+import sys
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
@@ -16,7 +17,7 @@ from detectron2.config import CfgNode
 from torch import nn
 
 from ..fresh import NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
-from ..num_classes import register_num_classes_keys
+from ..num_classes import register_default_config, register_num_classes_keys
 from .core import THING, ClassLayout, class_rows, register_layout
 from .detectron2 import ROI_HEADS_KEY, fast_rcnn_layouts
 
@@ -80,3 +81,12 @@ def _centernet_keys(cfg: CfgNode) -> Optional[List[Tuple[str, str]]]:
     if not cfg.MODEL.CENTERNET.ONLY_PROPOSAL:
         keys.append((CENTERNET_KEY, THING))
     return keys
+
+
+@register_default_config
+def _centernet_defaults(cfg: CfgNode) -> None:
+    # centernet/config.py's add_centernet_config (CENTERNET.NUM_CLASSES 80, ...). A config with
+    # MODEL.CENTERNET was made by it, so the module is already imported whenever it matters.
+    config = sys.modules.get("centernet.config")
+    if config is not None and "CENTERNET" not in cfg.MODEL:
+        config.add_centernet_config(cfg)
