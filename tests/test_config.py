@@ -189,7 +189,7 @@ def test_eval_only_targets_the_classes_the_weights_store(tmp_path):
     prepared, changes = prepare_reclass_config(cfg, eval_only=True)
     assert prepared.MODEL.RECLASS.TARGET_CLASSES == ["a", "b", "c"]
     assert [(c.key, c.old, c.new, c.source) for c in changes] == [
-        ("MODEL.ROI_HEADS.NUM_CLASSES", 80, 3, f"MODEL.WEIGHTS {weights!r}")]
+        ("MODEL.ROI_HEADS.NUM_CLASSES", 80, 3, f"the checkpoint {weights}")]
     assert cfg.MODEL.RECLASS.TARGET_CLASSES == []  # the caller's config untouched
     # Training, or explicit target classes, never read the weights' classes.
     assert prepare_reclass_config(cfg)[0].MODEL.ROI_HEADS.NUM_CLASSES == 80
