@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.data import DatasetCatalog
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 from torch.nn.parallel import DistributedDataParallel
@@ -446,12 +447,17 @@ class ReclassCheckpointer(DetectionCheckpointer):
         }
 
     def _data_classes(self) -> List[str]:
-        """The thing classes the training data names (each dataset's own, before mapping)."""
+        """The thing classes the training data names (each dataset's own, before mapping).
+
+        Only registered datasets are asked: this is what the data knows of the class names, and
+        an example dataset that is not registered fails where its examples are read (or is never
+        read, when the model's new classes cannot use examples)."""
         if self.examples is None:
             return []
         if self.examples.class_names is not None:
             return list(self.examples.class_names)
-        return union_classes([dataset_classes(name) or [] for name in self.examples.datasets])
+        return union_classes([dataset_classes(name) or [] for name in self.examples.datasets
+                              if name in DatasetCatalog.list()])
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
         """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET.

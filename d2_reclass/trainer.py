@@ -4,7 +4,7 @@ import contextvars
 import functools
 import logging
 import os
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 _BUILDING_TRAINER = contextvars.ContextVar("d2_reclass_building_trainer", default=False)
 
 REPORT_FILE = "reclass_report.json"
+#: The model attribute holding the (thing, stuff) classes its build prepared it for.
+_BUILT_FOR = "_d2_reclass_built_for"
 
 
 def check_num_classes(
@@ -129,6 +131,9 @@ class ReclassTrainerMixin:
             cfg, eval_only=not _BUILDING_TRAINER.get() and _stores_names(cfg.MODEL.WEIGHTS))
         log_num_classes_changes(changes)
         model = super().build_model(cfg)
+        # Evaluation maps DATASETS.TEST to the classes the model was built for, which may be
+        # the checkpoint's rather than those the caller's config names.
+        setattr(model, _BUILT_FOR, (target_classes(cfg, "thing"), target_classes(cfg, "stuff")))
         use_reclass_box_predictors(model, cfg)
         # A stock DetectionCheckpointer loading into this model (a project's eval-only path)
         # skips class rows of another length: say so, naming the line to change.
@@ -164,7 +169,8 @@ class ReclassTrainerMixin:
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         # Also reached without __init__ (evaluation: Trainer.test(cfg, model)).
-        map_config_datasets(cfg, train=False)
+        built_for = getattr(getattr(model, "module", model), _BUILT_FOR, None)
+        map_config_datasets(cfg, train=False, classes=built_for)
         for name in cfg.DATASETS.TEST:
             check_num_classes(
                 model, _classes_loaded_as(name, "thing"), _classes_loaded_as(name, "stuff"),
@@ -182,14 +188,19 @@ def _stores_names(weights: str) -> bool:
     return weights.endswith(".pth") and os.path.isfile(weights)
 
 
-def map_config_datasets(cfg, *, train: bool = True) -> None:
-    """Map DATASETS.TEST (and DATASETS.TRAIN when ``train``) to the model's classes
-    (:func:`~d2_reclass.config.target_classes`) by name, before any data loader is built.
+def map_config_datasets(cfg, *, train: bool = True,
+                        classes: Optional[Tuple[Optional[List[str]], Optional[List[str]]]] = None
+                        ) -> None:
+    """Map DATASETS.TEST (and DATASETS.TRAIN when ``train``) to the model's classes by name,
+    before any data loader is built: ``classes`` (thing, stuff) when given, else the config's
+    (:func:`~d2_reclass.config.target_classes`).
 
     Raises:
         ClassListError: a dataset names a class the model lacks (naming both lists).
     """
-    thing, stuff = target_classes(cfg, "thing"), target_classes(cfg, "stuff")
+    thing, stuff = classes or (target_classes(cfg, "thing"), target_classes(cfg, "stuff"))
+    target_what = "the classes the model was built for" if classes \
+        else target_classes_what(cfg, "thing")
     explicit = bool(cfg.MODEL.get("RECLASS", {}).get("TARGET_CLASSES", None))
     key = "MODEL.RECLASS.TARGET_CLASSES"
     for what, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN if train else ()),
@@ -204,8 +215,8 @@ def map_config_datasets(cfg, *, train: bool = True) -> None:
         else:
             fix = "Evaluate on datasets whose classes the model has, or add a dataset with the " \
                 f"missing classes to DATASETS.TRAIN (or set {key})."
-        map_datasets_to_classes(names, thing, stuff, what=what,
-                                target_what=target_classes_what(cfg, "thing"), fix=fix)
+        map_datasets_to_classes(names, thing, stuff, what=what, target_what=target_what,
+                                fix=fix)
 
 
 def _classes_loaded_as(name: str, kind: str):

@@ -329,7 +329,7 @@ def test_checkpointer_initialises_after_mapping_and_reports_it(data, tmp_path):
         triangle])
     saved = json.loads(ckpt.report.to_json(str(tmp_path / "report.json")))
     assert saved["new_classes"]["classes"][0]["relative"] == "diamond"
-    assert "NEW_CLASS_INIT imprint: 1 new classes" in str(ckpt.report)
+    assert "NEW_CLASS_INIT imprint: 1 new class" in str(ckpt.report)
 
 
 def test_checkpointer_without_examples_says_so_and_loads_nothing(tmp_path):
@@ -505,7 +505,7 @@ def test_cli_convert_initialises_new_classes_like_the_checkpointer(data, tmp_pat
 
     assert main([*args, "--new-class-init", "imprint", *config, *examples]) == 0
     printed = capsys.readouterr().out
-    assert "NEW_CLASS_INIT imprint: 1 new classes" in printed and "| star " in printed
+    assert "NEW_CLASS_INIT imprint: 1 new class" in printed and "| star " in printed
     saved = torch.load(out, weights_only=True)["model"]
     model = small_model(3, seed=2)
     ReclassCheckpointer(model, reclass=ReclassOptions(

@@ -496,7 +496,7 @@ def test_panoptic_wrong_num_classes_names_the_sem_seg_head_key(panoptic, tmp_pat
     cfg = setup(args_for(panoptic.config_file, TRAIN_OPTS + [
         "MODEL.WEIGHTS", str(panoptic.out / "model_final.pth"),
         "MODEL.RECLASS.AUTO_NUM_CLASSES", False, "DATASETS.TRAIN", ("m2f_pan_train",),
-        "OUTPUT_DIR", str(tmp_path)]))
+        "DATASETS.TEST", (), "OUTPUT_DIR", str(tmp_path)]))
     trainer = Trainer(cfg)
     with pytest.raises(ClassListError, match=r"built for 133 classes .* has 5\. "
                        r"Set MODEL\.SEM_SEG_HEAD\.NUM_CLASSES 5") as e:
@@ -669,7 +669,7 @@ def test_instance_wrong_num_classes_names_the_sem_seg_head_key(instance, tmp_pat
     cfg = setup(args_for(instance.config_file, TRAIN_OPTS + [
         "MODEL.WEIGHTS", str(instance.out / "model_final.pth"),
         "MODEL.RECLASS.AUTO_NUM_CLASSES", False, "DATASETS.TRAIN", ("m2f_shapes_train",),
-        "OUTPUT_DIR", str(tmp_path)]))
+        "DATASETS.TEST", (), "OUTPUT_DIR", str(tmp_path)]))
     trainer = Trainer(cfg)
     with pytest.raises(ClassListError, match=r"Set MODEL\.SEM_SEG_HEAD\.NUM_CLASSES 3") as e:
         trainer.resume_or_load(resume=False)
