@@ -37,6 +37,7 @@ from .fast_rcnn import (
     use_reclass_box_predictors,
 )
 from .fresh import InitSpec
+from .keep_old import kept_target_classes
 from .layouts import KEYPOINT, STUFF, THING, ClassLayout, find_layouts, register_layout
 from .live import reclass_model
 from .new_classes import (
@@ -46,7 +47,8 @@ from .new_classes import (
     apply_new_class_entries,
     init_new_classes,
 )
-from .options import ReclassOptions
+from .options import PRESERVE_METHODS, ReclassOptions
+from .preserve import Preservation, Teacher, attach_preservation, preservation_from_config
 from .report import ReclassReport
 from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
 from .trainer import ReclassTrainer, ReclassTrainerMixin, check_num_classes
@@ -71,6 +73,8 @@ __all__ = [
     "NEW_CLASS_INITS",
     "NewClassExamples",
     "NewClassReport",
+    "PRESERVE_METHODS",
+    "Preservation",
     "ReclassCheckpointer",
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
@@ -82,20 +86,24 @@ __all__ = [
     "STUFF",
     "SourceCheckpoint",
     "THING",
+    "Teacher",
     "UnsafeCheckpointError",
     "add_reclass_config",
     "adopt_box_predictors",
     "apply_new_class_entries",
     "apply_num_classes",
+    "attach_preservation",
     "build_class_mapping",
     "check_resume",
     "check_num_classes",
     "combine_state_dicts",
     "find_layouts",
     "init_new_classes",
+    "kept_target_classes",
     "merge_config_file",
     "normalize_class_name",
     "prepare_reclass_config",
+    "preservation_from_config",
     "read_stored_classes",
     "reclass_model",
     "reclass_state_dict",

@@ -30,6 +30,7 @@ from .errors import (
     ConfigError,
     ResumeClassMismatchError,
 )
+from .keep_old import kept_target_classes
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import (
@@ -369,8 +370,14 @@ class ReclassCheckpointer(DetectionCheckpointer):
         r = self.reclass
         thing_source, thing_what = self._source(stored, "thing", r.source_classes)
         stuff_source, stuff_what = self._source(stored, "stuff", r.source_stuff_classes)
+        thing_target = r.target_classes
+        if r.keep_source_classes and thing_target is None and thing_source:
+            # The Python API's form of KEEP_SOURCE_CLASSES: no target resolved from a config.
+            thing_target = kept_target_classes(thing_source, [
+                dataset_classes(name, what="the examples' datasets") or []
+                for name in (self.examples.datasets if self.examples else ())])
         return {
-            THING: ClassSpec(thing_source, r.target_classes, r.class_map, thing_what,
+            THING: ClassSpec(thing_source, thing_target, r.class_map, thing_what,
                              "MODEL.RECLASS.TARGET_CLASSES"),
             STUFF: ClassSpec(stuff_source, r.target_stuff_classes, None, stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
