@@ -2,6 +2,8 @@
 kept through training on a dataset that labels (and lists) only the new class."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,7 +183,8 @@ def test_pseudo_labels_carry_masks_next_to_polygon_labels():
     assert torch.equal(out.gt_masks.tensor[1], masks[0])
     assert int(out.gt_masks.tensor[0].sum()) == int(
         BitMasks.from_polygon_masks(gt.gt_masks, 64, 64).tensor.sum())
-    with pytest.raises(ValueError, match="need masks too"):
+    with pytest.raises(ConfigError, match="pseudo_labels: the training instances have masks, "
+                       "but the source model gives none"):
         add_pseudo_labels(gt, det, list(range(6)))
 
 
@@ -346,9 +349,10 @@ def test_retinanet_distillation_and_pseudo_labels_run(task):
     state = teacher.state_dict()
     # The student's old classes are the teacher's (anchor-major: channel a * K + k).
     own = student.state_dict()
+    anchors = state["head.cls_score.bias"].shape[0] // 6
     for key in ("head.cls_score.weight", "head.cls_score.bias"):
-        own[key].view(9, 7, *own[key].shape[1:])[:, :6] = state[key].view(9, 6, *state[key]
-                                                                           .shape[1:])
+        own[key].view(anchors, 7, *own[key].shape[1:])[:, :6] = state[key].view(
+            anchors, 6, *state[key].shape[1:])
     for key in state:
         if not key.startswith("head.cls_score"):
             own[key].copy_(state[key])
@@ -362,3 +366,167 @@ def test_retinanet_distillation_and_pseudo_labels_run(task):
         with torch.no_grad():
             student.head.cls_score.bias += 1.0
         assert float(student(batch)["loss_distill"]) > 0.01
+
+
+# ----------------------------------------------------------------------------- every entry point
+def _run(cmd, timeout=600):
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def test_two_gloo_ranks_run_the_same_teacher_each_on_its_own_batch(task, tmp_path):
+    worker = os.path.join(REPO, "tests", "keep_old_ddp_worker.py")
+    image = str(task / "train" / "00001.png")
+    _run([worker, str(tmp_path), image, "--num-gpus", "2", "--config-file",
+          "configs/Base-Shapes-RCNN.yaml", "--coco-dataset", "d_new",
+          str(task / "train.json"), str(task / "train"),
+          "MODEL.WEIGHTS", str(task / "biased.pth"), "MODEL.RECLASS.KEEP_SOURCE_CLASSES", "True",
+          "DATASETS.TRAIN", '("d_new",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
+          "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+          "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+          "OUTPUT_DIR", str(tmp_path / "out")])
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Each rank labelled its own batch of 1 image per iteration, with pseudo-labels.
+    assert r0["teacher_images"] == r1["teacher_images"] == 2
+    assert r0["added"] > 0 and r1["added"] > 0
+    # The same teacher on every rank: the same detections of the same image, bit for bit.
+    assert len(r0["boxes"]) > 0
+    for key in ("boxes", "scores", "classes"):
+        assert torch.equal(r0[key], r1[key]), key
+    # And DDP kept the student identical on both ranks.
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+
+
+def test_train_net_takes_the_key_with_a_dataset_listing_only_the_new_class(task, tmp_path):
+    out = tmp_path / "out"
+    log = _run([TRAIN_NET, "--config-file", "configs/Base-Shapes-RCNN.yaml", "--coco-dataset",
+                "n_new", str(task / "train.json"), str(task / "train"),
+                "MODEL.WEIGHTS", str(task / "named.pth"),
+                "MODEL.RECLASS.KEEP_SOURCE_CLASSES", "True", "DATASETS.TRAIN", '("n_new",)',
+                "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+                "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                "INPUT.MAX_SIZE_TRAIN", "64", "OUTPUT_DIR", str(out)])
+    assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 7 (the classes of " \
+        "MODEL.RECLASS.KEEP_SOURCE_CLASSES: the checkpoint's, then the new ones" in log
+    assert "DATALOADER.FILTER_EMPTY_ANNOTATIONS True -> False" in log
+    assert "[Preservation] MODEL.RECLASS.PRESERVE pseudo_labels: keeping 6 source classes " \
+        "while 1 new classes train." in log
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["d2_reclass"] == {"thing_classes": SEVEN}
+    source = torch.load(task / "named.pth", weights_only=True)["model"]
+    assert final["model"][CLS].shape == (8, 256)
+    assert not torch.equal(final["model"][CLS][:6], source[CLS][:6])  # trained, not frozen
+
+
+def test_the_mixin_in_a_user_project_with_stock_registration(task, tmp_path):
+    """A project's own DefaultTrainer subclass (own loader and mapper), stock
+    register_coco_instances, merge_from_file: the model trains over the old classes and star,
+    star's labels reach the loss as star, the source model's as old classes."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetMapper, build_detection_train_loader
+    from detectron2.data import transforms as T
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.engine import DefaultTrainer
+
+    from d2_reclass import ReclassTrainerMixin, add_reclass_config
+
+    class ProjectTrainer(DefaultTrainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            mapper = DatasetMapper(cfg, is_train=True, augmentations=[
+                T.ResizeShortestEdge(64, 64), T.RandomFlip()])
+            return build_detection_train_loader(cfg, mapper=mapper)
+
+    class Trainer(ReclassTrainerMixin, ProjectTrainer):
+        pass
+
+    if "user_new" not in DatasetCatalog.list():
+        register_coco_instances("user_new", {}, str(task / "train.json"), str(task / "train"))
+    cfg = get_cfg()
+    add_reclass_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-Shapes-RCNN.yaml"))
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", str(task / "biased.pth"), "MODEL.RECLASS.KEEP_SOURCE_CLASSES", True,
+        "DATASETS.TRAIN", ("user_new",), "DATASETS.TEST", (), "SOLVER.MAX_ITER", 2,
+        "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(tmp_path)])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    classes = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: classes.extend(int(c) for d in args[0]
+                                       for c in d["instances"].gt_classes))
+    trainer.train()
+    assert trainer.cfg.MODEL.ROI_HEADS.NUM_CLASSES == 7
+    assert trainer.preservation.method == "pseudo_labels"
+    assert STAR in classes and SQUARE in classes and set(classes) <= {SQUARE, STAR}
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert final["d2_reclass"] == {"thing_classes": SEVEN}
+
+
+def test_lazyconfig_takes_the_key(task, tmp_path):
+    out = tmp_path / "out"
+    script = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
+    log = _run([script, "--config-file", "configs/lazy_shapes_target_map.py",
+                "--coco-dataset", "l_new", str(task / "train.json"), str(task / "train"),
+                f"train.init_checkpoint={task / 'named.pth'}", f"train.output_dir={out}",
+                "train.max_iter=2", "reclass.keep_source_classes=True",
+                "reclass.preserve=frozen_rows", "dataloader.train.dataset.names=l_new",
+                "dataloader.test.dataset.names=l_new", "dataloader.train.total_batch_size=2"])
+    assert "num_classes: model.roi_heads.num_classes 80 -> 7" in log
+    assert "[Preservation] MODEL.RECLASS.PRESERVE frozen_rows: keeping 6 source classes" in log
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["d2_reclass"] == {"thing_classes": SEVEN}
+    source = torch.load(task / "named.pth", weights_only=True)["model"]
+    assert torch.equal(final["model"][CLS][:6], source[CLS][:6])
+    assert torch.equal(final["model"][CLS][7], source[CLS][6])
+
+
+def test_frozen_rows_keep_a_sigmoid_heads_old_logits_exactly(task):
+    """RetinaNet: sigmoid classes do not compete, so with only the new class's entries trained
+    the old classes' logits stay the source model's."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from d2_reclass.preserve import FrozenEntries
+
+    opts = ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.BACKBONE.NAME",
+            "build_retinanet_resnet_fpn_backbone", "MODEL.RESNETS.OUT_FEATURES",
+            ["res3", "res4", "res5"], "MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]]
+    torch.manual_seed(0)
+    source = build_model(small_cfg(6, opts=opts)).eval()
+    path = task / "retinanet6.pth"
+    ReclassCheckpointer(source, str(task), reclass=ReclassOptions(target_classes=SIX)).save(
+        "retinanet6")
+    student = build_model(small_cfg(7, opts=opts))
+    ReclassCheckpointer(student, reclass=ReclassOptions(target_classes=SEVEN)).load(str(path))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    frozen = FrozenEntries(student, optimizer, [STAR])
+    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    batch = [{"image": image, "instances": _instances([[10, 10, 30, 30]], [STAR])}]
+    anchors = source.head.cls_score.bias.shape[0] // 6
+    new_bias = student.head.cls_score.bias.detach().view(anchors, 7)[:, STAR].clone()
+    student.train()
+    with EventStorage(0):
+        for _ in range(2):
+            loss = sum(student(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    frozen.remove()
+    assert not torch.equal(student.head.cls_score.bias.detach().view(anchors, 7)[:, STAR],
+                           new_bias)
+    student.eval()
+    with torch.no_grad():
+        features = [student.backbone(student.preprocess_image(batch).tensor)[f]
+                    for f in student.head_in_features]
+        theirs = [source.backbone(source.preprocess_image(batch).tensor)[f]
+                  for f in source.head_in_features]
+        for own, src in zip(student.head(features)[0], source.head(theirs)[0]):
+            n, _, h, w = own.shape
+            old = own.view(n, anchors, 7, h, w)[:, :, :6]
+            assert torch.allclose(old, src.view(n, anchors, 6, h, w), atol=1e-5, rtol=0)

@@ -27,6 +27,7 @@ from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import nn
 
+from ..errors import ConfigError
 from .teacher import Teacher
 
 __all__ = ["OutputDistiller", "softmax_distill_loss", "sigmoid_distill_loss"]
@@ -91,7 +92,7 @@ class OutputDistiller:
         weight: the loss weight.
 
     Raises:
-        ValueError: a model it cannot distill (named).
+        ConfigError: a model it cannot distill (named).
     """
 
     def __init__(self, model: nn.Module, teacher: Teacher,
@@ -116,8 +117,9 @@ class OutputDistiller:
             self._handles = [model.head.register_forward_hook(self._keep_student)]
             self._loss = self._dense_loss
         else:
-            raise ValueError(f"MODEL.RECLASS.PRESERVE distill covers R-CNN box heads and "
-                             f"RetinaNet, not {type(model).__name__}; use pseudo_labels.")
+            raise ConfigError(f"MODEL.RECLASS.PRESERVE distill covers R-CNN box heads and "
+                              f"RetinaNet, not {type(model).__name__}: use PRESERVE "
+                              "pseudo_labels or frozen_rows.")
         self._handles += [model.register_forward_pre_hook(self._start),
                           model.register_forward_hook(self._add_loss)]
 

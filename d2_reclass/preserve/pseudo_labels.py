@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
 
+from ..errors import ConfigError
 from .teacher import Teacher
 
 __all__ = ["PseudoLabeledLoader", "add_pseudo_labels"]
@@ -59,6 +60,10 @@ def add_pseudo_labels(
 
     Returns:
         Instances with G + P entries; P may be 0.
+
+    Raises:
+        ConfigError: the instances carry masks the detections lack, or another per-instance
+            field (keypoints) that pseudo-labels cannot give.
     """
     mapped = torch.tensor([-1 if i is None else i for i in class_index], dtype=torch.long)
     classes = mapped[detections.pred_classes.long()] if len(detections) else \
@@ -75,15 +80,17 @@ def add_pseudo_labels(
                                 classes[idx].to(instances.gt_classes)])
     if instances.has("gt_masks"):
         if masks is None:
-            raise ValueError("add_pseudo_labels: the instances have masks, so the detections "
-                             "need masks too (a mask head's teacher).")
+            raise ConfigError("MODEL.RECLASS.PRESERVE pseudo_labels: the training instances have "
+                          "masks, but the source model gives none (it has no mask head): use "
+                          "PRESERVE distill or frozen_rows.")
         own = _bit_masks(instances.gt_masks, instances.image_size)
         new = BitMasks(masks[idx].to(own.tensor.device))
         out.gt_masks = BitMasks.cat([own, new]) if len(own) or len(new) else own
     for name in instances.get_fields():
         if name not in ("gt_boxes", "gt_classes", "gt_masks"):
             # Other per-instance fields (keypoints, ...) have no pseudo-label counterpart.
-            raise ValueError(f"add_pseudo_labels: instances field {name!r} is not supported.")
+            raise ConfigError(f"MODEL.RECLASS.PRESERVE pseudo_labels cannot label the "
+                              f"instances' {name!r}: use PRESERVE distill or frozen_rows.")
     return out
 
 
