@@ -20,9 +20,9 @@ The task (synthetic shapes, :mod:`d2_reclass.synthetic`, the demo's colours and 
 * Every fine-tune is ``ReclassTrainer`` as tools/train_net.py runs it (the trainer mixin,
   ReclassCheckpointer, the data loader), from the source weights with
   ``MODEL.RECLASS.KEEP_SOURCE_CLASSES True`` (NEW_CLASS_INIT auto: imprint), batch 2,
-  BatchNorm frozen, LR 0.0025 after 20 warmup iterations, constant, so that one 200-iteration run evaluated
-  at 100 and 200 gives both schedules. Wall time excludes the evaluations; peak memory is the
-  process's resident-set high-water mark during training minus its size before.
+  BatchNorm frozen, LR 0.0025 after 20 warmup iterations, constant, so that one 200-iteration
+  run evaluated at 100 and 200 gives both schedules. Wall time excludes the evaluations; peak
+  memory is the process's resident-set high-water mark during training minus its size before.
 * Rows: naive (PRESERVE none, new-only labels), each PRESERVE method, joint training on the
   fully labelled set (the upper bound), the weaker source, and rehearsal (the source's own
   training data, 100 images, beside the new-only set in DATASETS.TRAIN).

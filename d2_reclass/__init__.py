@@ -19,6 +19,7 @@ from .config import (
     merge_config_file,
     prepare_reclass_config,
 )
+from .dataset_classes import map_datasets_to_classes
 from .datasets import register_coco_dataset
 from .errors import (
     CheckpointError,
@@ -48,6 +49,7 @@ from .new_classes import (
     init_new_classes,
 )
 from .options import PRESERVE_METHODS, ReclassOptions
+from .predictor import ReclassPredictor, use_checkpoint_classes
 from .preserve import Preservation, Teacher, attach_preservation, preservation_from_config
 from .report import ReclassReport
 from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
@@ -79,6 +81,7 @@ __all__ = [
     "ReclassError",
     "ReclassFastRCNNOutputLayers",
     "ReclassOptions",
+    "ReclassPredictor",
     "ReclassReport",
     "ReclassTrainer",
     "ReclassTrainerMixin",
@@ -100,6 +103,7 @@ __all__ = [
     "find_layouts",
     "init_new_classes",
     "kept_target_classes",
+    "map_datasets_to_classes",
     "merge_config_file",
     "normalize_class_name",
     "prepare_reclass_config",
@@ -110,5 +114,6 @@ __all__ = [
     "register_coco_dataset",
     "register_layout",
     "stored_classes",
+    "use_checkpoint_classes",
     "use_reclass_box_predictors",
 ]

@@ -20,7 +20,7 @@ from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 from torch.nn.parallel import DistributedDataParallel
 
-from .classes import normalize_class_name, pick_source_classes
+from .classes import normalize_class_name, pick_source_classes, union_classes
 from .combine import combine_state_dicts
 from .config import dataset_classes
 from .errors import (
@@ -373,15 +373,21 @@ class ReclassCheckpointer(DetectionCheckpointer):
         thing_target = r.target_classes
         if r.keep_source_classes and thing_target is None and thing_source:
             # The Python API's form of KEEP_SOURCE_CLASSES: no target resolved from a config.
-            thing_target = kept_target_classes(thing_source, [
-                dataset_classes(name, what="the examples' datasets") or []
-                for name in (self.examples.datasets if self.examples else ())])
+            thing_target = kept_target_classes(thing_source, [self._data_classes()])
         return {
             THING: ClassSpec(thing_source, thing_target, r.class_map, thing_what,
-                             "MODEL.RECLASS.TARGET_CLASSES"),
+                             "MODEL.RECLASS.TARGET_CLASSES", known=self._data_classes()),
             STUFF: ClassSpec(stuff_source, r.target_stuff_classes, None, stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
+
+    def _data_classes(self) -> List[str]:
+        """The thing classes the training data names (each dataset's own, before mapping)."""
+        if self.examples is None:
+            return []
+        if self.examples.class_names is not None:
+            return list(self.examples.class_names)
+        return union_classes([dataset_classes(name) or [] for name in self.examples.datasets])
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
         """(names, what): explicit key > names stored in the checkpoint > SOURCE_DATASET.

@@ -22,14 +22,16 @@ __all__ = [
     "class_list_difference",
     "normalize_class_name",
     "pick_source_classes",
+    "union_classes",
 ]
 
 logger = logging.getLogger(__name__)
 
 # How alike (difflib's ratio, on normalised names) a new target class and a source class that
 # nothing maps from must be for the new class to be taken for a misspelling of it: at
-# _TYPO_RATIO (one typo in most names) mapping refuses; at _CLOSE_RATIO (about two edits) the
-# name may be a real new class, so mapping goes on with a warning and the report flags the pair.
+# _TYPO_RATIO (one typo in most names) mapping refuses; at _CLOSE_RATIO (about two edits) it
+# refuses too unless the data names the class (then it is a real new class: mapping goes on
+# with a warning and the report flags the pair). CLASS_MAP "name=" declares a class new.
 _TYPO_RATIO = 0.85
 _CLOSE_RATIO = 0.75
 
@@ -295,6 +297,7 @@ def build_class_mapping(
     source_what: str = "source classes",
     target_what: str = "target classes",
     more: Sequence[Tuple[Sequence[str], str]] = (),
+    known: Iterable[str] = (),
 ) -> ClassMapping:
     """Match target classes to source classes by name.
 
@@ -310,15 +313,19 @@ def build_class_mapping(
         more: (class names, how errors name them) of further checkpoints, for combining:
             every target class takes its entries from the first checkpoint that knows it (for
             a merge, the first that knows all its parts).
+        known: class names the data has (the training datasets' classes), which are real
+            classes even when close to a source class.
 
     Returns:
-        The mapping. A new target class whose name is close to a source class that nothing
-        maps from (about two edits) is logged as a warning and listed in ``close``.
+        The mapping. A new target class in ``known`` whose name is close to a source class
+        that nothing maps from (about two edits) is logged as a warning and listed in
+        ``close``.
 
     Raises:
         ClassListError: on malformed lists, a class map naming an unknown class (with
-            close-match suggestions), a merge no one checkpoint can make, or a new target class
-            one typo away from a source class that nothing maps from.
+            close-match suggestions), a merge no one checkpoint can make, a new target class
+            one typo away from a source class that nothing maps from, or one about two edits
+            away that ``known`` lacks too (not declared new with CLASS_MAP ``'name='``).
     """
     target = check_class_list(target, target_what)
     if source is not None:
@@ -356,7 +363,7 @@ def build_class_mapping(
         return mapping
     unused = [n for c in range(1 + len(mapping.more)) for n in mapping.unused(c)]
     close = _check_new_classes(target, index, declared_new, unused, lists.described(),
-                               target_what)
+                               target_what, {normalize_class_name(n) for n in known})
     return replace(mapping, close=close)
 
 
@@ -367,17 +374,20 @@ def _check_new_classes(
     unused: Sequence[str],
     source_what: str,
     target_what: str,
+    known: Set[str],
 ) -> Tuple[Tuple[str, str], ...]:
     """Refuse or flag new target classes whose names are close to a source class left unused.
 
-    Mapping would otherwise silently throw away what the checkpoint knew about that class.
-    Classes declared new with ``CLASS_MAP 'name='`` are not checked.
+    Mapping would otherwise silently throw away what the checkpoint knew about that class, and
+    train a misspelt class from scratch. Classes declared new with ``CLASS_MAP 'name='`` are
+    not checked; ``known`` (normalised names the data has) are real classes, only flagged.
 
     Returns:
         The (target, source) pairs close enough to warn about (each logged as a warning).
 
     Raises:
-        ClassListError: a new class is one typo away from an unused source class.
+        ClassListError: a new class is one typo away from an unused source class, or about
+            two edits away and not in ``known``.
     """
     close = []
     for ti, (tname, si) in enumerate(zip(target, index)):
@@ -390,6 +400,13 @@ def _check_new_classes(
                 f"Fix the name, or declare it new on purpose with CLASS_MAP '{tname}='."
             )
         near = _close_names(tname, unused, _CLOSE_RATIO)
+        if near and normalize_class_name(tname) not in known:
+            raise ClassListError(
+                f"{target_what} names {tname!r}, which is in neither {source_what} nor the "
+                f"training data, while the close name {near[0]!r} is in {source_what}. Fix the "
+                f"name (CLASS_MAP '{tname}={near[0]}' maps it), or declare it new on purpose "
+                f"with CLASS_MAP '{tname}='."
+            )
         if near:
             close.append((tname, near[0]))
             logger.warning(
@@ -429,3 +446,14 @@ def pick_source_classes(
             logger.warning(f"Not using {other_what}: {what} comes first and differs from it "
                            f"({difference}).")
     return names, what
+
+
+def union_classes(class_lists: Sequence[Sequence[str]]) -> List[str]:
+    """Every class of ``class_lists``, once (names compared normalised), in order of appearance."""
+    seen, out = set(), []
+    for names in class_lists:
+        for name in names:
+            if normalize_class_name(name) not in seen:
+                seen.add(normalize_class_name(name))
+                out.append(name)
+    return out

@@ -21,7 +21,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .classes import normalize_class_name
+from .classes import union_classes
 from .errors import CombineError
 from .layouts import ClassLayout
 from .report import ReclassReport
@@ -30,17 +30,6 @@ from .surgery import ClassSpec, SourceCheckpoint, reclass_state_dict
 __all__ = ["combine_state_dicts", "union_classes"]
 
 logger = logging.getLogger(__name__)
-
-
-def union_classes(class_lists: Sequence[Sequence[str]]) -> List[str]:
-    """Every class of ``class_lists``, once (names compared normalised), in order of appearance."""
-    seen, out = set(), []
-    for names in class_lists:
-        for name in names:
-            if normalize_class_name(name) not in seen:
-                seen.add(normalize_class_name(name))
-                out.append(name)
-    return out
 
 
 def combine_state_dicts(

@@ -6,12 +6,12 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import HTTPURLHandler
 
-from .classes import did_you_mean
-from .errors import ClassListError, DatasetError
+from .classes import union_classes
+from .dataset_classes import dataset_classes
+from .errors import ConfigError
 from .options import check_option_values, preserve_method
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "log_num_classes_changes",
     "merge_config_file",
     "prepare_reclass_config",
+    "target_classes",
+    "target_classes_what",
     "train_classes",
 ]
 
@@ -106,77 +108,13 @@ def add_reclass_config(cfg: CN) -> None:
     _C.TEACHER_CACHE = True
 
 
-def _thing_or_stuff(kind: str) -> str:
-    return "thing_classes" if kind == "thing" else "stuff_classes"
-
-
-#: Datasets loaded once to read their classes, whose loader set none: never loaded again.
-_LOADED_WITHOUT_CLASSES = set()
-
-
-def _load_for_classes(name: str) -> None:
-    """Load dataset ``name`` as detectron2's data loader would, for the metadata it sets.
-
-    Stock ``register_coco_instances`` fills ``thing_classes`` only when the dataset is first
-    loaded; the model must be built with the right class count before that.
-    """
-    meta = MetadataCatalog.get(name)
-    if name in _LOADED_WITHOUT_CLASSES or name not in DatasetCatalog.list() \
-            or meta.get("thing_classes", None) or meta.get("stuff_classes", None):
-        return
-    logger.info(f"Loading dataset {name!r} to read its class names (its metadata has none yet).")
-    try:
-        DatasetCatalog.get(name)
-    except Exception as e:  # a registered loader may raise anything; name the dataset
-        raise DatasetError(
-            f"Dataset {name!r} could not be loaded to read its class names: "
-            f"{type(e).__name__}: {e}. Check the files it was registered with, or set "
-            "MODEL.RECLASS.TARGET_CLASSES."
-        ) from e
-    if not (meta.get("thing_classes", None) or meta.get("stuff_classes", None)):
-        _LOADED_WITHOUT_CLASSES.add(name)
-
-
-def dataset_classes(name: str, kind: str = "thing", *, what: str = "") -> Optional[List[str]]:
-    """The ``thing_classes`` / ``stuff_classes`` of a registered dataset, or None if unset.
-
-    A dataset whose metadata has no classes yet is loaded once, as detectron2's data loader
-    would load it, since loading is what sets them for stock ``register_coco_instances``.
-
-    Raises:
-        ClassListError: ``name`` is not a registered dataset (with close-match suggestions).
-        DatasetError: the dataset had to be loaded and its loader failed.
-    """
-    if name not in DatasetCatalog.list() and name not in MetadataCatalog.list():
-        raise ClassListError(
-            f"{what or 'Dataset'} {name!r} is not a registered dataset."
-            + did_you_mean(name, DatasetCatalog.list())
-            + " Register it first (e.g. tools/train_net.py --coco-dataset NAME JSON IMAGES)."
-        )
-    _load_for_classes(name)
-    classes = MetadataCatalog.get(name).get(_thing_or_stuff(kind), None)
-    return list(classes) if classes else None
-
-
 def train_classes(datasets: Sequence[str], kind: str = "thing") -> Optional[List[str]]:
-    """The classes shared by every dataset in ``datasets`` (DATASETS.TRAIN), None if unknown.
-
-    Raises:
-        ClassListError: the datasets disagree.
-    """
-    found: List[Tuple[str, List[str]]] = []
-    for name in datasets:
-        classes = dataset_classes(name, kind, what="DATASETS.TRAIN")
-        if classes is not None:
-            found.append((name, classes))
-    for name, classes in found[1:]:
-        if classes != found[0][1]:
-            raise ClassListError(
-                f"DATASETS.TRAIN mixes class lists: {found[0][0]!r} has {len(found[0][1])} "
-                f"{kind} classes and {name!r} has {len(classes)} (or another order). Train on "
-                "datasets with one class list, or set MODEL.RECLASS.TARGET_CLASSES."
-            )
-    return found[0][1] if found else None
+    """The classes of the datasets ``datasets`` (DATASETS.TRAIN) together, None if unknown:
+    the first dataset's classes, then each later dataset's classes not named before (old data
+    and new data train one model over all their classes, each mapped by name; see
+    :func:`~d2_reclass.dataset_classes.map_datasets_to_classes`)."""
+    return union_classes([dataset_classes(name, kind, what="DATASETS.TRAIN") or []
+                          for name in datasets]) or None
 
 
 def _explicit_target(cfg: CN, kind: str) -> List[str]:
@@ -185,8 +123,11 @@ def _explicit_target(cfg: CN, kind: str) -> List[str]:
 
 
 def target_classes(cfg: CN, kind: str = "thing") -> Optional[List[str]]:
-    """TARGET_(STUFF_)CLASSES, else (thing classes with KEEP_SOURCE_CLASSES) the checkpoint's
-    classes then the new ones of DATASETS.TRAIN, else the classes of DATASETS.TRAIN, else None.
+    """The model's classes: TARGET_(STUFF_)CLASSES, else (thing classes with
+    KEEP_SOURCE_CLASSES) the checkpoint's classes then the new ones of DATASETS.TRAIN, else the
+    classes of DATASETS.TRAIN (all its datasets' classes, see :func:`train_classes`), else None.
+
+    The one place the model's class list is decided; :func:`target_classes_what` names it.
     """
     if kind == "thing":
         from .keep_old import keep_source_target
@@ -196,6 +137,16 @@ def target_classes(cfg: CN, kind: str = "thing") -> Optional[List[str]]:
         if kept is not None:
             return kept
     return _explicit_target(cfg, kind) or train_classes(cfg.DATASETS.TRAIN, kind)
+
+
+def target_classes_what(cfg: CN, kind: str = "thing") -> str:
+    """How messages name where :func:`target_classes` took the model's classes from."""
+    if kind == "thing" and cfg.MODEL.get("RECLASS", {}).get("KEEP_SOURCE_CLASSES", False):
+        return ("MODEL.RECLASS.KEEP_SOURCE_CLASSES: the checkpoint's classes, then the new ones "
+                f"of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
+    if _explicit_target(cfg, kind):
+        return f"MODEL.RECLASS.TARGET_{'' if kind == 'thing' else 'STUFF_'}CLASSES"
+    return f"the classes of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}"
 
 
 class NumClassesChange(NamedTuple):
@@ -374,6 +325,10 @@ def merge_config_file(cfg: CN, path: str) -> None:
     """
     with PathManager.open(path) as f:
         data = yaml.safe_load(f) or {}
+    if "RECLASS" in (data.get("MODEL") or {}) and "RECLASS" not in cfg.MODEL:
+        raise ConfigError(
+            f"{path} sets MODEL.RECLASS keys, but the config has no MODEL.RECLASS: call "
+            "d2_reclass.add_reclass_config(cfg) before merging config files or opts into it.")
     base = data.pop("_BASE_", None)
     if base:
         if base.startswith(MODEL_ZOO_PREFIX):

@@ -1,8 +1,13 @@
 """ReclassFastRCNNOutputLayers: a box predictor that knows its class names.
 
-It adapts incoming ``cls_score`` / ``bbox_pred`` tensors in ``_load_from_state_dict``, so
-``model.load_state_dict(...)`` from any loader maps classes the same way ReclassCheckpointer
-does (same keys, same seed, same fresh values), and offers :meth:`reclass` on a live model.
+It adapts incoming ``cls_score`` / ``bbox_pred`` tensors in ``_load_from_state_dict``, so a
+direct ``model.load_state_dict(state_dict)`` of rows for other classes maps them the same way
+ReclassCheckpointer does (same keys, same seed, same fresh values), and it offers
+:meth:`reclass` on a live model. Loaders built on fvcore's ``Checkpointer`` (a stock
+``DetectionCheckpointer``, ``DefaultPredictor``) drop every tensor whose shape differs from the
+model's before ``load_state_dict`` runs, so these rows never reach it: load through
+:class:`~d2_reclass.ReclassCheckpointer` or :class:`~d2_reclass.ReclassPredictor` (models built
+by the trainer mixin say so in the log, see :mod:`d2_reclass.stock_loads`).
 """
 import logging
 from typing import Dict, Optional, Sequence, Type

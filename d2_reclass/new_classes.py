@@ -64,7 +64,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import numpy as np
 import torch
 import torch.nn.functional as F
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation, read_image
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
@@ -77,7 +77,8 @@ from tabulate import tabulate
 from torch import distributed as dist
 from torch import nn
 
-from .classes import ClassMapping, normalize_class_name
+from .classes import ClassMapping, normalize_class_name, union_classes
+from .dataset_classes import remap_category_ids
 from .entries import CLASS
 from .errors import ConfigError, DatasetError
 from .layouts import THING, ClassLayout, SourceAxis, find_layouts
@@ -147,19 +148,34 @@ class NewClassExamples:
         """
         if self.dataset_dicts is not None:
             return list(self.dataset_dicts), _optional_list(self.class_names)
-        from .config import train_classes
-
-        dicts: List[dict] = []
+        loaded: List[Tuple[List[dict], Optional[List[str]]]] = []
         for name in self.datasets:
             try:
-                dicts.extend(DatasetCatalog.get(name))
+                dicts = DatasetCatalog.get(name)
             except Exception as e:  # a registered loader may raise anything; name the dataset
                 raise DatasetError(
                     f"Dataset {name!r} (DATASETS.TRAIN) could not be loaded for the examples of "
                     f"MODEL.RECLASS.NEW_CLASS_INIT: {type(e).__name__}: {e}. Fix its files, or "
                     "set MODEL.RECLASS.NEW_CLASS_INIT head.") from e
-        names = self.class_names or train_classes(self.datasets)
-        return dicts, _optional_list(names)
+            # Named by the classes it loads with: its own, or the model's once mapped to them.
+            loaded.append((dicts, _optional_list(MetadataCatalog.get(name).get("thing_classes"))))
+        if self.class_names is not None:
+            return [d for dicts, _ in loaded for d in dicts], list(self.class_names)
+        return _on_one_class_list(loaded)
+
+
+def _on_one_class_list(loaded: Sequence[Tuple[List[dict], Optional[List[str]]]]
+                       ) -> Tuple[List[dict], Optional[List[str]]]:
+    """The dicts of several datasets with their category ids on one class list (their union,
+    by name), and that list; None when a dataset names no classes (ids are the model's)."""
+    if any(names is None for _, names in loaded):
+        return [d for dicts, _ in loaded for d in dicts], None
+    union = union_classes([names for _, names in loaded])
+    by_name = {normalize_class_name(c): j for j, c in enumerate(union)}
+    out: List[dict] = []
+    for dicts, names in loaded:
+        out += remap_category_ids(dicts, [by_name[normalize_class_name(c)] for c in names])
+    return out, union
 
 
 def _optional_list(names: Optional[Sequence[str]]) -> Optional[List[str]]:

@@ -75,6 +75,9 @@ class ClassSpec:
         source_what, target_what: how messages name these lists (config key, file, option);
             empty: the space's own ``MODEL.RECLASS`` key (``SOURCE_CLASSES`` /
             ``TARGET_CLASSES``, ``SOURCE_STUFF_CLASSES`` / ``TARGET_STUFF_CLASSES``).
+        known: class names the training data has: a new target class among them is a real
+            class even when its name is close to a source class (see
+            :func:`~d2_reclass.classes.build_class_mapping`).
     """
 
     source: Optional[Sequence[str]] = None
@@ -82,6 +85,7 @@ class ClassSpec:
     class_map: Union[None, Sequence[str], Dict[str, str]] = None
     source_what: str = ""
     target_what: str = ""
+    known: Sequence[str] = ()
 
 
 def _named(space: str, spec: ClassSpec) -> ClassSpec:
@@ -439,7 +443,7 @@ def _name_mapping(space: str, spec: ClassSpec, k_src: int, source: str,
     mapping = build_class_mapping(
         spec.source, spec.target, spec.class_map, num_source=k_src,
         source_what=spec.source_what, target_what=spec.target_what,
-        more=[(f.names, f.what) for f in further])
+        more=[(f.names, f.what) for f in further], known=spec.known)
     if not num_further:
         return mapping
     # build_class_mapping numbers only the checkpoints it was given.

@@ -15,18 +15,26 @@ from torch import nn
 
 from .checkpoint import ReclassCheckpointer
 from .config import (
-    dataset_classes,
     log_num_classes_changes,
     prepare_reclass_config,
     target_classes,
+    target_classes_what,
 )
+from .dataset_classes import dataset_classes, map_datasets_to_classes
 from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import broadcast_thing_heads
 from .preserve import attach_preservation, preservation_from_config
+from .stock_loads import warn_on_skipped_class_heads
 
-__all__ = ["ReclassTrainer", "ReclassTrainerMixin", "check_num_classes", "REPORT_FILE"]
+__all__ = [
+    "REPORT_FILE",
+    "ReclassTrainer",
+    "ReclassTrainerMixin",
+    "check_num_classes",
+    "map_config_datasets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +115,7 @@ class ReclassTrainerMixin:
     def __init__(self, cfg, *args, **kwargs):
         cfg, changes = prepare_reclass_config(cfg)
         log_num_classes_changes(changes)
+        map_config_datasets(cfg)
         with _ddp_on_cpu(cfg):
             super().__init__(cfg, *args, **kwargs)
 
@@ -118,7 +127,9 @@ class ReclassTrainerMixin:
         log_num_classes_changes(changes)
         model = super().build_model(cfg)
         use_reclass_box_predictors(model, cfg)
-        return model
+        # A stock DetectionCheckpointer loading into this model (a project's eval-only path)
+        # skips class rows of another length: say so, naming the line to change.
+        return warn_on_skipped_class_heads(model)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ creates a DetectionCheckpointer, then calls build_hooks,
@@ -148,15 +159,49 @@ class ReclassTrainerMixin:
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        # Also reached without __init__ (evaluation: Trainer.test(cfg, model)).
+        map_config_datasets(cfg, train=False)
         for name in cfg.DATASETS.TEST:
             check_num_classes(
-                model, dataset_classes(name, "thing", what="DATASETS.TEST"),
-                dataset_classes(name, "stuff", what="DATASETS.TEST"),
+                model, _classes_loaded_as(name, "thing"), _classes_loaded_as(name, "stuff"),
                 what=f"DATASETS.TEST {name!r}",
                 fix="Evaluate on a dataset with the model's classes, or set "
                 "MODEL.RECLASS.TARGET_CLASSES to the dataset's classes to map the model's heads "
                 "to them.")
         return super().test(cfg, model, evaluators)
+
+
+def map_config_datasets(cfg, *, train: bool = True) -> None:
+    """Map DATASETS.TEST (and DATASETS.TRAIN when ``train``) to the model's classes
+    (:func:`~d2_reclass.config.target_classes`) by name, before any data loader is built.
+
+    Raises:
+        ClassListError: a dataset names a class the model lacks (naming both lists).
+    """
+    thing, stuff = target_classes(cfg, "thing"), target_classes(cfg, "stuff")
+    explicit = bool(cfg.MODEL.get("RECLASS", {}).get("TARGET_CLASSES", None))
+    key = "MODEL.RECLASS.TARGET_CLASSES"
+    for what, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN if train else ()),
+                        ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        if what == "DATASETS.TRAIN":
+            # Only an explicit list can lack a training class (else it is their union).
+            fix = f"Add the missing classes to {key}, or leave {key} empty: the model then " \
+                "has the classes of every DATASETS.TRAIN dataset, each one's labels mapped by name."
+        elif explicit:
+            fix = "Evaluate on datasets whose classes the model has, or add the missing " \
+                f"classes to {key}."
+        else:
+            fix = "Evaluate on datasets whose classes the model has, or add a dataset with the " \
+                f"missing classes to DATASETS.TRAIN (or set {key})."
+        map_datasets_to_classes(names, thing, stuff, what=what,
+                                target_what=target_classes_what(cfg, "thing"), fix=fix)
+
+
+def _classes_loaded_as(name: str, kind: str):
+    """The classes whose indices dataset ``name`` loads with (the model's, once mapped)."""
+    dataset_classes(name, kind)  # loads it for its metadata if needed
+    classes = MetadataCatalog.get(name).get(f"{kind}_classes", None)
+    return list(classes) if classes else None
 
 
 @contextlib.contextmanager

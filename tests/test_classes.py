@@ -1,5 +1,6 @@
 """Class lists and name-based class mapping."""
 import logging
+import re
 
 import pytest
 from conftest import COCO_CLASSES, TARGET, TARGET_SOURCE
@@ -122,10 +123,10 @@ def warnings_of(caplog):
     return [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
 
 
-def test_new_class_two_edits_from_an_unused_source_class_warns(caplog):
+def test_new_class_of_the_data_two_edits_from_an_unused_source_class_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="d2_reclass.classes"):
         m = mapping(["triangle", "square", "xagon"], source=SIX, source_what="--source-classes",
-                    target_what="--classes")
+                    target_what="--classes", known=["xagon", "square"])
     assert m.source_index == (2, 0, None) and m.new == ["xagon"]
     assert m.dropped == ["circle", "diamond", "hexagon", "cross"]
     assert m.close == (("xagon", "hexagon"),)
@@ -141,13 +142,29 @@ def test_new_class_two_edits_from_an_unused_source_class_warns(caplog):
 @pytest.mark.parametrize("new, source", [("circel", "circle"), ("Triangular", "triangle"),
                                          ("dimand", "diamond"), ("crs", "cross")])
 def test_close_pairs_down_to_the_warning_cutoff(caplog, new, source):
-    # Ratios 0.83, 0.78, 0.77 and exactly the cutoff, 0.75.
+    # Ratios 0.83, 0.78, 0.77 and exactly the cutoff, 0.75: a class the data names is real.
     with caplog.at_level(logging.WARNING, logger="d2_reclass.classes"):
-        m = mapping(["square", new], source=SIX)
+        m = mapping(["square", new], source=SIX, known=[new.upper()])
     assert m.close == ((new, source),)
     assert len(caplog.records) == 1
     assert f"names {new!r}, which is not in source classes" in caplog.text
     assert f"close source class {source!r}" in caplog.text
+    # Named by no data and no checkpoint: a misspelling until declared new.
+    with pytest.raises(ClassListError, match=re.escape(
+            f"target classes names {new!r}, which is in neither source classes nor the training "
+            f"data, while the close name {source!r} is in source classes. Fix the name "
+            f"(CLASS_MAP '{new}={source}' maps it), or declare it new on purpose with CLASS_MAP "
+            f"'{new}='.")):
+        mapping(["square", new], source=SIX)
+    assert mapping(["square", new], [f"{new}="], source=SIX).new == [new]
+
+
+def test_two_edit_typo_is_an_error_unless_declared_new():
+    # The issue's row: "sqaure" (two edits from "square", ratio 0.83), named by no dataset.
+    with pytest.raises(ClassListError, match="names 'sqaure', which is in neither"):
+        mapping(["triangle", "sqaure", "star"], source=SIX, known=["star"])
+    m = mapping(["triangle", "sqaure", "star"], ["sqaure="], source=SIX, known=["star"])
+    assert m.new == ["sqaure", "star"] and m.close == ()
 
 
 @pytest.mark.parametrize("target, class_map", [

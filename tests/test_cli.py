@@ -264,17 +264,22 @@ def test_source_classes_override_different_stored_names_with_a_warning(six_ckpt,
     assert "| thing   | square         | square [1]" in captured.out
 
 
-def test_close_name_warning_reaches_the_command_line(six_ckpt, tmp_path, capsys):
-    out = str(tmp_path / "three.pth")
-    assert main(["convert", six_ckpt, "--out", out, "--classes", "triangle,square,xagon"]) == 0
-    captured = capsys.readouterr()
-    assert captured.err.strip().splitlines() == [
-        f"d2-reclass: warning: --classes names 'xagon', which is not in the class list stored in "
-        f"{six_ckpt}, so it gets fresh rows; the close source class 'hexagon' maps to nothing "
-        "and what the checkpoint knew about it is dropped. If they are one class, map it with "
-        "CLASS_MAP 'xagon=hexagon'; if 'xagon' is new on purpose, declare it with CLASS_MAP "
-        "'xagon='."]
-    assert "| thing   | xagon          | fresh (close to dropped 'hexagon')" in captured.out
+def test_close_name_is_an_error_on_the_command_line_until_declared_new(six_ckpt, tmp_path,
+                                                                       capsys):
+    # No data names 'xagon' here: two edits from the checkpoint's 'hexagon', it is a typo
+    # until --class-map declares it new.
+    out = tmp_path / "three.pth"
+    assert main(["convert", six_ckpt, "--out", str(out), "--classes",
+                 "triangle,square,xagon"]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"d2-reclass: error: --classes names 'xagon', which is in neither the class list stored "
+        f"in {six_ckpt} nor the training data, while the close name 'hexagon' is in the class "
+        f"list stored in {six_ckpt}. Fix the name (CLASS_MAP 'xagon=hexagon' maps it), or "
+        "declare it new on purpose with CLASS_MAP 'xagon='.")
+    assert not out.exists()
+    assert main(["convert", six_ckpt, "--out", str(out), "--classes", "triangle,square,xagon",
+                 "--class-map", "xagon="]) == 0
+    assert "| thing   | xagon          | fresh" in capsys.readouterr().out
 
 
 def test_map_mode_without_source_names_names_the_options(tmp_path, capsys):

@@ -1,14 +1,21 @@
 """MODEL.RECLASS keys, class-list resolution, NUM_CLASSES, and every shipped YAML config."""
 import glob
 import os
+import re
 
 import pytest
-from d2_fixtures import REPO
+from d2_fixtures import BASE_CONFIG, REPO
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.projects.point_rend import add_pointrend_config
 
-from d2_reclass import ClassListError, add_reclass_config, apply_num_classes, merge_config_file
+from d2_reclass import (
+    ClassListError,
+    ConfigError,
+    add_reclass_config,
+    apply_num_classes,
+    merge_config_file,
+)
 from d2_reclass.config import dataset_classes, target_classes, train_classes
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -63,7 +70,7 @@ def test_point_rend_semantic_counts_stuff_classes():
     assert cfg.MODEL.POINT_HEAD.NUM_CLASSES == 2
 
 
-def test_target_classes_precedence_and_mixed_train_sets():
+def test_target_classes_precedence_and_the_union_of_train_sets():
     for name, classes in (("cfgtest_a", ["x", "y"]), ("cfgtest_b", ["y", "x"])):
         if name not in DatasetCatalog.list():
             DatasetCatalog.register(name, lambda: [])
@@ -73,8 +80,9 @@ def test_target_classes_precedence_and_mixed_train_sets():
     assert target_classes(cfg) == ["x", "y"]
     cfg.MODEL.RECLASS.TARGET_CLASSES = ["z"]
     assert target_classes(cfg) == ["z"]
-    with pytest.raises(ClassListError, match="DATASETS.TRAIN mixes class lists"):
-        train_classes(["cfgtest_a", "cfgtest_b"])
+    # Several training datasets: the first's classes, then each later one's new classes.
+    assert train_classes(["cfgtest_a", "cfgtest_b"]) == ["x", "y"]
+    assert train_classes(["cfgtest_b", "cfgtest_a"]) == ["y", "x"]
 
 
 def test_unknown_dataset_suggests_a_registered_one():
@@ -82,3 +90,16 @@ def test_unknown_dataset_suggests_a_registered_one():
                        "Did you mean 'coco_2017_train'"):
         dataset_classes("coco_2017_trian", what="MODEL.RECLASS.SOURCE_DATASET")
     assert len(dataset_classes("lvis_v1_train")) == 1203
+
+
+def test_a_yaml_setting_reclass_keys_without_add_reclass_config_names_the_call(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f'_BASE_: "{BASE_CONFIG}"\nMODEL:\n  RECLASS:\n    MODE: "map"\n')
+    cfg = get_cfg()
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{config} sets MODEL.RECLASS keys, but the config has no MODEL.RECLASS: call "
+            "d2_reclass.add_reclass_config(cfg) before merging config files or opts into it.")):
+        merge_config_file(cfg, str(config))
+    add_reclass_config(cfg)
+    merge_config_file(cfg, str(config))
+    assert cfg.MODEL.RECLASS.MODE == "map"

@@ -149,7 +149,7 @@ def test_close_names_and_dropped_classes_are_reported():
     """A new class close to a dropped one is flagged in the JSON and the table, and warned."""
     model = TwoHeads(3)
     spec = ClassSpec(SIX, ["triangle", "square", "xagon"], source_what="--source-classes",
-                     target_what="--classes")
+                     target_what="--classes", known=["xagon"])
     # Captured at the package's logger: once an earlier test has set up detectron2's logging
     # (default_setup), d2_reclass's lines go to detectron2's handlers, not to pytest's caplog.
     with captured_logs("d2_reclass") as logs:

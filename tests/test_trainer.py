@@ -1,6 +1,7 @@
 """ReclassTrainer and tools/train_net.py end to end on the CPU, on real files."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -195,7 +196,20 @@ def test_evaluating_on_a_dataset_with_other_classes_says_how_to_map():
     if "t_other_val" not in DatasetCatalog.list():
         DatasetCatalog.register("t_other_val", lambda: [])
         MetadataCatalog.get("t_other_val").set(thing_classes=["a", "b"])
-    cfg = small_cfg(3, opts=["DATASETS.TEST", ("t_other_val",)])
+    # Without class names for the model, only the count can be checked.
+    cfg = small_cfg(3, opts=["DATASETS.TEST", ("t_other_val",), "DATASETS.TRAIN", ()])
     with pytest.raises(ClassListError, match="DATASETS.TEST 't_other_val' has 2 .* set "
                        "MODEL.RECLASS.TARGET_CLASSES to the dataset's classes"):
         ReclassTrainer.test(cfg, small_model(3))
+    # With them (here the 80 of DATASETS.TRAIN, coco_2017_train), the names are.
+    cfg = small_cfg(80, opts=["DATASETS.TEST", ("t_other_val",)])
+    with pytest.raises(ClassListError, match=re.escape(
+            "DATASETS.TEST 't_other_val' has the thing classes 'a', 'b', not among the classes "
+            "of DATASETS.TRAIN ('coco_2017_train',): its labels cannot be mapped to the model's "
+            "classes by name. DATASETS.TEST 't_other_val': ['a', 'b']; the classes of "
+            "DATASETS.TRAIN ('coco_2017_train',): ['person', 'bicycle', 'car', 'motorcycle', "
+            "'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light', 'fire hydrant', "
+            "'stop sign', ... (80 classes)]. Evaluate on datasets whose classes the model has, "
+            "or add a dataset with the missing classes to DATASETS.TRAIN (or set "
+            "MODEL.RECLASS.TARGET_CLASSES).")):
+        ReclassTrainer.test(cfg, small_model(80))

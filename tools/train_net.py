@@ -23,10 +23,9 @@ from d2_reclass import (
     check_resume,
     merge_config_file,
     prepare_reclass_config,
-    read_stored_classes,
     register_coco_dataset,
+    use_checkpoint_classes,
 )
-from d2_reclass.combine import union_classes
 from d2_reclass.config import log_num_classes_changes, target_classes
 from d2_reclass.threads import configure_torch_threads
 
@@ -45,16 +44,11 @@ def setup(args):
     if args.config_file:
         merge_config_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
-    if args.eval_only and not cfg.MODEL.RECLASS.TARGET_CLASSES and cfg.MODEL.WEIGHTS:
+    if args.eval_only:
         # A checkpoint that stores its classes is evaluated with them, whatever the base
         # config's NUM_CLASSES says: stock detectron2 would skip its heads and predict garbage.
         # Combined with further checkpoints, with every class of them all.
-        stored = [read_stored_classes(path, trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
-                  for path in [cfg.MODEL.WEIGHTS, *cfg.MODEL.RECLASS.COMBINE]]
-        cfg.MODEL.RECLASS.TARGET_CLASSES = union_classes([s.get("thing_classes", [])
-                                                          for s in stored])
-        cfg.MODEL.RECLASS.TARGET_STUFF_CLASSES = union_classes([s.get("stuff_classes", [])
-                                                                for s in stored])
+        use_checkpoint_classes(cfg)
     cfg, changes = prepare_reclass_config(cfg)
     if args.resume:
         check_resume(cfg.OUTPUT_DIR, target_classes(cfg, "thing"), target_classes(cfg, "stuff"),
