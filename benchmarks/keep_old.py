@@ -45,7 +45,7 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional, Sequence  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -170,15 +170,24 @@ def _derive(data_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- sources
+def _source_dir(arch: str, iterations: int) -> Tuple[str, list]:
+    opts = [*SIZE_OPTS, *ARCHS[arch], *SOURCE_SOLVER, "SOLVER.MAX_ITER", iterations,
+            "SOLVER.STEPS", (round(iterations * 0.8),), "DATASETS.TRAIN", ("ko_source_train",)]
+    return os.path.join(CACHE, f"source-{arch}-{iterations}-" + digest(
+        SPLITS, SCENE, opts, "configs/Base-Shapes-RCNN.yaml")), opts
+
+
+def source_cached(arch: str, kind: str) -> bool:
+    iterations = SOURCE_ITERS if kind == "full" else SOURCE_ITERS // 4
+    return os.path.exists(os.path.join(_source_dir(arch, iterations)[0], "record.json"))
+
+
 def source_model(arch: str, iterations: int, force: bool) -> dict:
     """Train (once) a 6-class source model; its weights path (storing the class names),
     seconds and metrics on the target val set (old classes only)."""
     from d2_reclass import ReclassCheckpointer, ReclassTrainer
 
-    opts = [*SIZE_OPTS, *ARCHS[arch], *SOURCE_SOLVER, "SOLVER.MAX_ITER", iterations,
-            "SOLVER.STEPS", (round(iterations * 0.8),), "DATASETS.TRAIN", ("ko_source_train",)]
-    run_dir = os.path.join(CACHE, f"source-{arch}-{iterations}-" + digest(
-        SPLITS, SCENE, opts, "configs/Base-Shapes-RCNN.yaml"))
+    run_dir, opts = _source_dir(arch, iterations)
     record_path = os.path.join(run_dir, "record.json")
     if not force and os.path.exists(record_path):
         with open(record_path) as f:
@@ -313,6 +322,12 @@ def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
         label = "weaker source" if src == "weak" else "source"
         rows.append([f"{arch}: {label} model ({sources[f'{arch}/{src}']['iterations']} its)",
                      "—", f"{s['old']:.1f}", "—", "—", "—", "—"])
+        start = [old_new(r["curve"]["0"]) for r in runs.get(f"{arch}/{src}/naive", [])
+                 if "0" in r["curve"]]
+        if start:
+            rows.append([f"{arch}: mapped + imprinted (new-only data), iteration 0", 0,
+                         spread([x["old"] for x in start]), spread([x["new"] for x in start]),
+                         spread([x["all"] for x in start]), "—", "—"])
         for it in (SHORT, LONG):
             for method in METHODS:
                 key = f"{arch}/{src}/{method}"
@@ -331,7 +346,7 @@ def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
                 rows.append([f"{arch}: {method}" + (", weaker source" if src == "weak" else ""),
                              it, spread([x["old"] for x in m]), spread([x["new"] for x in m]),
                              spread([x["all"] for x in m]),
-                             spread(time_ratio).replace("(", "(") if time_ratio else "—",
+                             spread(time_ratio) if time_ratio else "—",
                              spread(mem_ratio) if mem_ratio else "—"])
     return tabulate(rows, headers=["run", "its", "old-class AP", "new-class AP", "AP (all 8)",
                                    "wall time / naive", "peak memory / naive"],
@@ -370,7 +385,9 @@ def plot(runs: Dict[str, List[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs = [a for a in ARCHS if runs.get(f"{a}/full/naive")]
+    archs = [a for a in ARCHS if any(runs.get(f"{a}/full/{m}") for m in METHODS)]
+    if not archs:
+        return
     fig, axes = plt.subplots(len(archs), 2, figsize=(10, 3.6 * len(archs)), squeeze=False)
     for row, arch in enumerate(archs):
         for col, part in enumerate(("old", "new")):
@@ -404,6 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--force", action="store_true", help="ignore the cache")
     parser.add_argument("--sources-only", action="store_true",
                         help="only make the data and train the source models")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tables and plot from the cached runs; run nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.time()
@@ -417,8 +436,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     sources: Dict[str, dict] = {}
 
-    def get_source(arch: str, kind: str) -> dict:
+    def get_source(arch: str, kind: str) -> Optional[dict]:
         key = f"{arch}/{kind}"
+        if key not in sources and args.report_only and not source_cached(arch, kind):
+            return None
         if key not in sources:
             iters = SOURCE_ITERS if kind == "full" else SOURCE_ITERS // 4
             sources[key] = source_model(arch, iters, args.force)
@@ -437,6 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for seed in seeds:
             for arch, kind, method, iterations, cache in GROUPS[group]:
                 source = get_source(arch, kind)
+                if source is None:
+                    continue
                 if METHODS[method][0] != ("ko_target_full",) and not BY_NAME:
                     print(f"skipped {arch} {kind} {method}: its new-only dataset needs the "
                           "by-name mapping of dataset ids (d2_reclass.dataset_classes)")
@@ -449,6 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 if os.path.exists(path) and not args.force:
                     with open(path) as f:
                         run = json.load(f)
+                elif args.report_only:
+                    continue
                 else:
                     t0 = time.time()
                     run = fine_tune(arch, source, method, iterations, cache, seed, eval_at)

@@ -32,8 +32,9 @@ SQUARE, STAR, BACKGROUND = 0, 6, 7
 
 
 def _new_only(root, split: str, n: int, seed: int) -> str:
-    """Images holding the six old shapes and stars; the json labels and lists only star."""
-    path = make_shapes_dataset(str(root), split, SEVEN, n, seed=seed, image_size=64)
+    """Images holding a star (first) and old shapes; the json labels and lists only star."""
+    path = make_shapes_dataset(str(root), split, SEVEN, n, seed=seed, image_size=64,
+                               first_class="star")
     with open(path) as f:
         data = json.load(f)
     data["annotations"] = [dict(a, category_id=1) for a in data["annotations"]
@@ -377,6 +378,7 @@ def _run(cmd, timeout=600):
     return log
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_run_the_same_teacher_each_on_its_own_batch(task, tmp_path):
     worker = os.path.join(REPO, "tests", "keep_old_ddp_worker.py")
     image = str(task / "train" / "00001.png")
