@@ -36,6 +36,10 @@ def use_checkpoint_classes(cfg) -> None:
               for path in [cfg.MODEL.WEIGHTS, *r.COMBINE]]
     r.TARGET_CLASSES = union_classes([s.get("thing_classes", []) for s in stored])
     r.TARGET_STUFF_CLASSES = union_classes([s.get("stuff_classes", []) for s in stored])
+    if r.TARGET_CLASSES:
+        # The checkpoint's own classes are the model's: KEEP_SOURCE_CLASSES (which adds a
+        # training run's new classes to its source's) has nothing left to decide.
+        r.KEEP_SOURCE_CLASSES = False
 
 
 class ReclassPredictor(DefaultPredictor):

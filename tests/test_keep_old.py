@@ -422,6 +422,15 @@ def test_train_net_takes_the_key_with_a_dataset_listing_only_the_new_class(task,
     source = torch.load(task / "named.pth", weights_only=True)["model"]
     assert final["model"][CLS].shape == (8, 256)
     assert not torch.equal(final["model"][CLS][:6], source[CLS][:6])  # trained, not frozen
+    # Evaluating it with the same config: the classes it stores, the key left aside.
+    log = _run([TRAIN_NET, "--eval-only", "--config-file", "configs/Base-Shapes-RCNN.yaml",
+                "--coco-dataset", "n_new", str(task / "train.json"), str(task / "train"),
+                "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                "MODEL.RECLASS.KEEP_SOURCE_CLASSES", "True", "DATASETS.TEST", '("n_new",)',
+                "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+                "OUTPUT_DIR", str(tmp_path / "eval")])
+    assert "AUTO_NUM_CLASSES: MODEL.ROI_HEADS.NUM_CLASSES 80 -> 7" in log
+    assert "Evaluation results for n_new" in log
 
 
 def test_the_mixin_in_a_user_project_with_stock_registration(task, tmp_path):
