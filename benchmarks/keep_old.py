@@ -321,13 +321,13 @@ def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
         s = old_new(sources[f"{arch}/{src}"]["metrics"])
         label = "weaker source" if src == "weak" else "source"
         rows.append([f"{arch}: {label} model ({sources[f'{arch}/{src}']['iterations']} its)",
-                     "—", f"{s['old']:.1f}", "—", "—", "—", "—"])
+                     "—", f"{s['old']:.1f}", "—", "—", "—", "—", "—"])
         start = [old_new(r["curve"]["0"]) for r in runs.get(f"{arch}/{src}/naive", [])
                  if "0" in r["curve"]]
         if start:
             rows.append([f"{arch}: mapped + imprinted (new-only data), iteration 0", 0,
                          spread([x["old"] for x in start]), spread([x["new"] for x in start]),
-                         spread([x["all"] for x in start]), "—", "—"])
+                         spread([x["all"] for x in start]), "—", "—", "—"])
         for it in (SHORT, LONG):
             for method in METHODS:
                 key = f"{arch}/{src}/{method}"
@@ -343,13 +343,19 @@ def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
                 mem_ratio = [r["peak_rss_mb"] / plain[r["seed"]]["peak_rss_mb"]
                              for r in per_seed if r["seed"] in plain and r["iterations"]
                              == plain[r["seed"]]["iterations"]]
+                # The teacher's share of the same run's training time: unlike the ratio to
+                # another run, it does not move with the shared machine's load.
+                share = [100 * r["teacher"]["seconds"] * int(it) / r["iterations"]
+                         / r["train_seconds"][str(it)] for r in per_seed if r["teacher"]]
                 rows.append([f"{arch}: {method}" + (", weaker source" if src == "weak" else ""),
                              it, spread([x["old"] for x in m]), spread([x["new"] for x in m]),
                              spread([x["all"] for x in m]),
                              spread(time_ratio) if time_ratio else "—",
+                             spread(share) if share else "—",
                              spread(mem_ratio) if mem_ratio else "—"])
     return tabulate(rows, headers=["run", "its", "old-class AP", "new-class AP", "AP (all 8)",
-                                   "wall time / naive", "peak memory / naive"],
+                                   "wall time / naive", "teacher % of time",
+                                   "peak memory / naive"],
                     tablefmt="pipe", disable_numparse=True)
 
 
