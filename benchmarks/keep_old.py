@@ -346,7 +346,8 @@ def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
                 # The teacher's share of the same run's training time: unlike the ratio to
                 # another run, it does not move with the shared machine's load.
                 share = [100 * r["teacher"]["seconds"] * int(it) / r["iterations"]
-                         / r["train_seconds"][str(it)] for r in per_seed if r["teacher"]]
+                         / r["train_seconds"][str(it)] for r in per_seed
+                         if r["teacher"] and r["teacher"]["calls"]]  # distill's is not timed
                 rows.append([f"{arch}: {method}" + (", weaker source" if src == "weak" else ""),
                              it, spread([x["old"] for x in m]), spread([x["new"] for x in m]),
                              spread([x["all"] for x in m]),
