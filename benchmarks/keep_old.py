@@ -27,9 +27,10 @@ The task (synthetic shapes, :mod:`d2_reclass.synthetic`, the demo's colours and 
   fully labelled set (the upper bound), the weaker source, and rehearsal (the source's own
   training data, 100 images, beside the new-only set in DATASETS.TRAIN).
 
-Runs go in priority order (``GROUPS``) and each is cached as JSON under
-``data/bench/keep_old/``, keyed by every setting and RUNS_VERSION; a rerun redoes only what is
-missing. Writes ``keep_old.json``, ``keep_old.md`` there and ``docs/keep_old.png``.
+``--timing`` times naive and pseudo_labels back to back (the table's ratios between runs move
+with the shared machine's load). Runs go in priority order (``GROUPS``) and each is cached as
+JSON under ``data/bench/keep_old/``, keyed by every setting and RUNS_VERSION; a rerun redoes
+only what is missing. Writes ``keep_old.json``, ``keep_old.md`` there and ``docs/keep_old.png``.
 Everything runs in one process with one torch thread.
 """
 import os
@@ -293,6 +294,23 @@ def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool
     return record
 
 
+def timing(source: dict) -> None:
+    """Wall time of naive, pseudo_labels (cached, then per batch) and naive again, run back to
+    back in this process (seed 1, SHORT iterations), so that the machine's load is about the
+    same for all four; written to timing.json."""
+    out = []
+    for method, cache in (("naive", True), ("pseudo_labels", True), ("pseudo_labels", False),
+                          ("naive", True)):
+        load = os.getloadavg()[0]
+        r = fine_tune("faster", source, method, SHORT, cache, 1, [SHORT])
+        out.append({"method": method, "cache": cache, "load": load, "teacher": r["teacher"],
+                    "train_seconds": r["train_seconds"][str(SHORT)],
+                    "ap": old_new(r["curve"][str(SHORT)])})
+        print(json.dumps(out[-1]), flush=True)
+    with open(os.path.join(CACHE, "timing.json"), "w") as f:
+        json.dump(out, f, indent=2)
+
+
 # ----------------------------------------------------------------------------- summaries
 def old_new(metrics: dict) -> Dict[str, float]:
     return {"old": statistics.mean(metrics[f"AP-{c}"] for c in OLD),
@@ -428,6 +446,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--force", action="store_true", help="ignore the cache")
     parser.add_argument("--sources-only", action="store_true",
                         help="only make the data and train the source models")
+    parser.add_argument("--timing", action="store_true",
+                        help="time naive, pseudo_labels cached and per batch, naive again, back "
+                        "to back (seed 1, SHORT iterations), into timing.json; nothing cached")
     parser.add_argument("--report-only", action="store_true",
                         help="tables and plot from the cached runs; run nothing")
     args = parser.parse_args(argv)
@@ -455,6 +476,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   f"old-class AP {m['old']:.1f}", flush=True)
         return sources[key]
 
+    if args.timing:
+        timing(get_source("faster", "full"))
+        return
     if args.sources_only:
         for arch, kind in (("faster", "full"), ("faster", "weak"), ("retinanet", "full")):
             get_source(arch, kind)
