@@ -32,6 +32,7 @@ from .errors import (
     ConfigError,
     ResumeClassMismatchError,
 )
+from .keep_old import kept_target_classes
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import (
@@ -144,6 +145,10 @@ def use_checkpoint_classes(cfg) -> None:
     stored = stored_eval_classes(cfg)
     r.TARGET_CLASSES = stored["thing_classes"]
     r.TARGET_STUFF_CLASSES = stored["stuff_classes"]
+    if r.TARGET_CLASSES and "KEEP_SOURCE_CLASSES" in r:
+        # The checkpoint's own classes are the model's: KEEP_SOURCE_CLASSES (which adds a
+        # training run's new classes to its source's) has nothing left to decide.
+        r.KEEP_SOURCE_CLASSES = False
 
 
 def resume_mismatch_message(source: str, difference: str, tensors: Sequence[str] = ()) -> str:
@@ -436,11 +441,15 @@ class ReclassCheckpointer(DetectionCheckpointer):
         r = self.reclass
         thing_source, thing_what = self._source(stored, "thing", r.source_classes)
         stuff_source, stuff_what = self._source(stored, "stuff", r.source_stuff_classes)
+        thing_target = r.target_classes
+        if r.keep_source_classes and thing_target is None and thing_source:
+            # The Python API's form of KEEP_SOURCE_CLASSES: no target resolved from a config.
+            thing_target = kept_target_classes(thing_source, [self._data_classes()])
         # One CLASS_MAP for both spaces: each entry applies where its target class is.
-        class_map = class_map_by_space(r.class_map, {THING: r.target_classes,
+        class_map = class_map_by_space(r.class_map, {THING: thing_target,
                                                      STUFF: r.target_stuff_classes})
         return {
-            THING: ClassSpec(thing_source, r.target_classes, class_map[THING], thing_what,
+            THING: ClassSpec(thing_source, thing_target, class_map[THING], thing_what,
                              "MODEL.RECLASS.TARGET_CLASSES", known=self._data_classes()),
             STUFF: ClassSpec(stuff_source, r.target_stuff_classes, class_map[STUFF], stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),

@@ -14,7 +14,7 @@ from .dataset_classes import dataset_classes
 from .errors import ConfigError
 from .layouts import STUFF, THING
 from .num_classes import add_registered_defaults, check_num_classes_config, num_classes_keys
-from .options import check_option_values
+from .options import check_option_values, preserve_method
 
 __all__ = [
     "ModelZooConfigHandler",
@@ -87,6 +87,27 @@ def add_reclass_config(cfg: CN) -> None:
     # The checkpoints of COMBINE may differ from MODEL.WEIGHTS in tensors that are not class
     # rows (an error otherwise: their classes were trained on other features).
     _C.COMBINE_ALLOW_DIFFERENT_WEIGHTS = False
+    # Keep the checkpoint's classes: the target classes are its classes (stored names,
+    # SOURCE_CLASSES or SOURCE_DATASET), in order, then the training datasets' classes it does
+    # not know. A dataset labelling only the new classes is the normal case
+    # (d2_reclass/keep_old.py).
+    _C.KEEP_SOURCE_CLASSES = False
+    # How the checkpoint's classes survive training on data that does not label them:
+    # "pseudo_labels" (the frozen source model labels them on every training image),
+    # "distill" (their outputs are distilled from it), "frozen_rows" (only the new classes'
+    # entries train), "none"; "auto": pseudo_labels with KEEP_SOURCE_CLASSES, else none.
+    # Measured in benchmarks/keep_old.py; see d2_reclass/preserve/.
+    _C.PRESERVE = "auto"
+    # PRESERVE pseudo_labels: the source model's detections with at least this score label the
+    # old classes (those overlapping a labelled box are dropped: that object is labelled).
+    _C.PSEUDO_LABEL_SCORE = 0.5
+    # PRESERVE distill: the weight of the distillation loss (KL of softmax heads' old classes
+    # and background; Bernoulli KL of sigmoid heads' old classes).
+    _C.DISTILL_WEIGHT = 1.0
+    # Keep the source model's outputs per training image (keyed by the augmented image's
+    # content, so a flip is another entry), computing each once: exact, and the saving grows
+    # with the epochs; off: computed for every batch.
+    _C.TEACHER_CACHE = True
 
 
 def train_classes(datasets: Sequence[str], kind: str = "thing") -> Optional[List[str]]:
@@ -104,23 +125,35 @@ def _explicit_target(cfg: CN, kind: str) -> List[str]:
 
 
 def target_classes(cfg: CN, kind: str = "thing") -> Optional[List[str]]:
-    """The model's classes: TARGET_(STUFF_)CLASSES, else the classes of DATASETS.TRAIN (all
-    its datasets' classes, see :func:`train_classes`), else None.
+    """The model's classes: TARGET_(STUFF_)CLASSES, else (thing classes with
+    KEEP_SOURCE_CLASSES) the checkpoint's classes then the new ones of DATASETS.TRAIN, else the
+    classes of DATASETS.TRAIN (all its datasets' classes, see :func:`train_classes`), else None.
 
     The one place the model's class list is decided; :func:`target_classes_what` names it.
     """
+    if kind == "thing":
+        from .keep_old import keep_source_target
+
+        kept = keep_source_target(cfg, [dataset_classes(name, kind, what="DATASETS.TRAIN")
+                                        for name in cfg.DATASETS.TRAIN])
+        if kept is not None:
+            return kept
     return _explicit_target(cfg, kind) or train_classes(cfg.DATASETS.TRAIN, kind)
 
 
 def target_classes_what(cfg: CN, kind: str = "thing") -> str:
     """How messages name where :func:`target_classes` took the model's classes from."""
+    if kind == "thing" and cfg.MODEL.get("RECLASS", {}).get("KEEP_SOURCE_CLASSES", False):
+        return ("MODEL.RECLASS.KEEP_SOURCE_CLASSES: the checkpoint's classes, then the new ones "
+                f"of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
     if _explicit_target(cfg, kind):
         return f"MODEL.RECLASS.TARGET_{'' if kind == 'thing' else 'STUFF_'}CLASSES"
     return f"the classes of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}"
 
 
 class NumClassesChange(NamedTuple):
-    """One NUM_CLASSES key set from the target classes: ``key`` went from ``old`` to ``new``."""
+    """One key prepare_reclass_config set: a NUM_CLASSES key from the target classes, or
+    FILTER_EMPTY_ANNOTATIONS for pseudo-labels; ``key`` went from ``old`` to ``new``."""
 
     key: str
     old: int
@@ -196,11 +229,20 @@ def prepare_reclass_config(cfg: CN, *, eval_only: bool = False
                 if _explicit_target(out, kind) else f"DATASETS.TRAIN {tuple(out.DATASETS.TRAIN)}"
             if kind in stored:
                 source = _stored_in(out)
+            if kind == "thing" and r.KEEP_SOURCE_CLASSES:
+                source = "MODEL.RECLASS.KEEP_SOURCE_CLASSES: the checkpoint's, then the new ones " \
+                    f"of DATASETS.TRAIN {tuple(out.DATASETS.TRAIN)}"
             for key, old, new in apply_num_classes(
                     out, classes if kind == "thing" else None,
                     classes if kind == "stuff" else None):
                 changes.append(NumClassesChange(key, old, new, source))
     check_num_classes_config(out)
+    if out.DATALOADER.FILTER_EMPTY_ANNOTATIONS and preserve_method(
+            r.PRESERVE, r.KEEP_SOURCE_CLASSES) == "pseudo_labels":
+        # Images without a labelled box hold old-class objects, which the pseudo-labels label.
+        out.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+        changes.append(NumClassesChange("DATALOADER.FILTER_EMPTY_ANNOTATIONS", True, False,
+                                        "MODEL.RECLASS.PRESERVE pseudo_labels"))
     if cfg.is_frozen():
         out.freeze()
     return out, changes
@@ -243,6 +285,10 @@ def log_num_classes_changes(changes: Sequence[NumClassesChange]) -> None:
     else a WARNING, since a value somebody set disagreed with the classes."""
     defaults = _default_config()
     for change in changes:
+        if not change.key.endswith("NUM_CLASSES"):
+            logger.info(f"{change.source}: {change.key} {change.old} -> {change.new} (images "
+                        "without labelled boxes are trained on, with pseudo-labels)")
+            continue
         node, leaf = _node(defaults, change.key)
         if node is not None and change.old == node.get(leaf):
             logger.info(f"AUTO_NUM_CLASSES: {change.key} {change.old} -> {change.new} "

@@ -14,12 +14,16 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from .classes import _parse_class_map, check_class_list, did_you_mean
 from .errors import ConfigError
 
-__all__ = ["MODES", "NEW_CLASS_INITS", "ReclassOptions", "check_option_values"]
+__all__ = ["MODES", "NEW_CLASS_INITS", "PRESERVE_METHODS", "ReclassOptions",
+           "check_option_values", "preserve_method"]
 
 #: The values of ``MODEL.RECLASS.MODE``; see :mod:`d2_reclass.surgery`.
 MODES = ("auto", "map", "reinit", "strict")
 #: The values of ``MODEL.RECLASS.NEW_CLASS_INIT``; see :mod:`d2_reclass.new_classes`.
 NEW_CLASS_INITS = ("auto", "head", "relative", "imprint")
+
+#: The values of ``MODEL.RECLASS.PRESERVE``; see :mod:`d2_reclass.preserve`.
+PRESERVE_METHODS = ("auto", "pseudo_labels", "distill", "frozen_rows", "none")
 
 _CLASS_LISTS = ("source_classes", "target_classes", "source_stuff_classes",
                 "target_stuff_classes")
@@ -28,6 +32,14 @@ _CLASS_LISTS = ("source_classes", "target_classes", "source_stuff_classes",
 def config_key(option: str) -> str:
     """The config key of an option: ``"class_map"`` -> ``"MODEL.RECLASS.CLASS_MAP"``."""
     return f"MODEL.RECLASS.{option.upper()}"
+
+
+def preserve_method(preserve: str, keep_source_classes: bool) -> str:
+    """The preservation method that runs: ``preserve``, with ``auto`` resolved (pseudo-labels
+    when the source classes are kept, else none)."""
+    if preserve != "auto":
+        return preserve
+    return "pseudo_labels" if keep_source_classes else "none"
 
 
 def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = config_key) -> None:
@@ -60,7 +72,23 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
     seed = values.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{name('seed')} is {seed!r}; it must be an integer.")
-    for option in ("trust_pickle", "combine_allow_different_weights"):
+    preserve = values.get("preserve", "auto")
+    if preserve not in PRESERVE_METHODS:
+        raise ConfigError(
+            f"{name('preserve')} is {preserve!r}; use one of {', '.join(PRESERVE_METHODS)}."
+            + did_you_mean(str(preserve), PRESERVE_METHODS))
+    for option, low, high in (("pseudo_label_score", 0.0, 1.0), ("distill_weight", 0.0, None)):
+        value = values.get(option, 0.5)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low \
+                or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{name(option)} is {value!r}; it must be a number {bound}.")
+    if values.get("keep_source_classes", False) and values.get("mode", "auto") == "reinit":
+        from .keep_old import check_keep_source_classes
+
+        check_keep_source_classes(True, "reinit", (), name=name)
+    for option in ("trust_pickle", "combine_allow_different_weights", "keep_source_classes",
+                   "teacher_cache"):
         flag = values.get(option, False)
         if not isinstance(flag, bool):
             raise ConfigError(f"{name(option)} is {flag!r}; use True or False.")
@@ -111,6 +139,11 @@ class ReclassOptions:
             the model takes where the first checkpoint does not know them.
         combine_allow_different_weights (bool): the combined checkpoints' non-class tensors
             may differ (the first's are used).
+        keep_source_classes (bool): the target classes are the checkpoint's, then the new
+            ones (:mod:`d2_reclass.keep_old`); without target classes, the checkpointer takes
+            the checkpoint's, then those of the examples' datasets.
+        preserve (str): one of :data:`PRESERVE_METHODS` (:mod:`d2_reclass.preserve`).
+        pseudo_label_score, distill_weight, teacher_cache: as the MODEL.RECLASS keys.
     """
 
     mode: str = "auto"
@@ -128,6 +161,11 @@ class ReclassOptions:
     init_images: int = 16
     combine: Tuple[str, ...] = ()
     combine_allow_different_weights: bool = False
+    keep_source_classes: bool = False
+    preserve: str = "auto"
+    pseudo_label_score: float = 0.5
+    distill_weight: float = 1.0
+    teacher_cache: bool = True
 
     def __post_init__(self) -> None:
         # Lists from YAML, OmegaConf or callers become tuples: the options are one frozen value.

@@ -26,6 +26,7 @@ from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import broadcast_thing_heads
+from .preserve import attach_preservation, preservation_from_config
 from .stock_loads import warn_on_skipped_class_heads
 
 __all__ = [
@@ -109,6 +110,8 @@ class ReclassTrainerMixin:
     MODEL.RECLASS.NEW_CLASS_INIT relative / imprint, :meth:`resume_or_load` initialises new
     classes from DATASETS.TRAIN examples right after the mapped weights load, before the first
     optimizer step, and gives every rank rank 0's heads. Multi-process CPU runs (gloo) work too.
+    After the load, MODEL.RECLASS.PRESERVE (:mod:`d2_reclass.preserve`) is attached to the
+    training loop as :attr:`preservation`.
     """
 
     def __init__(self, cfg, *args, **kwargs):
@@ -161,6 +164,10 @@ class ReclassTrainerMixin:
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
             report.to_json(path)
             logger.info(f"[ReclassTrainer] Wrote {path}")
+        if getattr(self, "preservation", None) is None:
+            # After the load: frozen_rows keeps what was loaded; every rank builds its teacher.
+            self.preservation = attach_preservation(self._trainer,
+                                                    preservation_from_config(self.cfg))
 
     def train(self):
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):

@@ -30,11 +30,13 @@ from d2_reclass.fast_rcnn import adopt_box_predictors
 from d2_reclass.lazy import (
     apply_lazy_num_classes,
     lazy_new_class_examples,
+    lazy_preservation,
     lazy_reclass_options,
     lazy_target_classes,
     map_lazy_datasets,
 )
 from d2_reclass.new_classes import broadcast_thing_heads
+from d2_reclass.preserve import attach_preservation
 from d2_reclass.threads import configure_torch_threads
 from d2_reclass.train_net import argument_parser
 from d2_reclass.trainer import REPORT_FILE
@@ -89,6 +91,8 @@ def do_train(args, cfg):
         broadcast_thing_heads(model)
     if checkpointer.report is not None and comm.is_main_process():
         checkpointer.report.to_json(os.path.join(cfg.train.output_dir, REPORT_FILE))
+    # After the load (frozen_rows keeps what was loaded); every rank builds its own teacher.
+    attach_preservation(trainer, lazy_preservation(cfg))
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
 

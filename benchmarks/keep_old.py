@@ -1,0 +1,541 @@
+#!/usr/bin/env python
+"""Add classes and keep the old ones, from labels of the new classes only:
+MODEL.RECLASS.KEEP_SOURCE_CLASSES with each MODEL.RECLASS.PRESERVE method, against naive
+fine-tuning and joint training on fully labelled data, over seeds.
+
+    .venv/bin/python benchmarks/keep_old.py                  # everything, cached runs reused
+    .venv/bin/python benchmarks/keep_old.py --groups main    # only some groups of runs
+
+The task (synthetic shapes, :mod:`d2_reclass.synthetic`, the demo's colours and shapes at
+64 px so that the whole benchmark fits a shared 2-core CPU):
+
+* Source: the demo's 6 classes (square, circle, triangle, diamond, hexagon, cross), 400
+  train images; a ResNet-18 FPN Faster R-CNN (``configs/Base-Shapes-RCNN.yaml``) and a
+  RetinaNet on the same backbone, trained from scratch here, once (cached). The weaker source
+  is the Faster R-CNN trained for a quarter of the iterations.
+* Target: the 6 classes + star and octagon (new: the source calls stars "diamond" and
+  octagons "circle"). 200 train images holding all 8 classes; the new-only training set
+  labels only star and octagon (its json lists only them), the joint one labels all; 50 val
+  images, fully labelled.
+* Every fine-tune is ``ReclassTrainer`` as tools/train_net.py runs it (the trainer mixin,
+  ReclassCheckpointer, the data loader), from the source weights with
+  ``MODEL.RECLASS.KEEP_SOURCE_CLASSES True`` (NEW_CLASS_INIT auto: imprint), batch 2,
+  BatchNorm frozen, LR 0.0025 after 20 warmup iterations, constant, so that one 200-iteration
+  run evaluated at 100 and 200 gives both schedules. Wall time excludes the evaluations; peak
+  memory is the process's resident-set high-water mark during training minus its size before.
+* Rows: naive (PRESERVE none, new-only labels), each PRESERVE method, joint training on the
+  fully labelled set (the upper bound), the weaker source, and rehearsal (the source's own
+  training data, 100 images, beside the new-only set in DATASETS.TRAIN).
+
+``--timing`` times naive and pseudo_labels back to back (the table's ratios between runs move
+with the shared machine's load). Runs go in priority order (``GROUPS``) and each is cached as
+JSON under ``data/bench/keep_old/``, keyed by every setting and RUNS_VERSION; a rerun redoes
+only what is missing. Writes ``keep_old.json``, ``keep_old.md`` there and ``docs/keep_old.png``.
+Everything runs in one process with one torch thread.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.new_class_init import config, digest, evaluate, train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "data", "bench", "keep_old")
+
+OLD = ["square", "circle", "triangle", "diamond", "hexagon", "cross"]
+NEW = ["star", "octagon"]
+ALL = OLD + NEW
+SCENE = dict(image_size=64, max_objects=3)
+#: split -> (classes drawn, images, generator seed)
+SPLITS = {"source_train": (OLD, 400, 31), "target_train": (ALL, 200, 32),
+          "target_val": (ALL, 50, 33)}
+REHEARSAL_IMAGES = 100
+SIZE_OPTS = ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64,
+             "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64, "DATALOADER.NUM_WORKERS", 0,
+             "TEST.DETECTIONS_PER_IMAGE", 20, "DATASETS.TEST", ()]
+RETINANET_OPTS = [
+    "MODEL.META_ARCHITECTURE", "RetinaNet",
+    "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone",
+    "MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"],
+    "MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"],
+    "MODEL.RETINANET.NUM_CONVS", 2,
+    "MODEL.ANCHOR_GENERATOR.SIZES", [[s, s * 1.26, s * 1.59] for s in (8, 16, 32, 64, 128)],
+]
+ARCHS = {"faster": [], "retinanet": RETINANET_OPTS}
+SOURCE_ITERS = 500
+SOURCE_SOLVER = ["SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 0.02, "SOLVER.WARMUP_ITERS", 50,
+                 "SEED", 1]
+#: Fine-tuning: batch 2 at twice the demo's LR per image (200 iterations see as much update as
+#: the demo's 100 at batch 8), BatchNorm statistics frozen (FrozenBN loads the source's): at
+#: batch 2, trainable BatchNorm drifted and cost joint training 7 points of old-class AP.
+TARGET_SOLVER = ["SOLVER.IMS_PER_BATCH", 2, "SOLVER.BASE_LR", 0.0025, "SOLVER.WARMUP_ITERS", 20,
+                 "SOLVER.STEPS", (), "SOLVER.CHECKPOINT_PERIOD", 100000,
+                 "MODEL.RESNETS.NORM", "FrozenBN"]
+#: Bump when the fine-tuning (this file's fine_tune, or d2_reclass's code it runs) changes.
+RUNS_VERSION = 1
+SEEDS = (1, 2, 3)
+#: method -> (training datasets, MODEL.RECLASS.PRESERVE)
+METHODS = {
+    "naive": (("ko_target_new",), "none"),
+    "pseudo_labels": (("ko_target_new",), "pseudo_labels"),
+    "distill": (("ko_target_new",), "distill"),
+    "frozen_rows": (("ko_target_new",), "frozen_rows"),
+    "joint": (("ko_target_full",), "none"),
+    "rehearsal": (("ko_source_rehearsal", "ko_target_new"), "none"),
+}
+#: The long schedule; every run of it is also evaluated at SHORT.
+LONG, SHORT = 200, 100
+#: Groups of runs in priority order: (arch, source, method, iterations, teacher cache). The
+#: RetinaNet groups come last: its source model alone costs as much as a whole group.
+GROUPS = {
+    "joint": [("faster", "full", "joint", LONG, True)],
+    "main": [("faster", "full", m, LONG, True) for m in ("naive", "pseudo_labels")],
+    "weak": [("faster", "weak", m, SHORT, True) for m in ("naive", "pseudo_labels")],
+    "methods": [("faster", "full", m, SHORT, True) for m in ("distill", "frozen_rows")],
+    "rehearsal": [("faster", "full", "rehearsal", SHORT, True)],
+    "retinanet": [("retinanet", "full", m, LONG, True)
+                  for m in ("joint", "naive", "pseudo_labels")],
+    "nocache": [("faster", "full", "pseudo_labels", LONG, False)],
+    "retinanet_methods": [("retinanet", "full", m, SHORT, True)
+                          for m in ("distill", "frozen_rows")],
+}
+#: Only the first seed of these groups (a time measurement: its APs equal the cached run's).
+ONE_SEED = {"nocache"}
+
+#: Datasets listing only the new classes need their ids mapped to the model's by name.
+BY_NAME = importlib.util.find_spec("d2_reclass.dataset_classes") is not None
+
+for _msg in (r"`torch.jit.script` is deprecated", r"pkg_resources is deprecated",
+             r"torch.meshgrid: in an upcoming release"):
+    import warnings
+
+    warnings.filterwarnings("ignore", message=_msg)
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------------------- data
+def make_data(force: bool) -> str:
+    """Write the splits (once) and the derived jsons; register them; return the directory."""
+    from d2_reclass import register_coco_dataset
+    from d2_reclass.synthetic import make_shapes_dataset
+
+    data_dir = os.path.join(CACHE, "data-" + digest(SPLITS, SCENE, REHEARSAL_IMAGES,
+                                                     "d2_reclass/synthetic.py"))
+    if force or not os.path.exists(os.path.join(data_dir, "done")):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        for split, (classes, n, seed) in SPLITS.items():
+            make_shapes_dataset(data_dir, split, classes, n, seed=seed, **SCENE)
+        _derive(data_dir)
+        open(os.path.join(data_dir, "done"), "w").close()
+    for name, split in (("source_train", "source_train"), ("target_val", "target_val"),
+                        ("target_full", "target_train"), ("target_new", "target_train"),
+                        ("source_rehearsal", "source_train")):
+        register_coco_dataset(f"ko_{name}", os.path.join(data_dir, f"{name}.json"),
+                              os.path.join(data_dir, split))
+    return data_dir
+
+
+def _derive(data_dir: str) -> None:
+    """target_new.json: only the new classes, labelled and listed; target_full.json: a copy of
+    the fully labelled set; source_rehearsal.json: the first images of the source set."""
+    with open(os.path.join(data_dir, "target_train.json")) as f:
+        full = json.load(f)
+    names = {c["id"]: c["name"] for c in full["categories"]}
+    new_ids = {name: i + 1 for i, name in enumerate(NEW)}
+    new = dict(full, categories=[{"id": i, "name": n} for n, i in new_ids.items()],
+               annotations=[dict(a, category_id=new_ids[names[a["category_id"]]])
+                            for a in full["annotations"] if names[a["category_id"]] in NEW])
+    with open(os.path.join(data_dir, "source_train.json")) as f:
+        source = json.load(f)
+    keep = {img["id"] for img in source["images"][:REHEARSAL_IMAGES]}
+    rehearsal = dict(source, images=[i for i in source["images"] if i["id"] in keep],
+                     annotations=[a for a in source["annotations"] if a["image_id"] in keep])
+    for name, data in (("target_new", new), ("target_full", full),
+                       ("source_rehearsal", rehearsal)):
+        with open(os.path.join(data_dir, f"{name}.json"), "w") as f:
+            json.dump(data, f)
+
+
+# ----------------------------------------------------------------------------- sources
+def _source_dir(arch: str, iterations: int) -> Tuple[str, list]:
+    opts = [*SIZE_OPTS, *ARCHS[arch], *SOURCE_SOLVER, "SOLVER.MAX_ITER", iterations,
+            "SOLVER.STEPS", (round(iterations * 0.8),), "DATASETS.TRAIN", ("ko_source_train",)]
+    return os.path.join(CACHE, f"source-{arch}-{iterations}-" + digest(
+        SPLITS, SCENE, opts, "configs/Base-Shapes-RCNN.yaml")), opts
+
+
+def source_cached(arch: str, kind: str) -> bool:
+    iterations = SOURCE_ITERS if kind == "full" else SOURCE_ITERS // 4
+    return os.path.exists(os.path.join(_source_dir(arch, iterations)[0], "record.json"))
+
+
+def source_model(arch: str, iterations: int, force: bool) -> dict:
+    """Train (once) a 6-class source model; its weights path (storing the class names),
+    seconds and metrics on the target val set (old classes only)."""
+    from d2_reclass import ReclassCheckpointer, ReclassTrainer
+
+    run_dir, opts = _source_dir(arch, iterations)
+    record_path = os.path.join(run_dir, "record.json")
+    if not force and os.path.exists(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    cfg = config(opts)
+    torch.manual_seed(cfg.SEED)
+    model = ReclassTrainer.build_model(cfg)
+    t0 = time.time()
+    train(model, cfg, iterations, cfg.SEED)
+    seconds = time.time() - t0
+    ReclassCheckpointer.from_config(cfg, model, run_dir).save("model_final")
+    record = {"weights": os.path.join(run_dir, "model_final.pth"), "seconds": seconds,
+              "iterations": iterations, "metrics": evaluate(model, "ko_target_val", ALL)}
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets the VmHWM high-water mark to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool, seed: int,
+              eval_at: Sequence[int]) -> dict:
+    """One fine-tune through ReclassTrainer; AP at each of ``eval_at``, training seconds up to
+    each, peak memory, teacher statistics."""
+    from detectron2.engine import DefaultTrainer, HookBase
+    from detectron2.utils.env import seed_all_rng
+
+    from d2_reclass import ReclassTrainerMixin
+
+    datasets, preserve = METHODS[method]
+    out_dir = os.path.join(CACHE, "tmp-run")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    opts = [*SIZE_OPTS, *ARCHS[arch], *TARGET_SOLVER, "SOLVER.MAX_ITER", iterations,
+            "MODEL.WEIGHTS", source["weights"], "MODEL.RECLASS.KEEP_SOURCE_CLASSES", True,
+            "MODEL.RECLASS.PRESERVE", preserve, "MODEL.RECLASS.TEACHER_CACHE", cache,
+            "MODEL.RECLASS.SEED", seed, "SEED", seed, "DATASETS.TRAIN", datasets,
+            "OUTPUT_DIR", out_dir]
+    cfg = config(opts)
+    curve: Dict[int, dict] = {}
+    clock = {"train": 0.0, "eval": 0.0, "at": {}}
+
+    class Evaluate(HookBase):
+        """Evaluates at the iterations of ``eval_at``; its own time is kept apart."""
+
+        def before_train(self):
+            clock["start"] = time.perf_counter()
+
+        def after_step(self):
+            i = self.trainer.iter + 1
+            if i in eval_at:
+                t0 = time.perf_counter()
+                clock["at"][i] = t0 - clock["start"] - clock["eval"]
+                curve[i] = evaluate(self.trainer.model, "ko_target_val", ALL)
+                self.trainer.model.train()
+                clock["eval"] += time.perf_counter() - t0
+
+    class Trainer(ReclassTrainerMixin, DefaultTrainer):
+        def build_writers(self):
+            return []
+
+        def build_hooks(self):
+            return [*super().build_hooks(), Evaluate()]
+
+    seed_all_rng(seed)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    if 0 in eval_at:
+        curve[0] = evaluate(trainer.model, "ko_target_val", ALL)
+        trainer.model.train()
+    rss0 = _rss_mb("VmRSS")
+    _reset_peak_rss()
+    trainer.train()
+    peak = _rss_mb("VmHWM") - rss0
+    teacher = trainer.preservation.teacher
+    record = {
+        "curve": {str(k): v for k, v in curve.items()},
+        "train_seconds": {str(k): v for k, v in clock["at"].items()},
+        "peak_rss_mb": peak,
+        "teacher": None if teacher is None else {
+            "seconds": teacher.seconds, "calls": teacher.calls, "images": teacher.images,
+            "cached": teacher.cached},
+        "pseudo_labels": getattr(trainer.preservation.attached[0], "added", None)
+        if trainer.preservation.attached else None,
+        "classes": list(trainer.checkpointer.reclass.target_classes or []),
+    }
+    del trainer
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return record
+
+
+def timing(source: dict) -> None:
+    """Wall time of naive, pseudo_labels (cached, then per batch) and naive again, run back to
+    back in this process (seed 1, SHORT iterations), so that the machine's load is about the
+    same for all four; written to timing.json."""
+    out = []
+    for method, cache in (("naive", True), ("pseudo_labels", True), ("pseudo_labels", False),
+                          ("naive", True)):
+        load = os.getloadavg()[0]
+        r = fine_tune("faster", source, method, SHORT, cache, 1, [SHORT])
+        out.append({"method": method, "cache": cache, "load": load, "teacher": r["teacher"],
+                    "train_seconds": r["train_seconds"][str(SHORT)],
+                    "ap": old_new(r["curve"][str(SHORT)])})
+        print(json.dumps(out[-1]), flush=True)
+    with open(os.path.join(CACHE, "timing.json"), "w") as f:
+        json.dump(out, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- summaries
+def old_new(metrics: dict) -> Dict[str, float]:
+    return {"old": statistics.mean(metrics[f"AP-{c}"] for c in OLD),
+            "new": statistics.mean(metrics[f"AP-{c}"] for c in NEW) if f"AP-{NEW[0]}" in metrics
+            and not any(metrics[f"AP-{c}"] != metrics[f"AP-{c}"] for c in NEW) else float("nan"),
+            "all": metrics["AP"]}
+
+
+def spread(values: Sequence[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
+    """The pipe table: one row per (arch, source, method, iterations)."""
+    from tabulate import tabulate
+
+    rows = []
+    for (arch, src) in (("faster", "full"), ("retinanet", "full"), ("faster", "weak")):
+        if f"{arch}/{src}" not in sources:
+            continue
+        s = old_new(sources[f"{arch}/{src}"]["metrics"])
+        label = "weaker source" if src == "weak" else "source"
+        rows.append([f"{arch}: {label} model ({sources[f'{arch}/{src}']['iterations']} its)",
+                     "—", f"{s['old']:.1f}", "—", "—", "—", "—", "—"])
+        start = [old_new(r["curve"]["0"]) for r in runs.get(f"{arch}/{src}/naive", [])
+                 if "0" in r["curve"]]
+        if start:
+            rows.append([f"{arch}: mapped + imprinted (new-only data), iteration 0", 0,
+                         spread([x["old"] for x in start]), spread([x["new"] for x in start]),
+                         spread([x["all"] for x in start]), "—", "—", "—"])
+        for it in (SHORT, LONG):
+            for method in METHODS:
+                key = f"{arch}/{src}/{method}"
+                per_seed = [r for r in runs.get(key, []) if str(it) in r["curve"]
+                            and r.get("cache", True)]
+                if not per_seed:
+                    continue
+                m = [old_new(r["curve"][str(it)]) for r in per_seed]
+                plain = {r["seed"]: r for r in runs.get(f"{arch}/{src}/naive", [])
+                         if str(it) in r["train_seconds"]}
+                time_ratio = [r["train_seconds"][str(it)] / plain[r["seed"]]["train_seconds"][
+                    str(it)] for r in per_seed if r["seed"] in plain]
+                mem_ratio = [r["peak_rss_mb"] / plain[r["seed"]]["peak_rss_mb"]
+                             for r in per_seed if r["seed"] in plain and r["iterations"]
+                             == plain[r["seed"]]["iterations"]]
+                # The teacher's share of the same run's training time: unlike the ratio to
+                # another run, it does not move with the shared machine's load.
+                share = [100 * r["teacher"]["seconds"] * int(it) / r["iterations"]
+                         / r["train_seconds"][str(it)] for r in per_seed
+                         if r["teacher"] and r["teacher"]["calls"]]  # distill's is not timed
+                rows.append([f"{arch}: {method}" + (", weaker source" if src == "weak" else ""),
+                             it, spread([x["old"] for x in m]), spread([x["new"] for x in m]),
+                             spread([x["all"] for x in m]),
+                             spread(time_ratio) if time_ratio else "—",
+                             spread(share) if share else "—",
+                             spread(mem_ratio) if mem_ratio else "—"])
+    return tabulate(rows, headers=["run", "its", "old-class AP", "new-class AP", "AP (all 8)",
+                                   "wall time / naive", "teacher % of time",
+                                   "peak memory / naive"],
+                    tablefmt="pipe", disable_numparse=True)
+
+
+def cache_note(runs: Dict[str, List[dict]]) -> str:
+    """The teacher's cost with and without its per-image cache, on the same runs."""
+    lines = []
+    for key, uncached in runs.items():
+        if not key.endswith("/nocache"):
+            continue
+        cached = {r["seed"]: r for r in runs.get(key[:-len("/nocache")], [])}
+        for r in uncached:
+            c = cached.get(r["seed"])
+            if c is None:
+                continue
+            it = str(r["iterations"])
+            same = all(c["curve"][i] == r["curve"][i] for i in r["curve"])
+            lines.append(
+                f"\nTeacher cost, {key[:-len('/nocache')]}, seed {r['seed']}, {it} iterations: "
+                f"{r['teacher']['seconds']:.0f} s per batch ({r['teacher']['calls']} forward "
+                f"passes) vs {c['teacher']['seconds']:.0f} s cached per image "
+                f"({c['teacher']['calls']} passes, {c['teacher']['cached']} of "
+                f"{c['teacher']['images']} images from the cache); training wall time "
+                f"{r['train_seconds'][it]:.0f} s vs {c['train_seconds'][it]:.0f} s; APs "
+                f"{'identical' if same else 'DIFFERENT'}.")
+    return "".join(lines) + ("\n" if lines else "")
+
+
+def plot(runs: Dict[str, List[dict]], path: str) -> None:
+    """Old- and new-class AP against iterations, naive vs pseudo_labels (mean over seeds,
+    band: min to max), one panel per architecture and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = [a for a in ARCHS if any(runs.get(f"{a}/full/{m}") for m in METHODS)]
+    if not archs:
+        return
+    fig, axes = plt.subplots(len(archs), 2, figsize=(10, 3.6 * len(archs)), squeeze=False)
+    for row, arch in enumerate(archs):
+        for col, part in enumerate(("old", "new")):
+            ax = axes[row][col]
+            for method, colour in (("naive", "tab:red"), ("pseudo_labels", "tab:green"),
+                                   ("joint", "tab:grey")):
+                per_seed = runs.get(f"{arch}/full/{method}", [])
+                if not per_seed:
+                    continue
+                iters = sorted(int(i) for i in per_seed[0]["curve"])
+                values = [[old_new(r["curve"][str(i)])[part] for r in per_seed] for i in iters]
+                ax.plot(iters, [statistics.mean(v) for v in values], color=colour, marker="o",
+                        label=method)
+                ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values],
+                                color=colour, alpha=0.2)
+            ax.set_title(f"{arch}: {part}-class AP")
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("box AP")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--force", action="store_true", help="ignore the cache")
+    parser.add_argument("--sources-only", action="store_true",
+                        help="only make the data and train the source models")
+    parser.add_argument("--timing", action="store_true",
+                        help="time naive, pseudo_labels cached and per batch, naive again, back "
+                        "to back (seed 1, SHORT iterations), into timing.json; nothing cached")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tables and plot from the cached runs; run nothing")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    t_start = time.time()
+    load_start = os.getloadavg()
+    from d2_reclass.logger import install_detectron2_forwarding
+
+    install_detectron2_forwarding()
+    logging.getLogger("d2_reclass").setLevel(logging.WARNING)
+    os.makedirs(CACHE, exist_ok=True)
+    make_data(args.force)
+
+    sources: Dict[str, dict] = {}
+
+    def get_source(arch: str, kind: str) -> Optional[dict]:
+        key = f"{arch}/{kind}"
+        if key not in sources and args.report_only and not source_cached(arch, kind):
+            return None
+        if key not in sources:
+            iters = SOURCE_ITERS if kind == "full" else SOURCE_ITERS // 4
+            sources[key] = source_model(arch, iters, args.force)
+            m = old_new(sources[key]["metrics"])
+            print(f"source {key}: {iters} iterations in {sources[key]['seconds']:.0f} s; "
+                  f"old-class AP {m['old']:.1f}", flush=True)
+        return sources[key]
+
+    if args.timing:
+        timing(get_source("faster", "full"))
+        return
+    if args.sources_only:
+        for arch, kind in (("faster", "full"), ("faster", "weak"), ("retinanet", "full")):
+            get_source(arch, kind)
+        return
+    runs: Dict[str, List[dict]] = {}
+    for group in args.groups:
+        seeds = args.seeds[:1] if group in ONE_SEED else args.seeds
+        for seed in seeds:
+            for arch, kind, method, iterations, cache in GROUPS[group]:
+                source = get_source(arch, kind)
+                if source is None:
+                    continue
+                if METHODS[method][0] != ("ko_target_full",) and not BY_NAME:
+                    print(f"skipped {arch} {kind} {method}: its new-only dataset needs the "
+                          "by-name mapping of dataset ids (d2_reclass.dataset_classes)")
+                    continue
+                eval_at = [0, LONG // 4, SHORT, LONG] if iterations == LONG else [SHORT]
+                key = digest(RUNS_VERSION, source["weights"], arch, method, iterations, cache,
+                             seed, eval_at, TARGET_SOLVER, SIZE_OPTS, METHODS[method])
+                path = os.path.join(CACHE, f"run-{arch}-{kind}-{method}-{iterations}-"
+                                    f"{'cache' if cache else 'nocache'}-{seed}-{key}.json")
+                if os.path.exists(path) and not args.force:
+                    with open(path) as f:
+                        run = json.load(f)
+                elif args.report_only:
+                    continue
+                else:
+                    t0 = time.time()
+                    run = fine_tune(arch, source, method, iterations, cache, seed, eval_at)
+                    run.update(arch=arch, source=kind, method=method, iterations=iterations,
+                               cache=cache, seed=seed, wall=time.time() - t0)
+                    with open(path, "w") as f:
+                        json.dump(run, f)
+                runs.setdefault(f"{arch}/{kind}/{method}" + ("" if cache else "/nocache"),
+                                []).append(run)
+                last = max(int(i) for i in run["curve"])
+                m = old_new(run["curve"][str(last)])
+                print(f"seed {seed} {arch} {kind} {method} {iterations} "
+                      f"{'cache' if cache else 'no cache'}: it {last} old {m['old']:.1f} "
+                      f"new {m['new']:.1f} all {m['all']:.1f}; train "
+                      f"{run['train_seconds'][str(last)]:.0f} s, peak +{run['peak_rss_mb']:.0f} MB"
+                      + (f", teacher {run['teacher']['seconds']:.1f} s "
+                         f"({run['teacher']['cached']}/{run['teacher']['images']} cached)"
+                         if run["teacher"] else ""), flush=True)
+    text = table(runs, sources) + cache_note(runs)
+    footer = (f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"1 torch thread; load average {load_start[0]:.1f} at start, "
+              f"{os.getloadavg()[0]:.1f} at end; {time.time() - t_start:.0f} s in all.\n")
+    print("\n" + text + footer)
+    with open(os.path.join(CACHE, "keep_old.md"), "w") as f:
+        f.write(text + "\n" + footer)
+    with open(os.path.join(CACHE, "keep_old.json"), "w") as f:
+        json.dump({"sources": sources, "runs": runs}, f)
+    png = os.path.join(ROOT, "docs", "keep_old.png")
+    plot(runs, png)
+    print(f"plot: {os.path.relpath(png, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Keep the checkpoint's classes through training on labels of the new classes only.
+
+``MODEL.RECLASS.PRESERVE`` chooses how (:data:`~d2_reclass.options.PRESERVE_METHODS`):
+
+* ``pseudo_labels`` (the default with KEEP_SOURCE_CLASSES): the frozen source model labels the
+  old classes on every training image (:mod:`.pseudo_labels`);
+* ``distill``: the old classes' outputs are distilled from it (:mod:`.distill`);
+* ``frozen_rows``: only the new classes' entries train (:mod:`.frozen_rows`);
+* ``none``: plain fine-tuning.
+
+The source model is the :class:`~.teacher.Teacher`. :func:`attach_preservation` puts a method
+onto any detectron2 ``SimpleTrainer`` (its model, data loader and optimizer) after the
+weights are loaded; :func:`preservation_from_config` builds what it needs from a yacs config.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from ..options import preserve_method
+from .distill import OutputDistiller
+from .frozen_rows import FrozenEntries
+from .pseudo_labels import PseudoLabeledLoader, add_pseudo_labels
+from .teacher import Teacher, teacher_class_index
+
+__all__ = [
+    "FrozenEntries",
+    "OutputDistiller",
+    "Preservation",
+    "PseudoLabeledLoader",
+    "Teacher",
+    "add_pseudo_labels",
+    "attach_preservation",
+    "build_teacher",
+    "preservation_from_config",
+    "teacher_class_index",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Preservation:
+    """What keeps the old classes: the method, its teacher (None for frozen_rows / none), and
+    where the teacher's classes are among the model's.
+
+    Attributes:
+        method (str): pseudo_labels, distill, frozen_rows or none.
+        class_index (list[int or None]): per source class, the model's class id.
+        num_classes (int): the model's thing classes.
+        teacher (Teacher or None)
+        score, distill_weight (float): PSEUDO_LABEL_SCORE, DISTILL_WEIGHT.
+        attached (list): what :func:`attach_preservation` installed (loader, distiller, ...).
+    """
+
+    method: str
+    class_index: List[Optional[int]]
+    num_classes: int
+    teacher: Optional[Teacher] = None
+    score: float = 0.5
+    distill_weight: float = 1.0
+    attached: list = field(default_factory=list)
+
+    @property
+    def new_classes(self) -> List[int]:
+        """The model's class ids that no source class maps to."""
+        old = {i for i in self.class_index if i is not None}
+        return [t for t in range(self.num_classes) if t not in old]
+
+
+def attach_preservation(trainer, preservation: Preservation) -> Preservation:
+    """Install ``preservation`` on a detectron2 ``SimpleTrainer`` (or subclass: AMPTrainer)
+    whose model holds the loaded weights, before its first iteration.
+
+    pseudo_labels wraps ``trainer.data_loader``; distill hooks ``trainer.model``; frozen_rows
+    hooks its parameters and ``trainer.optimizer``. Returns ``preservation``.
+    """
+    p = preservation
+    if p.method == "pseudo_labels":
+        if getattr(trainer, "_data_loader_iter_obj", None) is not None:
+            raise RuntimeError("attach_preservation: the trainer's data loader is already "
+                               "being iterated; attach before training starts.")
+        trainer.data_loader = PseudoLabeledLoader(trainer.data_loader, p.teacher, p.class_index,
+                                                  score=p.score)
+        p.attached.append(trainer.data_loader)
+    elif p.method == "distill":
+        p.attached.append(OutputDistiller(trainer.model, p.teacher, p.class_index,
+                                          weight=p.distill_weight))
+    elif p.method == "frozen_rows":
+        p.attached.append(FrozenEntries(trainer.model, trainer.optimizer, p.new_classes))
+    if p.method != "none":
+        old = sum(i is not None for i in p.class_index)
+        logger.info(f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}: keeping {old} source "
+                    f"classes while {len(p.new_classes)} new classes train.")
+    return p
+
+
+def build_teacher(cfg, source_classes: Sequence[str], *, score: float) -> Teacher:
+    """The source model of a yacs config: built as the config builds the student, but for
+    ``source_classes``, with MODEL.WEIGHTS loaded unchanged; detections from ``score`` up."""
+    from detectron2.modeling import build_model
+
+    from ..checkpoint import ReclassCheckpointer
+    from ..config import apply_num_classes
+    from ..options import ReclassOptions
+
+    t = cfg.clone()
+    t.defrost()
+    r = t.MODEL.RECLASS
+    apply_num_classes(t, source_classes)
+    t.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score
+    t.MODEL.RETINANET.SCORE_THRESH_TEST = score
+    model = build_model(t)
+    options = ReclassOptions(
+        mode="map", source_classes=r.SOURCE_CLASSES or None, source_dataset=r.SOURCE_DATASET,
+        target_classes=list(source_classes), only=r.ONLY, rename=r.RENAME,
+        trust_pickle=r.TRUST_PICKLE, new_class_init="head")
+    ReclassCheckpointer(model, reclass=options).load(t.MODEL.WEIGHTS)
+    return Teacher(model, cache=r.TEACHER_CACHE)
+
+
+def preservation_from_config(cfg) -> Preservation:
+    """The :class:`Preservation` of a prepared yacs config (teacher built and loaded)."""
+    from ..config import target_classes
+    from ..keep_old import checkpoint_thing_classes
+
+    r = cfg.MODEL.RECLASS
+    method = preserve_method(r.PRESERVE, r.KEEP_SOURCE_CLASSES)
+    target = target_classes(cfg, "thing") or []
+    if method == "none":
+        return Preservation("none", [], len(target))
+    source = checkpoint_thing_classes(cfg.MODEL.WEIGHTS, r.SOURCE_CLASSES, r.SOURCE_DATASET,
+                                      trust_pickle=r.TRUST_PICKLE)
+    index = teacher_class_index(source, target)
+    teacher = build_teacher(cfg, source, score=r.PSEUDO_LABEL_SCORE) \
+        if method in ("pseudo_labels", "distill") else None
+    return Preservation(method, index, len(target), teacher, score=r.PSEUDO_LABEL_SCORE,
+                        distill_weight=r.DISTILL_WEIGHT)

@@ -1,0 +1,132 @@
+"""PRESERVE pseudo_labels: the source model labels the old classes on every training image.
+
+A dataset that labels only the new classes still shows old-class objects; trained on as they
+are, those objects are background, and the model forgets the old classes. Here every training
+batch, exactly as the project's own mapper and loader made it (augmented images, instances in
+their coordinates), gets the teacher's detections of the old classes added to its instances:
+
+* detections scoring at least ``score``, classes mapped to the model's by name;
+* except those overlapping a labelled box (IoU >= ``overlap``): that object is labelled, and
+  the source model's name for it is wrong whenever it is a new class (it calls stars
+  "diamond");
+* with masks when the instances carry masks (mask heads), pasted at the image's size.
+
+Shape shorthand: G = labelled instances of an image, P = its pseudo-labels, H x W = its size.
+"""
+import logging
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
+
+from ..errors import ConfigError
+from .teacher import Teacher
+
+__all__ = ["PseudoLabeledLoader", "add_pseudo_labels"]
+
+logger = logging.getLogger(__name__)
+
+
+def _bit_masks(masks, image_size) -> BitMasks:
+    if isinstance(masks, BitMasks):
+        return masks
+    if isinstance(masks, PolygonMasks):
+        return BitMasks.from_polygon_masks(masks, *image_size)
+    return BitMasks(torch.as_tensor(masks).bool())
+
+
+def add_pseudo_labels(
+    instances: Instances,
+    detections: Instances,
+    class_index: Sequence[Optional[int]],
+    *,
+    score: float = 0.5,
+    overlap: float = 0.5,
+    masks: Optional[torch.Tensor] = None,
+) -> Instances:
+    """``instances`` (the labels of one image) followed by the pseudo-labels of ``detections``.
+
+    Pure: neither input is modified. Labelled instances come first and unchanged (their masks
+    become :class:`BitMasks` when pseudo-labels with masks are added to polygons).
+
+    Args:
+        instances: ``gt_boxes``, ``gt_classes`` (model class ids) and maybe ``gt_masks``.
+        detections: the teacher's ``pred_boxes``, ``scores``, ``pred_classes`` (teacher ids)
+            on the same image, in the same coordinates.
+        class_index: for each teacher class, the model's class id, or None (not kept).
+        score: the lowest score that becomes a label.
+        overlap: a detection whose IoU with a labelled box reaches this is dropped.
+        masks: bool (N, H, W) masks of ``detections``, needed when ``instances`` has masks.
+
+    Returns:
+        Instances with G + P entries; P may be 0.
+
+    Raises:
+        ConfigError: the instances carry masks the detections lack, or another per-instance
+            field (keypoints) that pseudo-labels cannot give.
+    """
+    mapped = torch.tensor([-1 if i is None else i for i in class_index], dtype=torch.long)
+    classes = mapped[detections.pred_classes.long()] if len(detections) else \
+        torch.zeros(0, dtype=torch.long)
+    keep = (detections.scores >= score) & (classes >= 0)
+    boxes = detections.pred_boxes.tensor.to(instances.gt_boxes.tensor)
+    if len(instances) and keep.any():
+        iou = pairwise_iou(Boxes(boxes), instances.gt_boxes)  # N x G
+        keep &= iou.max(dim=1).values < overlap
+    idx = keep.nonzero().flatten()
+    out = Instances(instances.image_size)
+    out.gt_boxes = Boxes(torch.cat([instances.gt_boxes.tensor, boxes[idx]]))
+    out.gt_classes = torch.cat([instances.gt_classes,
+                                classes[idx].to(instances.gt_classes)])
+    if instances.has("gt_masks"):
+        if masks is None:
+            raise ConfigError("MODEL.RECLASS.PRESERVE pseudo_labels: the training instances have "
+                          "masks, but the source model gives none (it has no mask head): use "
+                          "PRESERVE distill or frozen_rows.")
+        own = _bit_masks(instances.gt_masks, instances.image_size)
+        new = BitMasks(masks[idx].to(own.tensor.device))
+        out.gt_masks = BitMasks.cat([own, new]) if len(own) or len(new) else own
+    for name in instances.get_fields():
+        if name not in ("gt_boxes", "gt_classes", "gt_masks"):
+            # Other per-instance fields (keypoints, ...) have no pseudo-label counterpart.
+            raise ConfigError(f"MODEL.RECLASS.PRESERVE pseudo_labels cannot label the "
+                              f"instances' {name!r}: use PRESERVE distill or frozen_rows.")
+    return out
+
+
+class PseudoLabeledLoader:
+    """Wraps a detectron2 training data loader (an iterable of batches: lists of dicts with an
+    augmented ``image`` and ``instances``): each batch comes out with the teacher's
+    pseudo-labels added to every image's instances (:func:`add_pseudo_labels`).
+
+    Every other attribute is the wrapped loader's.
+    """
+
+    def __init__(self, loader, teacher: Teacher, class_index: Sequence[Optional[int]], *,
+                 score: float = 0.5, overlap: float = 0.5):
+        self.loader = loader
+        self.teacher = teacher
+        self.class_index = list(class_index)
+        self.score, self.overlap = score, overlap
+        self.added = 0  # pseudo-labels added so far
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["loader"], name)
+
+    def label(self, batch: List[dict]) -> List[dict]:
+        """``batch`` with pseudo-labels; the input dicts are not modified."""
+        detections = self.teacher.detect([d["image"] for d in batch])
+        out = []
+        for d, det in zip(batch, detections):
+            d = dict(d)
+            inst = d["instances"]
+            masks = Teacher.masks(det) if inst.has("gt_masks") else None
+            d["instances"] = add_pseudo_labels(inst, det, self.class_index, score=self.score,
+                                               overlap=self.overlap, masks=masks)
+            self.added += len(d["instances"]) - len(inst)
+            out.append(d)
+        return out
+
+    def __iter__(self) -> Iterator[List[dict]]:
+        for batch in self.loader:
+            yield self.label(batch)

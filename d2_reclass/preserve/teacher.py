@@ -1,0 +1,118 @@
+"""The teacher: the frozen source model, run on the student's own training images.
+
+It runs in eval mode without gradients, on every rank for that rank's batch (nothing is
+broadcast: every rank builds it from the same file, and its outputs depend only on the image,
+never on the rest of the batch).
+Its detections are in the coordinates of the image it is given, the augmented training image.
+With ``cache`` on they are kept per image, keyed by the image tensor's content, so an image
+(and each flip of it) costs one forward pass per run, not one per epoch; the outputs are the
+same either way.
+
+Shape shorthand: N = detections of one image, M = the mask head's resolution.
+"""
+import hashlib
+import logging
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.layers.mask_ops import paste_masks_in_image
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.structures import Instances
+from torch import nn
+
+__all__ = ["Teacher", "teacher_class_index"]
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_class_index(source: Sequence[str], target: Sequence[str]) -> List[Optional[int]]:
+    """For each source (teacher) class, the index of the same class among the model's target
+    classes (normalised names), or None when the model dropped it."""
+    from ..classes import normalize_class_name
+
+    where = {normalize_class_name(c): i for i, c in enumerate(target)}
+    return [where.get(normalize_class_name(c)) for c in source]
+
+
+class Teacher:
+    """A frozen detectron2 model answering "what does the source model see in these images?".
+
+    Attributes:
+        model (nn.Module): the source model, in eval mode, its parameters without gradients.
+        cache (bool): keep each image's detections (see the module doc).
+        calls (int), images (int), cached (int), seconds (float): forward passes (one per
+            image run), images
+            seen, images answered from the cache, time spent in :meth:`detect` (for the log
+            and the benchmark).
+    """
+
+    def __init__(self, model: nn.Module, *, cache: bool = True):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.cache = cache
+        self._store: Dict[bytes, Instances] = {}
+        self.calls = self.images = self.cached = 0
+        self.seconds = 0.0
+
+    @staticmethod
+    def _key(image: torch.Tensor) -> bytes:
+        h = hashlib.sha1(str((tuple(image.shape), str(image.dtype))).encode())
+        h.update(image.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    @torch.no_grad()
+    def _run(self, images: Sequence[torch.Tensor]) -> List[Instances]:
+        """Detections on ``images`` (CHW, the model's input format), on CPU: boxes in the
+        images' own coordinates; masks, for mask heads, as M x M probabilities in their boxes
+        (pasted by :meth:`masks`), so a cache stays small.
+
+        One forward pass per image: batched, an image's outputs would depend (in the last
+        bits) on the other images of its batch, through padding and the kernels' blocking.
+        """
+        outputs = []
+        for im in images:
+            self.calls += 1
+            inputs = [{"image": im, "height": im.shape[-2], "width": im.shape[-1]}]
+            if isinstance(self.model, GeneralizedRCNN):
+                out = self.model.inference(inputs, do_postprocess=False)[0]
+            else:  # dense detectors: postprocessing to the image's own size is the identity
+                out = self.model(inputs)[0]["instances"]
+            outputs.append(out.to("cpu"))
+        return outputs
+
+    def detect(self, images: Sequence[torch.Tensor]) -> List[Instances]:
+        """The teacher's detections on each of ``images``, in their coordinates (CPU)."""
+        t0 = time.perf_counter()
+        try:
+            return self._detect(images)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _detect(self, images: Sequence[torch.Tensor]) -> List[Instances]:
+        self.images += len(images)
+        if not self.cache:
+            return self._run(images)
+        keys = [self._key(im) for im in images]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        # An image twice in one batch is run once.
+        first = {keys[i]: i for i in reversed(missing)}
+        todo = sorted(first.values())
+        if todo:
+            for i, out in zip(todo, self._run([images[i] for i in todo])):
+                self._store[keys[i]] = out
+        self.cached += len(images) - len(todo)
+        return [self._store[k] for k in keys]
+
+    @staticmethod
+    def masks(detections: Instances) -> Optional[torch.Tensor]:
+        """Bool masks (N, H, W) of ``detections`` at their image's size, or None without masks.
+        """
+        if not detections.has("pred_masks"):
+            return None
+        masks = detections.pred_masks
+        if masks.dim() == 4:  # M x M probabilities in the boxes
+            return paste_masks_in_image(masks[:, 0], detections.pred_boxes,
+                                        detections.image_size, threshold=0.5)
+        return masks.bool()
