@@ -27,6 +27,7 @@ bench: setup
 	$(PY) benchmarks/map_vs_reinit.py
 	$(PY) benchmarks/new_class_init.py
 	$(PY) benchmarks/merge_ap.py
+	$(PY) benchmarks/keep_old.py
 
 clean:
 	rm -rf $(VENV) output data .pytest_cache
