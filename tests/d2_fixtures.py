@@ -70,3 +70,39 @@ def captured_logs(*names: str) -> Iterator[List[str]]:
         for lg, level in zip(loggers, levels):
             lg.removeHandler(handler)
             lg.setLevel(level)
+
+
+def save_mapped_checkpoint(cfg, seed: int = 5) -> dict:
+    """Build ``cfg``'s model, load MODEL.WEIGHTS into it through ReclassCheckpointer (the
+    classes mapped as ``cfg`` says) and save it as OUTPUT_DIR/model_final.pth: what a fine-tune
+    at BASE_LR 0 saves. Returns the saved checkpoint."""
+    from d2_reclass import ReclassCheckpointer
+
+    os.makedirs(cfg.OUTPUT_DIR)  # what a train_net's default_setup(cfg, args) does first
+    torch.manual_seed(seed)
+    checkpointer = ReclassCheckpointer.from_config(cfg, build_model(cfg), cfg.OUTPUT_DIR)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    checkpointer.save("model_final")
+    return torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=True)
+
+
+def register_shapes_val(root: str, name: str, class_names: Sequence[str]) -> None:
+    """Register ``name``: two synthetic val images of squares, circles and triangles, whose
+    categories are called ``class_names`` (in that order), with stock register_coco_instances."""
+    import json
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from d2_reclass.synthetic import make_shapes_dataset
+
+    val_json = make_shapes_dataset(root, "val", ["square", "circle", "triangle"], 2,
+                                   image_size=96, seed=1)
+    with open(val_json) as f:
+        data = json.load(f)
+    for category, class_name in zip(data["categories"], class_names):
+        category["name"] = class_name
+    with open(val_json, "w") as f:
+        json.dump(data, f)
+    if name not in MetadataCatalog.list():
+        register_coco_instances(name, {}, val_json, os.path.join(root, "val"))

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence
 import pytest
 import torch
 from conftest import COCO_CLASSES, TARGET, TARGET_SOURCE, assert_std
+from d2_fixtures import register_shapes_val, save_mapped_checkpoint
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -418,7 +419,6 @@ def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path
     import sys
     from types import SimpleNamespace
 
-    from d2_reclass.synthetic import make_shapes_dataset
 
     # The fine-tuned checkpoint: the training lines (setup's prepare_reclass_config, do_train's
     # ReclassCheckpointer.from_config) load the LVIS source into 3 classes and save it, as the
@@ -428,27 +428,13 @@ def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path
         "MODEL.WEIGHTS", files["two_stage"], "MODEL.RECLASS.SOURCE_DATASET", LVIS,
         "MODEL.RECLASS.NEW_CLASS_INIT", "head", "OUTPUT_DIR", out])
     train, _ = prepare_reclass_config(train)
-    os.makedirs(out)  # what setup()'s default_setup(cfg, args) does first
-    torch.manual_seed(5)
-    checkpointer = ReclassCheckpointer.from_config(train, build_model(train), out)
-    checkpointer.resume_or_load(train.MODEL.WEIGHTS, resume=False)
-    checkpointer.save("model_final")
-    saved = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    saved = save_mapped_checkpoint(train)
     assert saved[CLASSES_KEY] == {"thing_classes": TARGET}
 
     # The eval config is the LVIS config (DATASETS.TRAIN lvis_v1_train, NUM_CLASSES 1203, its
     # fed-loss counts); only MODEL.WEIGHTS and DATASETS.TEST are given.
     val = "centernet2_three_val"
-    val_json = make_shapes_dataset(str(tmp_path), "val", ["square", "circle", "triangle"], 2,
-                                   image_size=96, seed=1)
-    with open(val_json) as f:
-        data = json.load(f)
-    for category, name in zip(data["categories"], TARGET):
-        category["name"] = name
-    with open(val_json, "w") as f:
-        json.dump(data, f)
-    if val not in MetadataCatalog.list():
-        register_coco_instances(val, {}, val_json, str(tmp_path / "val"))
+    register_shapes_val(str(tmp_path), val, TARGET)
     config_file = tmp_path / "lvis.yaml"
     config_file.write_text(centernet2_cfg(len(LVIS_CLASSES), files["lvis_counts"],
                                           train=LVIS).dump())

@@ -19,7 +19,7 @@ from typing import List
 import numpy as np
 import pytest
 import torch
-from d2_fixtures import captured_logs
+from d2_fixtures import captured_logs, register_shapes_val, save_mapped_checkpoint
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -385,9 +385,6 @@ def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path
     import sys
     from types import SimpleNamespace
 
-    from detectron2.data.datasets import register_coco_instances
-
-    from d2_reclass.synthetic import make_shapes_dataset
 
     # The fine-tuned checkpoint: the training lines (setup's prepare_reclass_config, do_train's
     # ReclassCheckpointer.from_config) load the LVIS source into the 3-class vocabulary and
@@ -397,25 +394,11 @@ def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path
         "MODEL.WEIGHTS", files["source"], "MODEL.RECLASS.SOURCE_DATASET", "lvis_v1_train",
         "MODEL.RECLASS.TARGET_CLASSES", TARGET, "MODEL.RECLASS.NEW_CLASS_INIT", "head",
         "OUTPUT_DIR", out]))
-    os.makedirs(out)  # what setup()'s default_setup(cfg, args) does first
-    torch.manual_seed(5)
-    checkpointer = ReclassCheckpointer.from_config(train, build_model(train), out)
-    checkpointer.resume_or_load(train.MODEL.WEIGHTS, resume=False)
-    checkpointer.save("model_final")
-    saved = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    saved = save_mapped_checkpoint(train)
     assert saved[CLASSES_KEY] == {"thing_classes": TARGET}
 
     val = "detic_three_val"
-    val_json = make_shapes_dataset(str(tmp_path), "val", ["square", "circle", "triangle"], 2,
-                                   image_size=96, seed=1)
-    with open(val_json) as f:
-        data = json.load(f)
-    for category, name in zip(data["categories"], TARGET):
-        category["name"] = name
-    with open(val_json, "w") as f:
-        json.dump(data, f)
-    if val not in MetadataCatalog.list():
-        register_coco_instances(val, {}, val_json, str(tmp_path / "val"))
+    register_shapes_val(str(tmp_path), val, TARGET)
     evaluated, do_test = [], detic_do_test
 
     def spy(cfg, model):  # upstream's do_test, recording the model it evaluates
