@@ -385,7 +385,6 @@ def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path
     import sys
     from types import SimpleNamespace
 
-
     # The fine-tuned checkpoint: the training lines (setup's prepare_reclass_config, do_train's
     # ReclassCheckpointer.from_config) load the LVIS source into the 3-class vocabulary and
     # save it, as the loop's checkpointer does at BASE_LR 0.
