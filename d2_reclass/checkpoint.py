@@ -441,16 +441,17 @@ class ReclassCheckpointer(DetectionCheckpointer):
         r = self.reclass
         thing_source, thing_what = self._source(stored, "thing", r.source_classes)
         stuff_source, stuff_what = self._source(stored, "stuff", r.source_stuff_classes)
+        data_classes = self._data_classes()
         thing_target = r.target_classes
         if r.keep_source_classes and thing_target is None and thing_source:
             # The Python API's form of KEEP_SOURCE_CLASSES: no target resolved from a config.
-            thing_target = kept_target_classes(thing_source, [self._data_classes()])
+            thing_target = kept_target_classes(thing_source, [data_classes])
         # One CLASS_MAP for both spaces: each entry applies where its target class is.
         class_map = class_map_by_space(r.class_map, {THING: thing_target,
                                                      STUFF: r.target_stuff_classes})
         return {
             THING: ClassSpec(thing_source, thing_target, class_map[THING], thing_what,
-                             "MODEL.RECLASS.TARGET_CLASSES", known=self._data_classes()),
+                             "MODEL.RECLASS.TARGET_CLASSES", known=data_classes),
             STUFF: ClassSpec(stuff_source, r.target_stuff_classes, class_map[STUFF], stuff_what,
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
