@@ -20,8 +20,8 @@ The task (synthetic shapes, :mod:`d2_reclass.synthetic`, the demo's colours and 
 * Every fine-tune is ``ReclassTrainer`` as tools/train_net.py runs it (the trainer mixin,
   ReclassCheckpointer, the data loader), from the source weights with
   ``MODEL.RECLASS.KEEP_SOURCE_CLASSES True`` (NEW_CLASS_INIT auto: imprint), batch 2,
-  BatchNorm frozen, LR 0.0025 after 20 warmup iterations, constant, so that one 200-iteration
-  run evaluated at 100 and 200 gives both schedules. Wall time excludes the evaluations; peak
+  BatchNorm frozen, LR 0.0025 after 20 warmup iterations, constant, so that one 300-iteration
+  run evaluated at 100 and 300 gives both schedules. Wall time excludes the evaluations; peak
   memory is the process's resident-set high-water mark during training minus its size before.
 * Rows: naive (PRESERVE none, new-only labels), each PRESERVE method, joint training on the
   fully labelled set (the upper bound), the weaker source, and rehearsal (the source's own
@@ -76,9 +76,22 @@ RETINANET_OPTS = [
     "MODEL.ANCHOR_GENERATOR.SIZES", [[s, s * 1.26, s * 1.59] for s in (8, 16, 32, 64, 128)],
 ]
 ARCHS = {"faster": [], "retinanet": RETINANET_OPTS}
-SOURCE_ITERS = 500
-SOURCE_SOLVER = ["SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 0.02, "SOLVER.WARMUP_ITERS", 50,
-                 "SEED", 1]
+#: Source training: iterations per architecture (the weaker source: a quarter), and the
+#: architecture whose full source gives the backbone. RetinaNet from scratch reached old-class
+#: AP 10 in 500 iterations (and diverged to NaN at LR 0.02); from the Faster R-CNN source's
+#: ResNet and FPN (trained on the same images), as a user's model starts from a pretrained
+#: backbone, it learns its head in 2000.
+SOURCE_ITERS = {"faster": 500, "retinanet": 2000}
+SOURCE_BACKBONE = {"retinanet": "faster"}
+_SOURCE_SOLVER = ["SOLVER.IMS_PER_BATCH", 4, "SOLVER.WARMUP_ITERS", 50, "SEED", 1]
+#: RetinaNet at the Faster R-CNN's LR 0.02 diverged to NaN; 0.01 with the gradient norm
+#: clipped trains.
+SOURCE_SOLVERS = {
+    "faster": [*_SOURCE_SOLVER[:2], "SOLVER.BASE_LR", 0.02, *_SOURCE_SOLVER[2:]],
+    "retinanet": [*_SOURCE_SOLVER[:2], "SOLVER.BASE_LR", 0.01, *_SOURCE_SOLVER[2:],
+                  "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+                  "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 5.0],
+}
 #: Fine-tuning: batch 2 at twice the demo's LR per image (200 iterations see as much update as
 #: the demo's 100 at batch 8), BatchNorm statistics frozen (FrozenBN loads the source's): at
 #: batch 2, trainable BatchNorm drifted and cost joint training 7 points of old-class AP.
@@ -86,7 +99,7 @@ TARGET_SOLVER = ["SOLVER.IMS_PER_BATCH", 2, "SOLVER.BASE_LR", 0.0025, "SOLVER.WA
                  "SOLVER.STEPS", (), "SOLVER.CHECKPOINT_PERIOD", 100000,
                  "MODEL.RESNETS.NORM", "FrozenBN"]
 #: Bump when the fine-tuning (this file's fine_tune, or d2_reclass's code it runs) changes.
-RUNS_VERSION = 1
+RUNS_VERSION = 2
 SEEDS = (1, 2, 3)
 #: method -> (training datasets, MODEL.RECLASS.PRESERVE)
 METHODS = {
@@ -97,21 +110,23 @@ METHODS = {
     "joint": (("ko_target_full",), "none"),
     "rehearsal": (("ko_source_rehearsal", "ko_target_new"), "none"),
 }
-#: The long schedule; every run of it is also evaluated at SHORT.
-LONG, SHORT = 200, 100
+#: The long schedule; every run of it is also evaluated at SHORT (and at EVAL_AT for the plot).
+LONG, SHORT = 300, 100
+EVAL_AT = (0, 50, SHORT, 200, LONG)
 #: Groups of runs in priority order: (arch, source, method, iterations, teacher cache). The
 #: RetinaNet groups come last: its source model alone costs as much as a whole group.
 GROUPS = {
     "joint": [("faster", "full", "joint", LONG, True)],
     "main": [("faster", "full", m, LONG, True) for m in ("naive", "pseudo_labels")],
-    "weak": [("faster", "weak", m, SHORT, True) for m in ("naive", "pseudo_labels")],
-    "methods": [("faster", "full", m, SHORT, True) for m in ("distill", "frozen_rows")],
-    "rehearsal": [("faster", "full", "rehearsal", SHORT, True)],
+    "weak": [("faster", "weak", m, LONG, True) for m in ("naive", "pseudo_labels")],
+    "methods": [("faster", "full", m, LONG, True) for m in ("distill", "frozen_rows")],
+    "rehearsal": [("faster", "full", "rehearsal", LONG, True)],
     "retinanet": [("retinanet", "full", m, LONG, True)
                   for m in ("joint", "naive", "pseudo_labels")],
     "nocache": [("faster", "full", "pseudo_labels", LONG, False)],
-    "retinanet_methods": [("retinanet", "full", m, SHORT, True)
+    "retinanet_methods": [("retinanet", "full", m, LONG, True)
                           for m in ("distill", "frozen_rows")],
+    "retinanet_weak": [("retinanet", "weak", m, LONG, True) for m in ("naive", "pseudo_labels")],
 }
 #: Only the first seed of these groups (a time measurement: its APs equal the cached run's).
 ONE_SEED = {"nocache"}
@@ -171,38 +186,54 @@ def _derive(data_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- sources
-def _source_dir(arch: str, iterations: int) -> Tuple[str, list]:
-    opts = [*SIZE_OPTS, *ARCHS[arch], *SOURCE_SOLVER, "SOLVER.MAX_ITER", iterations,
+def _source_dir(arch: str, iterations: int) -> Tuple[str, list, Optional[str]]:
+    """The source's cache directory, its config options and the weights of its backbone."""
+    opts = [*SIZE_OPTS, *ARCHS[arch], *SOURCE_SOLVERS[arch], "SOLVER.MAX_ITER", iterations,
             "SOLVER.STEPS", (round(iterations * 0.8),), "DATASETS.TRAIN", ("ko_source_train",)]
-    return os.path.join(CACHE, f"source-{arch}-{iterations}-" + digest(
-        SPLITS, SCENE, opts, "configs/Base-Shapes-RCNN.yaml")), opts
+    backbone = None
+    if arch in SOURCE_BACKBONE:
+        b = SOURCE_BACKBONE[arch]
+        backbone = os.path.join(_source_dir(b, SOURCE_ITERS[b])[0], "model_final.pth")
+    tag = digest(SPLITS, SCENE, opts, "configs/Base-Shapes-RCNN.yaml",
+                 *([os.path.basename(os.path.dirname(backbone))] if backbone else []))
+    return os.path.join(CACHE, f"source-{arch}-{iterations}-{tag}"), opts, backbone
+
+
+def _source_iters(arch: str, kind: str) -> int:
+    return SOURCE_ITERS[arch] if kind == "full" else SOURCE_ITERS[arch] // 4
 
 
 def source_cached(arch: str, kind: str) -> bool:
-    iterations = SOURCE_ITERS if kind == "full" else SOURCE_ITERS // 4
-    return os.path.exists(os.path.join(_source_dir(arch, iterations)[0], "record.json"))
+    run_dir = _source_dir(arch, _source_iters(arch, kind))[0]
+    return os.path.exists(os.path.join(run_dir, "record.json"))
 
 
 def source_model(arch: str, iterations: int, force: bool) -> dict:
     """Train (once) a 6-class source model; its weights path (storing the class names),
     seconds and metrics on the target val set (old classes only)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
     from d2_reclass import ReclassCheckpointer, ReclassTrainer
 
-    run_dir, opts = _source_dir(arch, iterations)
+    run_dir, opts, backbone = _source_dir(arch, iterations)
     record_path = os.path.join(run_dir, "record.json")
     if not force and os.path.exists(record_path):
         with open(record_path) as f:
-            return json.load(f)
+            # The weights are next to the record, wherever the cache was copied to.
+            return dict(json.load(f), weights=os.path.join(run_dir, "model_final.pth"))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     cfg = config(opts)
     torch.manual_seed(cfg.SEED)
     model = ReclassTrainer.build_model(cfg)
+    if backbone is not None:  # stock loading: the heads' keys are missing, and stay at init
+        DetectionCheckpointer(model).load(backbone)
     t0 = time.time()
     train(model, cfg, iterations, cfg.SEED)
     seconds = time.time() - t0
     ReclassCheckpointer.from_config(cfg, model, run_dir).save("model_final")
     record = {"weights": os.path.join(run_dir, "model_final.pth"), "seconds": seconds,
+              "backbone": backbone and os.path.basename(os.path.dirname(backbone)),
               "iterations": iterations, "metrics": evaluate(model, "ko_target_val", ALL)}
     with open(record_path, "w") as f:
         json.dump(record, f, indent=2)
@@ -234,7 +265,7 @@ def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool
     from d2_reclass import ReclassTrainerMixin
 
     datasets, preserve = METHODS[method]
-    out_dir = os.path.join(CACHE, "tmp-run")
+    out_dir = os.path.join(CACHE, f"tmp-run-{os.getpid()}")  # groups may run side by side
     shutil.rmtree(out_dir, ignore_errors=True)
     opts = [*SIZE_OPTS, *ARCHS[arch], *TARGET_SOLVER, "SOLVER.MAX_ITER", iterations,
             "MODEL.WEIGHTS", source["weights"], "MODEL.RECLASS.KEEP_SOURCE_CLASSES", True,
@@ -284,7 +315,7 @@ def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool
         "peak_rss_mb": peak,
         "teacher": None if teacher is None else {
             "seconds": teacher.seconds, "calls": teacher.calls, "images": teacher.images,
-            "cached": teacher.cached},
+            "runs": teacher.runs, "cached": teacher.cached},
         "pseudo_labels": getattr(trainer.preservation.attached[0], "added", None)
         if trainer.preservation.attached else None,
         "classes": list(trainer.checkpointer.reclass.target_classes or []),
@@ -296,16 +327,16 @@ def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool
 
 def timing(source: dict) -> None:
     """Wall time of naive, pseudo_labels (cached, then per batch) and naive again, run back to
-    back in this process (seed 1, SHORT iterations), so that the machine's load is about the
-    same for all four; written to timing.json."""
+    back in this process (seed 1, LONG iterations, timed at SHORT and LONG), so that the
+    machine's load is about the same for all four; written to timing.json."""
     out = []
     for method, cache in (("naive", True), ("pseudo_labels", True), ("pseudo_labels", False),
                           ("naive", True)):
         load = os.getloadavg()[0]
-        r = fine_tune("faster", source, method, SHORT, cache, 1, [SHORT])
+        r = fine_tune("faster", source, method, LONG, cache, 1, [SHORT, LONG])
         out.append({"method": method, "cache": cache, "load": load, "teacher": r["teacher"],
-                    "train_seconds": r["train_seconds"][str(SHORT)],
-                    "ap": old_new(r["curve"][str(SHORT)])})
+                    "train_seconds": r["train_seconds"],
+                    "ap": {it: old_new(m) for it, m in r["curve"].items()}})
         print(json.dumps(out[-1]), flush=True)
     with open(os.path.join(CACHE, "timing.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -333,7 +364,8 @@ def table(runs: Dict[str, List[dict]], sources: Dict[str, dict]) -> str:
     from tabulate import tabulate
 
     rows = []
-    for (arch, src) in (("faster", "full"), ("retinanet", "full"), ("faster", "weak")):
+    for (arch, src) in (("faster", "full"), ("faster", "weak"), ("retinanet", "full"),
+                        ("retinanet", "weak")):
         if f"{arch}/{src}" not in sources:
             continue
         s = old_new(sources[f"{arch}/{src}"]["metrics"])
@@ -448,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="only make the data and train the source models")
     parser.add_argument("--timing", action="store_true",
                         help="time naive, pseudo_labels cached and per batch, naive again, back "
-                        "to back (seed 1, SHORT iterations), into timing.json; nothing cached")
+                        "to back (seed 1, LONG iterations), into timing.json; nothing cached")
     parser.add_argument("--report-only", action="store_true",
                         help="tables and plot from the cached runs; run nothing")
     args = parser.parse_args(argv)
@@ -469,7 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if key not in sources and args.report_only and not source_cached(arch, kind):
             return None
         if key not in sources:
-            iters = SOURCE_ITERS if kind == "full" else SOURCE_ITERS // 4
+            iters = _source_iters(arch, kind)
             sources[key] = source_model(arch, iters, args.force)
             m = old_new(sources[key]["metrics"])
             print(f"source {key}: {iters} iterations in {sources[key]['seconds']:.0f} s; "
@@ -480,7 +512,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         timing(get_source("faster", "full"))
         return
     if args.sources_only:
-        for arch, kind in (("faster", "full"), ("faster", "weak"), ("retinanet", "full")):
+        for arch, kind in (("faster", "full"), ("faster", "weak"), ("retinanet", "full"),
+                           ("retinanet", "weak")):
             get_source(arch, kind)
         return
     runs: Dict[str, List[dict]] = {}
@@ -495,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     print(f"skipped {arch} {kind} {method}: its new-only dataset needs the "
                           "by-name mapping of dataset ids (d2_reclass.dataset_classes)")
                     continue
-                eval_at = [0, LONG // 4, SHORT, LONG] if iterations == LONG else [SHORT]
+                eval_at = list(EVAL_AT) if iterations == LONG else [SHORT]
                 key = digest(RUNS_VERSION, source["weights"], arch, method, iterations, cache,
                              seed, eval_at, TARGET_SOLVER, SIZE_OPTS, METHODS[method])
                 path = os.path.join(CACHE, f"run-{arch}-{kind}-{method}-{iterations}-"

@@ -180,6 +180,8 @@ def train(model, cfg, iterations: int, seed: int, evaluate=None, eval_at: Sequen
         for i in range(1, iterations + 1):
             storage.iter = i
             losses = sum(model(next(loader)).values())
+            if not torch.isfinite(losses):  # as detectron2's trainer: never save a NaN model
+                raise FloatingPointError(f"Loss became infinite or NaN at iteration {i}")
             optimizer.zero_grad()
             losses.backward()
             optimizer.step()

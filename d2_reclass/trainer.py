@@ -26,7 +26,7 @@ from .errors import ClassListError
 from .fast_rcnn import use_reclass_box_predictors
 from .layouts import STUFF, THING, find_layouts
 from .new_classes import broadcast_thing_heads
-from .preserve import attach_preservation, preservation_from_config
+from .preserve import attach_preservation, preservation_from_config, preservation_summary
 from .stock_loads import warn_on_skipped_class_heads
 
 __all__ = [
@@ -171,7 +171,12 @@ class ReclassTrainerMixin:
 
     def train(self):
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
-            return super().train()
+            results = super().train()
+        summary = preservation_summary(self.preservation) \
+            if getattr(self, "preservation", None) is not None else None
+        if summary:
+            logger.info(summary)
+        return results
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

@@ -2,6 +2,7 @@
 kept through training on a dataset that labels (and lists) only the new class."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from d2_reclass import (
     register_coco_dataset,
 )
 from d2_reclass.keep_old import kept_target_classes
-from d2_reclass.preserve import Teacher, add_pseudo_labels
+from d2_reclass.preserve import Teacher, add_pseudo_labels, preservation_summary
 from d2_reclass.preserve.distill import sigmoid_distill_loss, softmax_distill_loss
 from d2_reclass.synthetic import make_shapes_dataset
 
@@ -189,19 +190,27 @@ def test_pseudo_labels_carry_masks_next_to_polygon_labels():
         add_pseudo_labels(gt, det, list(range(6)))
 
 
-def test_the_teacher_cache_gives_the_same_detections_and_runs_each_image_once(task):
+def test_the_teacher_runs_each_image_once_with_the_detections_of_its_first_batch(task):
     model = small_model(6, seed=1)
     images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(i)) for i in range(3)]
     plain, cached = Teacher(model, cache=False), Teacher(model, cache=True)
     first = cached.detect(images[:2])
     again = cached.detect([images[1], images[2], images[1]])
-    assert cached.calls == 3 and cached.images == 5 and cached.cached == 2
-    for a, b in zip(first + again, plain.detect(images[:2]) + plain.detect(
-            [images[1], images[2], images[1]])):
+    # One forward pass per call, for the images not seen before (image 1 is run once).
+    assert (cached.calls, cached.runs, cached.images, cached.cached) == (2, 3, 5, 2)
+    assert again[0] is first[1] and again[2] is first[1]
+    expected = plain.detect(images[:2]) + plain.detect([images[2]])
+    assert (plain.calls, plain.runs, plain.cached) == (2, 3, 0)
+    for a, b in zip(first + again[1:2], expected):
+        assert len(a) > 0
         assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
         assert torch.equal(a.scores, b.scores)
-    assert plain.calls == 5 and plain.cached == 0
+    # Batched or alone, an image gets the same detections up to the last bits.
+    alone = plain.detect([images[0]])[0]
+    assert torch.equal(alone.pred_classes, first[0].pred_classes)
+    assert torch.allclose(alone.scores, first[0].scores, atol=1e-5)
+    assert torch.allclose(alone.pred_boxes.tensor, first[0].pred_boxes.tensor, atol=1e-3)
 
 
 def _train_capturing(cfg):
@@ -232,6 +241,14 @@ def test_old_objects_never_reach_the_loss_as_background(task):
     trainer, batches, seen = _train_capturing(_cfg(task, weights="biased.pth"))
     assert trainer.preservation.method == "pseudo_labels"
     teacher = trainer.preservation.teacher
+    images = sum(len(b) for b in batches)
+    assert (teacher.images, teacher.calls) == (images, len(batches))
+    assert re.fullmatch(
+        rf"\[Preservation\] MODEL.RECLASS.PRESERVE pseudo_labels; "
+        rf"{trainer.preservation.attached[0].added} pseudo-labels of old classes added; "
+        rf"teacher: {images} images, {teacher.runs} run in {len(batches)} forward passes, "
+        rf"{teacher.cached} from its cache, [0-9.]+ s\.",
+        preservation_summary(trainer.preservation))
     on_old = 0
     for batch, per_image in zip(batches, seen):
         detections = teacher.detect([d["image"] for d in batch])

@@ -31,6 +31,7 @@ __all__ = [
     "add_pseudo_labels",
     "attach_preservation",
     "build_teacher",
+    "preservation_summary",
     "preservation_from_config",
     "teacher_class_index",
 ]
@@ -92,6 +93,23 @@ def attach_preservation(trainer, preservation: Preservation) -> Preservation:
         logger.info(f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}: keeping {old} source "
                     f"classes while {len(p.new_classes)} new classes train.")
     return p
+
+
+def preservation_summary(preservation: Preservation) -> Optional[str]:
+    """One line saying what ``preservation`` did so far (pseudo-labels added, the teacher's
+    passes and time), or None for ``none``."""
+    p = preservation
+    if p.method == "none":
+        return None
+    parts = [f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}"]
+    for attached in p.attached:
+        if isinstance(attached, PseudoLabeledLoader):
+            parts.append(f"{attached.added} pseudo-labels of old classes added")
+    t = p.teacher
+    if t is not None and t.images:
+        parts.append(f"teacher: {t.images} images, {t.runs} run in {t.calls} forward passes, "
+                     f"{t.cached} from its cache, {t.seconds:.1f} s")
+    return "; ".join(parts) + "."
 
 
 def build_teacher(cfg, source_classes: Sequence[str], *, score: float) -> Teacher:

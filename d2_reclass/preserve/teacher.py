@@ -1,12 +1,15 @@
 """The teacher: the frozen source model, run on the student's own training images.
 
 It runs in eval mode without gradients, on every rank for that rank's batch (nothing is
-broadcast: every rank builds it from the same file, and its outputs depend only on the image,
-never on the rest of the batch).
+broadcast: every rank builds it from the same file). The images a call has to run go through
+one forward pass together, as the student's batch does: one pass per image cost the teacher
+about half again as much on a CPU. An image's detections can therefore differ in their last
+bits with the images beside it (padding, the kernels' blocking); they are still a function of
+the data order alone, so a rerun with the same seed gives the same labels on every rank.
 Its detections are in the coordinates of the image it is given, the augmented training image.
 With ``cache`` on they are kept per image, keyed by the image tensor's content, so an image
-(and each flip of it) costs one forward pass per run, not one per epoch; the outputs are the
-same either way.
+(and each flip of it) costs one forward pass per run, not one per epoch: later epochs get the
+detections of the batch the image first came in.
 
 Shape shorthand: N = detections of one image, M = the mask head's resolution.
 """
@@ -41,10 +44,9 @@ class Teacher:
     Attributes:
         model (nn.Module): the source model, in eval mode, its parameters without gradients.
         cache (bool): keep each image's detections (see the module doc).
-        calls (int), images (int), cached (int), seconds (float): forward passes (one per
-            image run), images
-            seen, images answered from the cache, time spent in :meth:`detect` (for the log
-            and the benchmark).
+        calls (int), images (int), runs (int), cached (int), seconds (float): forward passes,
+            images seen, images run, images answered from the cache, time spent in
+            :meth:`detect` (for the log and the benchmark).
     """
 
     def __init__(self, model: nn.Module, *, cache: bool = True):
@@ -53,7 +55,7 @@ class Teacher:
             p.requires_grad_(False)
         self.cache = cache
         self._store: Dict[bytes, Instances] = {}
-        self.calls = self.images = self.cached = 0
+        self.calls = self.images = self.runs = self.cached = 0
         self.seconds = 0.0
 
     @staticmethod
@@ -66,21 +68,18 @@ class Teacher:
     def _run(self, images: Sequence[torch.Tensor]) -> List[Instances]:
         """Detections on ``images`` (CHW, the model's input format), on CPU: boxes in the
         images' own coordinates; masks, for mask heads, as M x M probabilities in their boxes
-        (pasted by :meth:`masks`), so a cache stays small.
-
-        One forward pass per image: batched, an image's outputs would depend (in the last
-        bits) on the other images of its batch, through padding and the kernels' blocking.
+        (pasted by :meth:`masks`), so a cache stays small. One forward pass for all of them.
         """
-        outputs = []
-        for im in images:
-            self.calls += 1
-            inputs = [{"image": im, "height": im.shape[-2], "width": im.shape[-1]}]
-            if isinstance(self.model, GeneralizedRCNN):
-                out = self.model.inference(inputs, do_postprocess=False)[0]
-            else:  # dense detectors: postprocessing to the image's own size is the identity
-                out = self.model(inputs)[0]["instances"]
-            outputs.append(out.to("cpu"))
-        return outputs
+        if not images:
+            return []
+        self.calls += 1
+        self.runs += len(images)
+        inputs = [{"image": im, "height": im.shape[-2], "width": im.shape[-1]} for im in images]
+        if isinstance(self.model, GeneralizedRCNN):
+            outputs = self.model.inference(inputs, do_postprocess=False)
+        else:  # dense detectors: postprocessing to the image's own size is the identity
+            outputs = [out["instances"] for out in self.model(inputs)]
+        return [out.to("cpu") for out in outputs]
 
     def detect(self, images: Sequence[torch.Tensor]) -> List[Instances]:
         """The teacher's detections on each of ``images``, in their coordinates (CPU)."""
