@@ -164,16 +164,20 @@ class ReclassTrainerMixin:
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
             report.to_json(path)
             logger.info(f"[ReclassTrainer] Wrote {path}")
+        self._attach_preservation()
+
+    def _attach_preservation(self) -> None:
         if getattr(self, "preservation", None) is None:
             # After the load: frozen_rows keeps what was loaded; every rank builds its teacher.
             self.preservation = attach_preservation(self._trainer,
                                                     preservation_from_config(self.cfg))
 
     def train(self):
+        # A project that trains without resume_or_load still keeps the old classes.
+        self._attach_preservation()
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
             results = super().train()
-        summary = preservation_summary(self.preservation) \
-            if getattr(self, "preservation", None) is not None else None
+        summary = preservation_summary(self.preservation)
         if summary:
             logger.info(summary)
         return results

@@ -284,6 +284,15 @@ def test_old_objects_never_reach_the_loss_as_background(task):
     assert as_background > 0
 
 
+def test_a_project_that_trains_without_resume_or_load_still_gets_pseudo_labels(task):
+    trainer = ReclassTrainer(_cfg(task, "OUTPUT_DIR", str(task / "no_load"),
+                                  weights="biased.pth"))
+    trainer.train()
+    p = trainer.preservation
+    assert p.method == "pseudo_labels" and p.teacher.images == 4
+    assert p.attached[0] is trainer._trainer.data_loader and p.attached[0].added > 0
+
+
 # ----------------------------------------------------------------------------- frozen rows
 def test_frozen_rows_leave_every_old_entry_bit_for_bit(task):
     cfg = _cfg(task, "MODEL.RECLASS.PRESERVE", "frozen_rows", "SOLVER.MAX_ITER", 3,
