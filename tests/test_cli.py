@@ -44,8 +44,14 @@ def _save(model, path):
                     "optimizer": {"state": {}, "param_groups": []}}, path)
 
 
-@pytest.mark.parametrize("fmt", ["pth", "pkl"])
-@pytest.mark.parametrize("arch", list(ARCHS))
+#: Two of the eight run by default (each runs the command in new interpreters); all with -m slow.
+DEFAULT_CASES = {("faster", "pth"), ("cascade", "pkl")}
+
+
+@pytest.mark.parametrize("arch, fmt", [
+    pytest.param(arch, fmt, id=f"{arch}-{fmt}",
+                 marks=() if (arch, fmt) in DEFAULT_CASES else pytest.mark.slow)
+    for arch in ARCHS for fmt in ("pth", "pkl")])
 def test_inspect_and_convert(arch, fmt, tmp_path):
     kwargs, name, keys = ARCHS[arch]
     source = small_model(6, seed=1, **kwargs)

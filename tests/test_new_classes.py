@@ -430,6 +430,7 @@ def test_trainer_initialises_new_classes_in_resume_or_load(registered, tmp_path)
     trainer.train()
 
 
+@pytest.mark.slow
 def test_two_ranks_compute_and_hold_identical_heads(data, registered, tmp_path):
     """tools/train_net.py's setup and ReclassTrainer on 2 gloo processes, NEW_CLASS_INIT
     imprint: each rank's report (computed before the broadcast) and parameters agree."""

@@ -339,6 +339,7 @@ def test_point_rend_semantic():
     load_strict(model, new)
 
 
+@pytest.mark.slow
 def test_implicit_point_rend_parameter_head():
     """Its parameter head predicts the point head's MLP as one flat vector: the last layer's
     weights (K blocks of C) end the weights, its biases (K) end the vector."""

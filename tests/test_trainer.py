@@ -147,6 +147,7 @@ def test_the_saved_model_maps_by_stored_names_with_no_source_key(trained):
     assert torch.equal(new[2], final[CLS][3])
 
 
+@pytest.mark.slow
 def test_two_process_launch_with_reinit_keeps_ranks_identical(coco_task, tmp_path):
     root, ckpt, _ = coco_task
     worker = os.path.join(REPO, "tests", "ddp_train_worker.py")
@@ -187,6 +188,7 @@ def test_the_lazy_demo_config_is_seeded_as_its_yaml_twin():
         r.MODE, r.SEED, r.NEW_CLASS_INIT)
 
 
+@pytest.mark.slow
 def test_lazyconfig_train_net_maps_init_checkpoint(coco_task, tmp_path):
     from detectron2 import model_zoo
     from detectron2.config import instantiate
