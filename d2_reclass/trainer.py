@@ -7,7 +7,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.utils import comm
@@ -149,7 +149,9 @@ class ReclassTrainerMixin:
         old = self.checkpointer
         self.checkpointer = ReclassCheckpointer.from_config(
             self.cfg, old.model, old.save_dir, **old.checkpointables)
-        return super().build_hooks()
+        # First, so that what preservation did is logged before the final evaluation.
+        return [hooks.CallbackHook(after_train=lambda trainer: self._log_preservation()),
+                *super().build_hooks()]
 
     def resume_or_load(self, resume: bool = True) -> None:
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
@@ -176,11 +178,12 @@ class ReclassTrainerMixin:
         # A project that trains without resume_or_load still keeps the old classes.
         self._attach_preservation()
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
-            results = super().train()
+            return super().train()
+
+    def _log_preservation(self) -> None:
         summary = preservation_summary(self.preservation)
         if summary:
             logger.info(summary)
-        return results
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

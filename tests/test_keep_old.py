@@ -442,7 +442,11 @@ def test_train_net_takes_the_key_with_a_dataset_listing_only_the_new_class(task,
         "MODEL.RECLASS.KEEP_SOURCE_CLASSES: the checkpoint's, then the new ones" in log
     assert "DATALOADER.FILTER_EMPTY_ANNOTATIONS True -> False" in log
     assert "[Preservation] MODEL.RECLASS.PRESERVE pseudo_labels: keeping 6 source classes " \
-        "while 1 new classes train." in log
+        "while 1 new class trains." in log
+    # What it did, logged once at the end of training.
+    assert len(re.findall(r"\[Preservation\] MODEL.RECLASS.PRESERVE pseudo_labels; [0-9]+ "
+                          r"pseudo-labels of old classes added; teacher: 4 images, 4 run in 2 "
+                          r"forward passes, 0 from its cache", log)) == 1
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["d2_reclass"] == {"thing_classes": SEVEN}
     source = torch.load(task / "named.pth", weights_only=True)["model"]

@@ -91,7 +91,9 @@ def attach_preservation(trainer, preservation: Preservation) -> Preservation:
     if p.method != "none":
         old = sum(i is not None for i in p.class_index)
         logger.info(f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}: keeping {old} source "
-                    f"classes while {len(p.new_classes)} new classes train.")
+                    f"classes while {len(p.new_classes)} new "
+                    f"class{'' if len(p.new_classes) == 1 else 'es'} train"
+                    f"{'s' if len(p.new_classes) == 1 else ''}.")
     return p
 
 
