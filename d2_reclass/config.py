@@ -1,7 +1,7 @@
 """Config keys (``MODEL.RECLASS``), class-list resolution, and YAML loading with zoo bases."""
 import logging
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -17,12 +17,12 @@ from .num_classes import add_registered_defaults, check_num_classes_config, num_
 from .options import check_option_values, preserve_method
 
 __all__ = [
+    "ConfigChange",
     "ModelZooConfigHandler",
-    "NumClassesChange",
     "add_reclass_config",
     "apply_num_classes",
     "dataset_classes",
-    "log_num_classes_changes",
+    "log_config_changes",
     "merge_config_file",
     "prepare_reclass_config",
     "target_classes",
@@ -151,13 +151,13 @@ def target_classes_what(cfg: CN, kind: str = "thing") -> str:
     return f"the classes of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}"
 
 
-class NumClassesChange(NamedTuple):
+class ConfigChange(NamedTuple):
     """One key prepare_reclass_config set: a NUM_CLASSES key from the target classes, or
     FILTER_EMPTY_ANNOTATIONS for pseudo-labels; ``key`` went from ``old`` to ``new``."""
 
     key: str
-    old: int
-    new: int
+    old: Union[int, bool]
+    new: Union[int, bool]
     source: str  # where the classes came from, for the log line
 
 
@@ -195,7 +195,7 @@ def _node(cfg: CN, key: str):
 
 
 def prepare_reclass_config(cfg: CN, *, eval_only: bool = False
-                           ) -> Tuple[CN, List[NumClassesChange]]:
+                           ) -> Tuple[CN, List[ConfigChange]]:
     """A copy of ``cfg`` ready to build a model for its target classes, and what changed.
 
     The copy has ``MODEL.RECLASS`` (its defaults when the config has none), its keys are
@@ -221,7 +221,7 @@ def prepare_reclass_config(cfg: CN, *, eval_only: bool = False
     r = out.MODEL.RECLASS
     check_option_values({k.lower(): v for k, v in r.items() if k != "AUTO_NUM_CLASSES"})
     stored = _stored_targets(out) if eval_only else set()
-    changes: List[NumClassesChange] = []
+    changes: List[ConfigChange] = []
     if r.AUTO_NUM_CLASSES:
         for kind in ("thing", "stuff"):
             classes = target_classes(out, kind)
@@ -235,13 +235,13 @@ def prepare_reclass_config(cfg: CN, *, eval_only: bool = False
             for key, old, new in apply_num_classes(
                     out, classes if kind == "thing" else None,
                     classes if kind == "stuff" else None):
-                changes.append(NumClassesChange(key, old, new, source))
+                changes.append(ConfigChange(key, old, new, source))
     check_num_classes_config(out)
     if out.DATALOADER.FILTER_EMPTY_ANNOTATIONS and preserve_method(
             r.PRESERVE, r.KEEP_SOURCE_CLASSES) == "pseudo_labels":
         # Images without a labelled box hold old-class objects, which the pseudo-labels label.
         out.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
-        changes.append(NumClassesChange("DATALOADER.FILTER_EMPTY_ANNOTATIONS", True, False,
+        changes.append(ConfigChange("DATALOADER.FILTER_EMPTY_ANNOTATIONS", True, False,
                                         "MODEL.RECLASS.PRESERVE pseudo_labels"))
     if cfg.is_frozen():
         out.freeze()
@@ -279,7 +279,7 @@ def _default_config() -> CN:
     return cfg
 
 
-def log_num_classes_changes(changes: Sequence[NumClassesChange]) -> None:
+def log_config_changes(changes: Sequence[ConfigChange]) -> None:
     """Log each change: INFO where the key had its default (detectron2's, or for a key a
     project adds, that project's: :func:`~d2_reclass.num_classes.register_default_config`),
     else a WARNING, since a value somebody set disagreed with the classes."""

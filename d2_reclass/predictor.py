@@ -8,7 +8,7 @@ from detectron2.engine import DefaultPredictor
 from .checkpoint import ReclassCheckpointer
 from .config import (
     add_reclass_config,
-    log_num_classes_changes,
+    log_config_changes,
     prepare_reclass_config,
     target_classes,
 )
@@ -38,7 +38,7 @@ class ReclassPredictor(DefaultPredictor):
         cfg.defrost()
         add_reclass_config(cfg)
         cfg, changes = prepare_reclass_config(cfg, eval_only=True)
-        log_num_classes_changes(changes)
+        log_config_changes(changes)
         weights = cfg.MODEL.WEIGHTS
         # DefaultPredictor loads with a DetectionCheckpointer: give it nothing to load, then
         # load here, class-aware.

@@ -27,7 +27,7 @@ from d2_reclass import (
     prepare_reclass_config,
     register_coco_dataset,
 )
-from d2_reclass.config import log_num_classes_changes, target_classes
+from d2_reclass.config import log_config_changes, target_classes
 from d2_reclass.threads import configure_torch_threads
 
 logger = logging.getLogger("d2_reclass.train_net")
@@ -54,7 +54,7 @@ def setup(args):
                      trust_pickle=cfg.MODEL.RECLASS.TRUST_PICKLE)
     cfg.freeze()
     default_setup(cfg, args)
-    log_num_classes_changes(changes)
+    log_config_changes(changes)
     return cfg
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import ReclassCheckpointer
 from .config import (
-    log_num_classes_changes,
+    log_config_changes,
     prepare_reclass_config,
     target_classes,
     target_classes_what,
@@ -116,7 +116,7 @@ class ReclassTrainerMixin:
 
     def __init__(self, cfg, *args, **kwargs):
         cfg, changes = prepare_reclass_config(cfg)
-        log_num_classes_changes(changes)
+        log_config_changes(changes)
         map_config_datasets(cfg)
         token = _BUILDING_TRAINER.set(True)
         try:
@@ -132,7 +132,7 @@ class ReclassTrainerMixin:
         # MODEL.WEIGHTS stores, which a project's stock DetectionCheckpointer then loads whole.
         cfg, changes = prepare_reclass_config(
             cfg, eval_only=not _BUILDING_TRAINER.get() and _stores_names(cfg.MODEL.WEIGHTS))
-        log_num_classes_changes(changes)
+        log_config_changes(changes)
         model = super().build_model(cfg)
         # Evaluation maps DATASETS.TEST to the classes the model was built for, which may be
         # the checkpoint's rather than those the caller's config names.

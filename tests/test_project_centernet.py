@@ -250,7 +250,7 @@ def test_auto_num_classes_sets_the_keys_each_model_reads(files):
 def test_auto_num_classes_compares_centernet_keys_with_centernets_default(files):
     from d2_fixtures import captured_logs
 
-    from d2_reclass.config import log_num_classes_changes
+    from d2_reclass.config import log_config_changes
 
     # 80 is add_centernet_config's default for CENTERNET.NUM_CLASSES (detectron2 has no such
     # key): an INFO line. A value somebody set (20) disagreeing with the classes: a WARNING.
@@ -264,7 +264,7 @@ def test_auto_num_classes_compares_centernet_keys_with_centernets_default(files)
         _, changes = prepare_reclass_config(centernet2_cfg(num_classes, "", one_stage=True,
                                                            opts=opts))
         with captured_logs("d2_reclass") as logs:
-            log_num_classes_changes(changes)
+            log_config_changes(changes)
         assert logs == [message]
 
 
