@@ -111,7 +111,10 @@ METHODS = {
     "frozen_rows": (("ko_target_new",), "frozen_rows"),
     "joint": (("ko_target_full",), "none"),
     "rehearsal": (("ko_source_rehearsal", "ko_target_new"), "none"),
+    "pseudo_labels_score_0.3": (("ko_target_new",), "pseudo_labels"),
 }
+#: Further config options of a method.
+METHOD_OPTS = {"pseudo_labels_score_0.3": ["MODEL.RECLASS.PSEUDO_LABEL_SCORE", 0.3]}
 #: The long schedule; every run of it is also evaluated at SHORT (and at EVAL_AT for the plot).
 LONG, SHORT = 300, 100
 EVAL_AT = (0, 50, SHORT, 200, LONG)
@@ -129,6 +132,9 @@ GROUPS = {
     "retinanet_methods": [("retinanet", "full", m, LONG, True)
                           for m in ("distill", "frozen_rows")],
     "retinanet_weak": [("retinanet", "weak", m, LONG, True) for m in ("naive", "pseudo_labels")],
+    # A weak sigmoid model scores few detections >= 0.5: a lower PSEUDO_LABEL_SCORE.
+    "low_score": [(arch, kind, "pseudo_labels_score_0.3", LONG, True)
+                  for arch, kind in (("retinanet", "weak"), ("retinanet", "full"))],
 }
 #: Only the first seed of these groups (a time measurement: its APs equal the cached run's).
 ONE_SEED = {"nocache"}
@@ -273,7 +279,7 @@ def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool
             "MODEL.WEIGHTS", source["weights"], "MODEL.RECLASS.KEEP_SOURCE_CLASSES", True,
             "MODEL.RECLASS.PRESERVE", preserve, "MODEL.RECLASS.TEACHER_CACHE", cache,
             "MODEL.RECLASS.SEED", seed, "SEED", seed, "DATASETS.TRAIN", datasets,
-            "OUTPUT_DIR", out_dir]
+            "OUTPUT_DIR", out_dir, *METHOD_OPTS.get(method, [])]
     cfg = config(opts)
     curve: Dict[int, dict] = {}
     clock = {"train": 0.0, "eval": 0.0, "at": {}}
@@ -472,7 +478,9 @@ def cache_note(runs: Dict[str, List[dict]]) -> str:
                 f"({c['teacher']['calls']} passes, {c['teacher']['cached']} of "
                 f"{c['teacher']['images']} images from the cache); training wall time "
                 f"{r['train_seconds'][it]:.0f} s vs {c['train_seconds'][it]:.0f} s; APs "
-                f"{'identical' if same else 'DIFFERENT'}.")
+                + ("identical." if same else "not identical: without the cache an image "
+                   "seen again is run with other batch-mates, which changes its detections' "
+                   "last bits, and training follows."))
     return "".join(lines) + ("\n" if lines else "")
 
 
