@@ -333,21 +333,38 @@ def fine_tune(arch: str, source: dict, method: str, iterations: int, cache: bool
     return record
 
 
+TIMING_ROUNDS = 3
+
+
 def timing(source: dict) -> None:
-    """Wall time of naive, pseudo_labels (cached, then per batch) and naive again, run back to
-    back in this process (seed 1, LONG iterations, timed at SHORT and LONG), so that the
-    machine's load is about the same for all four; written to timing.json."""
+    """Wall time of naive, pseudo_labels cached and pseudo_labels per batch, interleaved for
+    TIMING_ROUNDS rounds in this process (seed 1, LONG iterations, timed at SHORT and LONG), so
+    that the shared machine's load is about the same for each; every run and the medians'
+    ratios to naive go to timing.json and are printed as a table."""
+    from tabulate import tabulate
+
+    kinds = (("naive", True), ("pseudo_labels", True), ("pseudo_labels", False))
     out = []
-    for method, cache in (("naive", True), ("pseudo_labels", True), ("pseudo_labels", False),
-                          ("naive", True)):
-        load = os.getloadavg()[0]
-        r = fine_tune("faster", source, method, LONG, cache, 1, [SHORT, LONG])
-        out.append({"method": method, "cache": cache, "load": load, "teacher": r["teacher"],
-                    "train_seconds": r["train_seconds"],
-                    "ap": {it: old_new(m) for it, m in r["curve"].items()}})
-        print(json.dumps(out[-1]), flush=True)
+    for _ in range(TIMING_ROUNDS):
+        for method, cache in kinds:
+            load = os.getloadavg()[0]
+            r = fine_tune("faster", source, method, LONG, cache, 1, [SHORT, LONG])
+            out.append({"method": method, "cache": cache, "load": load,
+                        "teacher": r["teacher"], "train_seconds": r["train_seconds"],
+                        "ap": {it: old_new(m) for it, m in r["curve"].items()}})
+            print(json.dumps(out[-1]), flush=True)
+    median = {(m, c, it): statistics.median(r["train_seconds"][str(it)] for r in out
+                                            if (r["method"], r["cache"]) == (m, c))
+              for m, c in kinds for it in (SHORT, LONG)}
+    rows = [[m + ("" if m == "naive" else ", cached" if c else ", per batch"),
+             *(f"{median[m, c, it]:.1f} s ({median[m, c, it] / median['naive', True, it]:.2f}x)"
+               for it in (SHORT, LONG))] for m, c in kinds]
+    print(tabulate(rows, headers=["run", f"{SHORT} iterations", f"{LONG} iterations"],
+                   tablefmt="pipe", disable_numparse=True))
     with open(os.path.join(CACHE, "timing.json"), "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump({"runs": out, "median_seconds": {f"{m}/{'cache' if c else 'batch'}/{it}": v
+                                                   for (m, c, it), v in median.items()}},
+                  f, indent=2)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -529,8 +546,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--sources-only", action="store_true",
                         help="only make the data and train the source models")
     parser.add_argument("--timing", action="store_true",
-                        help="time naive, pseudo_labels cached and per batch, naive again, back "
-                        "to back (seed 1, LONG iterations), into timing.json; nothing cached")
+                        help="time naive, pseudo_labels cached and per batch, interleaved, "
+                        "TIMING_ROUNDS rounds (seed 1, LONG iterations), into timing.json")
     parser.add_argument("--report-only", action="store_true",
                         help="tables and plot from the cached runs; run nothing")
     args = parser.parse_args(argv)
