@@ -3,7 +3,7 @@
 It loads everything DetectionCheckpointer loads and keeps all it does (PathManager URLs,
 ``?matching_heuristics=True``, Detectron1/Caffe2 name matching, ``module.`` prefixes,
 ``pixel_mean``/``cell_anchors`` handling). The differences: files are read safely
-(:mod:`d2_reclass.serialization`), the engine fits every class-dependent tensor *before*
+(:mod:`d2_reclass.io.serialization`), the engine fits every class-dependent tensor *before*
 fvcore's shape check (so none is "skipped"), further checkpoints (``MODEL.RECLASS.COMBINE``)
 give the classes the loaded one does not know, and saved checkpoints store the class names.
 """
@@ -32,6 +32,7 @@ from .errors import (
     ConfigError,
     ResumeClassMismatchError,
 )
+from .io.serialization import check_state_dict, load_checkpoint_file
 from .keep_old import kept_target_classes
 from .keys import select_and_rename
 from .layouts import STUFF, THING, find_layouts
@@ -45,7 +46,6 @@ from .new_classes import (
 )
 from .options import ReclassOptions
 from .report import ReclassReport
-from .serialization import check_state_dict, load_checkpoint_file
 from .surgery import (
     ClassSpec,
     SourceCheckpoint,

@@ -62,8 +62,8 @@ def _drop_record(record: logging.LogRecord) -> bool:
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
     """The state dict ``obj`` holds, every entry checked by :func:`check_state_dict` before
     anything reads it (CheckpointError naming ``path`` and the key otherwise)."""
+    from .io.serialization import check_state_dict, checkpoint_format
     from .keys import copy_state_dict
-    from .serialization import check_state_dict, checkpoint_format
 
     fmt = checkpoint_format(obj, path)
     if fmt == "caffe2 pkl":
@@ -93,8 +93,8 @@ def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, An
     import torch
 
     from .checkpoint import stored_classes
+    from .io.serialization import checkpoint_format, load_checkpoint_file
     from .recognize import guess_architecture, recognize_layouts
-    from .serialization import checkpoint_format, load_checkpoint_file
 
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
@@ -181,7 +181,7 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
 
 def _check_arguments(path: str, out: str, config_file: str, force: bool) -> None:
     """The checks that need no download and no loading, so that they fail before either."""
-    from .serialization import check_output_path
+    from .io.serialization import check_output_path
 
     if not out.endswith((".pth", ".pt")):
         raise ReclassError(f"--out {out}: write a .pth file (torch format, loads with "
@@ -244,8 +244,8 @@ def convert_checkpoint(
     """
     from .checkpoint import CLASSES_KEY
     from .classes import check_class_list, pick_source_classes
+    from .io.serialization import save_checkpoint_file
     from .layouts import THING
-    from .serialization import save_checkpoint_file
     from .surgery import ClassSpec, reclass_state_dict
 
     _check_arguments(path, out, config_file, force)
@@ -354,8 +354,8 @@ def _read_checkpoint(path: str, trust_pickle: bool):
     import torch
 
     from .checkpoint import stored_classes
+    from .io.serialization import load_checkpoint_file
     from .keys import copy_state_dict
-    from .serialization import load_checkpoint_file
 
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
@@ -443,8 +443,8 @@ def combine_checkpoints(
     from .checkpoint import CLASSES_KEY
     from .classes import check_class_list
     from .combine import combine_state_dicts, union_classes
+    from .io.serialization import save_checkpoint_file
     from .layouts import THING
-    from .serialization import save_checkpoint_file
     from .surgery import ClassSpec, SourceCheckpoint
 
     if len(paths) < 2:

@@ -27,9 +27,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
-from .atomic import atomic_file
 from .classes import check_class_list, close_names, did_you_mean, normalize_class_name
 from .errors import ClassListError, DatasetError
+from .io.atomic import atomic_file
 
 __all__ = [
     "CLASS_INDEXED_METADATA",

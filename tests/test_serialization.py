@@ -23,9 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from d2_reclass import serialization
 from d2_reclass.errors import CheckpointError, ReclassError, UnsafeCheckpointError
-from d2_reclass.serialization import (
+from d2_reclass.io import serialization
+from d2_reclass.io.serialization import (
     checkpoint_format,
     load_checkpoint_file,
     same_file,

@@ -11,7 +11,7 @@ import os
 import secrets
 from typing import BinaryIO, Iterator, Optional
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["atomic_file", "check_output_path", "same_file"]
 

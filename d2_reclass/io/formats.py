@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMATS",

@@ -5,22 +5,22 @@ Loading:
 * torch files (zip format, or the legacy pickle format) go through
   ``torch.load(..., weights_only=True)``;
 * pickle files (Detectron/Caffe2/detectron2 model-zoo ``.pkl``) go through a restricted unpickler
-  that only builds containers, scalars and numpy arrays (:mod:`d2_reclass.unpickling`);
+  that only builds containers, scalars and numpy arrays (:mod:`d2_reclass.io.unpickling`);
 * anything outside those allow-lists is refused before it is created, with an
   :class:`UnsafeCheckpointError`; ``trust_pickle=True`` (``MODEL.RECLASS.TRUST_PICKLE True`` /
   ``--trust-pickle``) lifts the restriction for a file the user trusts.
 
-The reader is chosen from the file's first bytes, not its name (:mod:`d2_reclass.formats`), so
+The reader is chosen from the file's first bytes, not its name (:mod:`d2_reclass.io.formats`), so
 a torch file named ``.pkl`` or a pickle named ``.pth`` still loads safely. Every failure is a
 :class:`CheckpointError` naming the file and the fix.
 
 Checking: :func:`check_state_dict` refuses a state dict with an entry a model cannot load (a
 string, ``None``, a nested dict, an object array, ...) before anything reads it, naming the file
 and the key; :func:`checkpoint_format` says what a loaded file holds (both from
-:mod:`d2_reclass.formats`).
+:mod:`d2_reclass.io.formats`).
 
 Saving writes a temporary file next to the target and renames it into place, so the target is
-either the old file or the complete new one, never a partial write (:mod:`d2_reclass.atomic`).
+either the old file or the complete new one, never a partial write (:mod:`d2_reclass.io.atomic`).
 """
 import io
 import logging
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import CheckpointError, UnsafeCheckpointError
 from .atomic import atomic_file, check_output_path, same_file
-from .errors import CheckpointError, UnsafeCheckpointError
 from .formats import (
     CHECKPOINT_FORMATS,
     PICKLE_PROTO,
