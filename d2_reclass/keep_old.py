@@ -11,7 +11,7 @@ import functools
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from .classes import normalize_class_name
+from .classes import union_classes
 from .errors import ClassListError, ConfigError
 
 __all__ = ["check_keep_source_classes", "checkpoint_thing_classes", "keep_source_target",
@@ -22,14 +22,7 @@ def kept_target_classes(source: Sequence[str],
                         dataset_lists: Sequence[Sequence[str]]) -> List[str]:
     """``source`` in its order, then every class of ``dataset_lists`` it lacks (by normalised
     name), in the order they first appear. Pure; the result never repeats a name."""
-    out = list(source)
-    seen = {normalize_class_name(c) for c in out}
-    for classes in dataset_lists:
-        for name in classes:
-            if normalize_class_name(name) not in seen:
-                seen.add(normalize_class_name(name))
-                out.append(name)
-    return out
+    return union_classes([source, *dataset_lists])
 
 
 @functools.lru_cache(maxsize=16)

@@ -328,6 +328,13 @@ def test_distillation_losses_are_zero_when_the_outputs_agree():
     assert float(sigmoid_distill_loss(s, t, range(6), range(6), 7, 6)) > 0.01
 
 
+def _one_star_batch():
+    """A training batch: one seeded random image with one labelled star."""
+    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    return [{"image": image, "instances": _instances([[10, 10, 30, 30]], [STAR])}]
+
+
 def test_distillation_is_zero_for_a_student_equal_to_its_teacher_then_pulls_it_back(task):
     """FrozenBN: the student in training mode computes what the teacher does in eval mode."""
     from detectron2.modeling import build_model
@@ -342,9 +349,7 @@ def test_distillation_is_zero_for_a_student_equal_to_its_teacher_then_pulls_it_b
     ReclassCheckpointer(student, reclass=ReclassOptions(target_classes=SEVEN)).load(
         str(task / "named.pth"))
     OutputDistiller(student, Teacher(teacher), list(range(6)))
-    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    batch = [{"image": image, "instances": _instances([[10, 10, 30, 30]], [STAR])}]
+    batch = _one_star_batch()
     student.train()
     with EventStorage(0):
         torch.manual_seed(0)
@@ -384,9 +389,7 @@ def test_retinanet_distillation_and_pseudo_labels_run(task):
         if not key.startswith("head.cls_score"):
             own[key].copy_(state[key])
     OutputDistiller(student, Teacher(teacher), list(range(6)))
-    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    batch = [{"image": image, "instances": _instances([[10, 10, 30, 30]], [STAR])}]
+    batch = _one_star_batch()
     student.train()
     with EventStorage(0):
         assert abs(float(student(batch)["loss_distill"])) < 1e-4
@@ -546,9 +549,7 @@ def test_frozen_rows_keep_a_sigmoid_heads_old_logits_exactly(task):
     ReclassCheckpointer(student, reclass=ReclassOptions(target_classes=SEVEN)).load(str(path))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
     frozen = FrozenEntries(student, optimizer, [STAR])
-    image = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    batch = [{"image": image, "instances": _instances([[10, 10, 30, 30]], [STAR])}]
+    batch = _one_star_batch()
     anchors = source.head.cls_score.bias.shape[0] // 6
     new_bias = student.head.cls_score.bias.detach().view(anchors, 7)[:, STAR].clone()
     student.train()

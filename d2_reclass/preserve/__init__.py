@@ -90,10 +90,10 @@ def attach_preservation(trainer, preservation: Preservation) -> Preservation:
         p.attached.append(FrozenEntries(trainer.model, trainer.optimizer, p.new_classes))
     if p.method != "none":
         old = sum(i is not None for i in p.class_index)
+        n = len(p.new_classes)
+        train = "1 new class trains" if n == 1 else f"{n} new classes train"
         logger.info(f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}: keeping {old} source "
-                    f"classes while {len(p.new_classes)} new "
-                    f"class{'' if len(p.new_classes) == 1 else 'es'} train"
-                    f"{'s' if len(p.new_classes) == 1 else ''}.")
+                    f"classes while {train}.")
     return p
 
 

@@ -44,9 +44,9 @@ class Teacher:
     Attributes:
         model (nn.Module): the source model, in eval mode, its parameters without gradients.
         cache (bool): keep each image's detections (see the module doc).
-        calls (int), images (int), runs (int), cached (int), seconds (float): forward passes,
-            images seen, images run, images answered from the cache, time spent in
-            :meth:`detect` (for the log and the benchmark).
+        calls (int), images (int), cached (int), seconds (float): forward passes, images
+            seen, images answered from the cache, time spent in :meth:`detect` (for the log
+            and the benchmark); :attr:`runs`: images run.
     """
 
     def __init__(self, model: nn.Module, *, cache: bool = True):
@@ -55,8 +55,13 @@ class Teacher:
             p.requires_grad_(False)
         self.cache = cache
         self._store: Dict[bytes, Instances] = {}
-        self.calls = self.images = self.runs = self.cached = 0
+        self.calls = self.images = self.cached = 0
         self.seconds = 0.0
+
+    @property
+    def runs(self) -> int:
+        """Images run through the model: every image seen that the cache did not answer."""
+        return self.images - self.cached
 
     @staticmethod
     def _key(image: torch.Tensor) -> bytes:
@@ -73,7 +78,6 @@ class Teacher:
         if not images:
             return []
         self.calls += 1
-        self.runs += len(images)
         inputs = [{"image": im, "height": im.shape[-2], "width": im.shape[-1]} for im in images]
         if isinstance(self.model, GeneralizedRCNN):
             outputs = self.model.inference(inputs, do_postprocess=False)
