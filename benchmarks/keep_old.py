@@ -6,7 +6,7 @@ fine-tuning and joint training on fully labelled data, over seeds.
     .venv/bin/python benchmarks/keep_old.py                  # everything, cached runs reused
     .venv/bin/python benchmarks/keep_old.py --groups main    # only some groups of runs
 
-The task (synthetic shapes, :mod:`d2_reclass.synthetic`, the demo's colours and shapes at
+The task (synthetic shapes, :mod:`d2_reclass.data.synthetic`, the demo's colours and shapes at
 64 px so that the whole benchmark fits a shared 2-core CPU):
 
 * Source: the demo's 6 classes (square, circle, triangle, diamond, hexagon, cross), 400
@@ -140,7 +140,7 @@ GROUPS = {
 ONE_SEED = {"nocache"}
 
 #: Datasets listing only the new classes need their ids mapped to the model's by name.
-BY_NAME = importlib.util.find_spec("d2_reclass.dataset_classes") is not None
+BY_NAME = importlib.util.find_spec("d2_reclass.data.mapping") is not None
 
 for _msg in (r"`torch.jit.script` is deprecated", r"pkg_resources is deprecated",
              r"torch.meshgrid: in an upcoming release"):
@@ -154,10 +154,10 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 def make_data(force: bool) -> str:
     """Write the splits (once) and the derived jsons; register them; return the directory."""
     from d2_reclass import register_coco_dataset
-    from d2_reclass.synthetic import make_shapes_dataset
+    from d2_reclass.data.synthetic import make_shapes_dataset
 
     data_dir = os.path.join(CACHE, "data-" + digest(SPLITS, SCENE, REHEARSAL_IMAGES,
-                                                     "d2_reclass/synthetic.py"))
+                                                     "d2_reclass/data/synthetic.py"))
     if force or not os.path.exists(os.path.join(data_dir, "done")):
         shutil.rmtree(data_dir, ignore_errors=True)
         for split, (classes, n, seed) in SPLITS.items():
@@ -593,7 +593,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     continue
                 if METHODS[method][0] != ("ko_target_full",) and not BY_NAME:
                     print(f"skipped {arch} {kind} {method}: its new-only dataset needs the "
-                          "by-name mapping of dataset ids (d2_reclass.dataset_classes)")
+                          "by-name mapping of dataset ids (d2_reclass.data.mapping)")
                     continue
                 eval_at = list(EVAL_AT) if iterations == LONG else [SHORT]
                 key = digest(RUNS_VERSION, source["weights"], arch, method, iterations, cache,

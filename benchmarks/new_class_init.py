@@ -5,7 +5,7 @@ against reinitialising every class, box AP against fine-tuning iterations, over 
     .venv/bin/python benchmarks/new_class_init.py            # 3 seeds, the defaults below
     .venv/bin/python benchmarks/new_class_init.py --seeds 5 --iters 300
 
-The task (synthetic shapes, real PNG + COCO json, :mod:`d2_reclass.synthetic`), harder than
+The task (synthetic shapes, real PNG + COCO json, :mod:`d2_reclass.data.synthetic`), harder than
 the demo's: 96 px images with up to 4 objects that may overlap by 30 %, unlabelled clutter
 (lines, blobs), and every object in a random colour, so that only its shape names its class.
 
@@ -107,9 +107,9 @@ def digest(*parts) -> str:
 def make_data(force: bool) -> str:
     """Write every split (once) under the cache; register them; return the directory."""
     from d2_reclass import register_coco_dataset
-    from d2_reclass.synthetic import make_shapes_dataset
+    from d2_reclass.data.synthetic import make_shapes_dataset
 
-    data_dir = os.path.join(CACHE, "data-" + digest(SPLITS, SCENE, "d2_reclass/synthetic.py"))
+    data_dir = os.path.join(CACHE, "data-" + digest(SPLITS, SCENE, "d2_reclass/data/synthetic.py"))
     done = os.path.join(data_dir, "done")
     if force or not os.path.exists(done):
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -424,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # What a fine-tune's result depends on; the benchmark's own reporting code is left out,
     # so that changing a table reuses the runs. Change RUNS_VERSION with fine_tune or train.
     key = digest(RUNS_VERSION, source["weights"], args.iters, eval_at, TARGET_SOLVER, INITS,
-                 "d2_reclass/new_classes.py", "d2_reclass/checkpoint.py")
+                 "d2_reclass/new_classes/", "d2_reclass/integration/checkpoint.py")
     runs: Dict[str, List[dict]] = {label: [] for label in args.inits}
     for seed in range(args.seeds):
         for label in args.inits:

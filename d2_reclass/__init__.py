@@ -17,34 +17,41 @@ __version__ = "0.1.0"
 
 # Each public name, grouped by the module that defines it.
 _EXPORTS = {
-    "checkpoint": ("CLASSES_KEY", "ReclassCheckpointer", "check_resume", "read_stored_classes",
-                   "stored_classes", "stored_eval_classes", "use_checkpoint_classes"),
+    # The vocabulary (ground floor).
     "classes": ("ClassMapping", "build_class_mapping", "normalize_class_name"),
-    "combine": ("combine_state_dicts",),
-    "config": ("add_reclass_config", "apply_num_classes", "merge_config_file",
-               "prepare_reclass_config"),
-    "dataset_classes": ("map_datasets_to_classes",),
-    "datasets": ("register_coco_dataset",),
     "errors": ("CheckpointError", "ClassListError", "ClassMismatchError", "CombineError",
                "ConfigError", "DatasetError", "ReclassError", "ResumeClassMismatchError",
                "UnsafeCheckpointError"),
-    "fast_rcnn": ("ReclassFastRCNNOutputLayers", "adopt_box_predictors",
-                  "use_reclass_box_predictors"),
     "fresh": ("InitSpec", "torch_default_init"),
-    "keep_old": ("kept_target_classes",),
+    "options": ("PRESERVE_METHODS", "ReclassOptions"),
+    # Which classes, and datasets by name.
+    "data.class_lists": ("CLASSES_KEY", "kept_target_classes", "read_stored_classes",
+                         "stored_classes", "stored_eval_classes", "use_checkpoint_classes"),
+    "data.datasets": ("register_coco_dataset",),
+    "data.mapping": ("map_datasets_to_classes",),
+    # Which entries of which tensor belong to which class; which config keys size them.
     "layouts": ("KEYPOINT", "STUFF", "THING", "ClassLayout", "class_rows", "find_layouts",
                 "register_layout"),
-    "live": ("reclass_model",),
+    "layouts.num_classes": ("register_default_config", "register_num_classes_check",
+                            "register_num_classes_keys"),
+    # The engine: tensors and names in, tensors and a report out.
+    "engine.combine": ("combine_state_dicts",),
+    "engine.live": ("reclass_model",),
+    "engine.report": ("ReclassReport",),
+    "engine.surgery": ("ClassSpec", "SourceCheckpoint", "reclass_state_dict"),
+    # New classes from examples; old classes kept through training.
     "new_classes": ("NEW_CLASS_INITS", "NewClassExamples", "NewClassReport",
                     "apply_new_class_entries", "init_new_classes"),
-    "num_classes": ("register_default_config", "register_num_classes_check",
-                    "register_num_classes_keys"),
-    "options": ("PRESERVE_METHODS", "ReclassOptions"),
-    "predictor": ("ReclassPredictor",),
-    "preserve": ("Preservation", "Teacher", "attach_preservation", "preservation_from_config"),
-    "report": ("ReclassReport",),
-    "surgery": ("ClassSpec", "SourceCheckpoint", "reclass_state_dict"),
-    "trainer": ("ReclassTrainer", "ReclassTrainerMixin", "check_num_classes"),
+    "preserve": ("Preservation", "Teacher", "attach_preservation"),
+    # detectron2 glue.
+    "integration.checkpoint": ("ReclassCheckpointer", "check_resume"),
+    "integration.config": ("add_reclass_config", "apply_num_classes", "merge_config_file",
+                           "options_from_config", "prepare_reclass_config"),
+    "integration.fast_rcnn": ("ReclassFastRCNNOutputLayers", "adopt_box_predictors",
+                              "use_reclass_box_predictors"),
+    "integration.predictor": ("ReclassPredictor",),
+    "integration.preservation": ("preservation_from_config",),
+    "integration.trainer": ("ReclassTrainer", "ReclassTrainerMixin", "check_num_classes"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -67,6 +74,6 @@ def __dir__() -> List[str]:
 _logger.install_detectron2_forwarding()
 if "detectron2" in sys.modules:
     # The model-zoo config URL handler registers itself with detectron2's PathManager when
-    # config.py is imported; with detectron2 already loaded that costs nothing, so a project
-    # that imports detectron2 first gets it at ``import d2_reclass``, as before.
-    importlib.import_module(".config", __name__)
+    # integration/config.py is imported; with detectron2 already loaded that costs nothing, so
+    # a project that imports detectron2 first gets it at ``import d2_reclass``, as before.
+    importlib.import_module(".integration.config", __name__)

@@ -62,8 +62,8 @@ def _drop_record(record: logging.LogRecord) -> bool:
 def _weights(obj: Any, path: str) -> Dict[str, Any]:
     """The state dict ``obj`` holds, every entry checked by :func:`check_state_dict` before
     anything reads it (CheckpointError naming ``path`` and the key otherwise)."""
+    from .engine.keys import copy_state_dict
     from .io.serialization import check_state_dict, checkpoint_format
-    from .keys import copy_state_dict
 
     fmt = checkpoint_format(obj, path)
     if fmt == "caffe2 pkl":
@@ -92,9 +92,9 @@ def inspect_checkpoint(path: str, *, trust_pickle: bool = False) -> Dict[str, An
     """What a checkpoint holds: format, architecture guess, class-dependent tensors, classes."""
     import torch
 
-    from .checkpoint import stored_classes
+    from .data.class_lists import stored_classes
+    from .engine.recognize import guess_architecture, recognize_layouts
     from .io.serialization import checkpoint_format, load_checkpoint_file
-    from .recognize import guess_architecture, recognize_layouts
 
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
@@ -163,7 +163,7 @@ def _model_from_config(config_file: str, classes: Sequence[str]):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from .config import add_reclass_config, apply_num_classes, merge_config_file
+    from .integration.config import add_reclass_config, apply_num_classes, merge_config_file
 
     cfg = get_cfg()
     try:
@@ -199,7 +199,7 @@ def _dataset_classes(name: str) -> List[str]:
     Raises:
         ClassListError: ``name`` is not registered, or its metadata has no thing classes.
     """
-    from .config import dataset_classes
+    from .data.class_lists import dataset_classes
 
     names = dataset_classes(name, what="--source-dataset")
     if not names:
@@ -242,11 +242,11 @@ def convert_checkpoint(
     downloaded or loaded. ``out`` is written atomically and never over ``path`` (nor over an
     existing file unless ``force``).
     """
-    from .checkpoint import CLASSES_KEY
     from .classes import check_class_list, pick_source_classes
+    from .data.class_lists import CLASSES_KEY
+    from .engine.surgery import ClassSpec, reclass_state_dict
     from .io.serialization import save_checkpoint_file
     from .layouts import THING
-    from .surgery import ClassSpec, reclass_state_dict
 
     _check_arguments(path, out, config_file, force)
     classes = list(check_class_list(classes, "--classes"))
@@ -320,8 +320,8 @@ def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, 
 
     from detectron2.data.detection_utils import build_augmentation
 
-    from .datasets import register_coco_dataset
-    from .keys import copy_state_dict
+    from .data.datasets import register_coco_dataset
+    from .engine.keys import copy_state_dict
     from .new_classes import NewClassExamples, init_new_classes
 
     own = model.state_dict()
@@ -353,9 +353,9 @@ def _read_checkpoint(path: str, trust_pickle: bool):
     import numpy as np
     import torch
 
-    from .checkpoint import stored_classes
+    from .data.class_lists import stored_classes
+    from .engine.keys import copy_state_dict
     from .io.serialization import load_checkpoint_file
-    from .keys import copy_state_dict
 
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
@@ -370,8 +370,8 @@ def _target_heads(path: str, weights: Dict[str, Any], classes: Sequence[str], co
     """(layouts, target state dict, model, cfg) of the heads built for ``classes``: from the
     model of ``config_file``, else from the standard heads recognised in ``path``'s ``weights``
     (model and cfg None)."""
+    from .engine.recognize import recognize_layouts
     from .layouts import THING, find_layouts, retarget
-    from .recognize import recognize_layouts
 
     if config_file:
         model, cfg = _model_from_config(config_file, classes)
@@ -440,12 +440,12 @@ def combine_checkpoints(
         CombineError: non-class tensors differ (and that was not allowed), or a checkpoint
             gives no class.
     """
-    from .checkpoint import CLASSES_KEY
-    from .classes import check_class_list
-    from .combine import combine_state_dicts, union_classes
+    from .classes import check_class_list, union_classes
+    from .data.class_lists import CLASSES_KEY
+    from .engine.combine import combine_state_dicts
+    from .engine.surgery import ClassSpec, SourceCheckpoint
     from .io.serialization import save_checkpoint_file
     from .layouts import THING
-    from .surgery import ClassSpec, SourceCheckpoint
 
     if len(paths) < 2:
         raise ReclassError("combine needs at least two checkpoints (e.g. base.pth novel.pth).")

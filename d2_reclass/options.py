@@ -1,12 +1,16 @@
 """ReclassOptions: everything that decides how a checkpoint's class heads are fitted, as one value.
 
-The same options come from ``MODEL.RECLASS`` (:meth:`ReclassOptions.from_config`), from a
-LazyConfig's ``reclass`` dict, or from code. :class:`ReclassCheckpointer` takes them as one
-keyword, ``reclass=``, so that none of them can shadow a checkpointable of the same name
-(``DetectionCheckpointer(model, dir, mode=...)`` saves an object called ``mode``).
+The same options come from ``MODEL.RECLASS``
+(:func:`~d2_reclass.integration.config.options_from_config`), from a LazyConfig's ``reclass``
+dict (:func:`~d2_reclass.integration.lazy.lazy_reclass_options`), or from code. A plain value:
+reading configs and datasets into it belongs to the integration. :class:`ReclassCheckpointer`
+takes them as one keyword, ``reclass=``, so that none of them can shadow a checkpointable of
+the same name (``DetectionCheckpointer(model, dir, mode=...)`` saves an object called ``mode``).
 
 Values are checked when the options are made, before any model, data loader or file exists:
-a typo in a mode or a malformed class map is one :class:`ConfigError` naming the key.
+a typo in a mode or a malformed class map is one :class:`ConfigError` naming the key; a
+SOURCE_DATASET that names no registered dataset, when the options are read from a config or
+handed to a checkpointer (the catalog is the integration's to ask).
 """
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -15,9 +19,9 @@ from .classes import _parse_class_map, check_class_list, did_you_mean
 from .errors import ConfigError
 
 __all__ = ["MODES", "NEW_CLASS_INITS", "PRESERVE_METHODS", "ReclassOptions",
-           "check_option_values", "preserve_method"]
+           "check_keep_source_classes", "check_option_values", "config_key", "preserve_method"]
 
-#: The values of ``MODEL.RECLASS.MODE``; see :mod:`d2_reclass.surgery`.
+#: The values of ``MODEL.RECLASS.MODE``; see :mod:`d2_reclass.engine.surgery`.
 MODES = ("auto", "map", "reinit", "strict")
 #: The values of ``MODEL.RECLASS.NEW_CLASS_INIT``; see :mod:`d2_reclass.new_classes`.
 NEW_CLASS_INITS = ("auto", "head", "relative", "imprint")
@@ -84,8 +88,6 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             raise ConfigError(f"{name(option)} is {value!r}; it must be a number {bound}.")
     if values.get("keep_source_classes", False) and values.get("mode", "auto") == "reinit":
-        from .keep_old import check_keep_source_classes
-
         check_keep_source_classes(True, "reinit", (), name=name)
     for option in ("trust_pickle", "combine_allow_different_weights", "keep_source_classes",
                    "teacher_cache"):
@@ -111,6 +113,28 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
     for option in _CLASS_LISTS:
         if values.get(option):
             check_class_list(values[option], name(option))
+
+
+def check_keep_source_classes(keep: bool, mode: str, target_classes: Sequence[str],
+                              name: Callable[[str], str] = config_key) -> None:
+    """Raise when KEEP_SOURCE_CLASSES is combined with an option that contradicts it.
+
+    Raises:
+        ConfigError: with MODE reinit (which discards every class row) or with explicit
+            TARGET_CLASSES (which KEEP_SOURCE_CLASSES computes).
+    """
+    if not keep:
+        return
+    if mode == "reinit":
+        raise ConfigError(
+            f"{name('keep_source_classes')} keeps what the checkpoint knows of its classes, "
+            f"but {name('mode')} reinit starts every class row fresh: use {name('mode')} auto "
+            f"(or map), or set {name('keep_source_classes')} False.")
+    if target_classes:
+        raise ConfigError(
+            f"{name('keep_source_classes')} makes the target classes the checkpoint's followed "
+            f"by the datasets' new ones, but {name('target_classes')} is also set "
+            f"({', '.join(target_classes)}): set one of the two.")
 
 
 def _strings(value: Optional[Sequence[str]]) -> Optional[Tuple[str, ...]]:
@@ -140,8 +164,8 @@ class ReclassOptions:
         combine_allow_different_weights (bool): the combined checkpoints' non-class tensors
             may differ (the first's are used).
         keep_source_classes (bool): the target classes are the checkpoint's, then the new
-            ones (:mod:`d2_reclass.keep_old`); without target classes, the checkpointer takes
-            the checkpoint's, then those of the examples' datasets.
+            ones (:mod:`d2_reclass.data.class_lists`); without target classes, the
+            checkpointer takes the checkpoint's, then those of the examples' datasets.
         preserve (str): one of :data:`PRESERVE_METHODS` (:mod:`d2_reclass.preserve`).
         pseudo_label_score, distill_weight, teacher_cache: as the MODEL.RECLASS keys.
     """
@@ -177,24 +201,3 @@ class ReclassOptions:
                 object.__setattr__(self, option, tuple(value or ()))
         check_option_values({f.name: getattr(self, f.name) for f in fields(self)},
                             name=lambda option: f"reclass option {option!r}")
-        if self.source_dataset:
-            from .config import dataset_classes  # checked now: stored names could hide a typo
-
-            dataset_classes(self.source_dataset, what=config_key("source_dataset"))
-
-    @classmethod
-    def from_config(cls, cfg) -> "ReclassOptions":
-        """The options of ``cfg.MODEL.RECLASS`` (defaults where the config has no such node);
-        target classes default to those of DATASETS.TRAIN.
-
-        Raises:
-            ConfigError, ClassListError: naming the MODEL.RECLASS key at fault.
-        """
-        from .config import target_classes
-
-        r = cfg.MODEL.get("RECLASS", None) or {}
-        values = {f.name: r[f.name.upper()] for f in fields(cls) if f.name.upper() in r}
-        check_option_values(values)
-        values["target_classes"] = target_classes(cfg, "thing")
-        values["target_stuff_classes"] = target_classes(cfg, "stuff")
-        return cls(**values)

@@ -27,7 +27,8 @@ from d2_reclass import (
     prepare_reclass_config,
     register_coco_dataset,
 )
-from d2_reclass.config import log_config_changes, target_classes
+from d2_reclass.data.class_lists import target_classes
+from d2_reclass.integration.config import log_config_changes
 from d2_reclass.threads import configure_torch_threads
 
 logger = logging.getLogger("d2_reclass.train_net")

@@ -18,8 +18,8 @@ from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model as d2_build_model
 
+from d2_reclass.engine.surgery import ClassSpec, reclass_state_dict
 from d2_reclass.layouts import find_layouts
-from d2_reclass.surgery import ClassSpec, reclass_state_dict
 
 FASTER_RCNN = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
 MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"

@@ -11,6 +11,7 @@ from typing import Iterator, List, Sequence
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from iopath.common.file_io import PathHandler
 
 from d2_reclass import add_reclass_config, merge_config_file
 
@@ -94,7 +95,7 @@ def register_shapes_val(root: str, name: str, class_names: Sequence[str]) -> Non
     from detectron2.data import MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    from d2_reclass.synthetic import make_shapes_dataset
+    from d2_reclass.data.synthetic import make_shapes_dataset
 
     val_json = make_shapes_dataset(root, "val", ["square", "circle", "triangle"], 2,
                                    image_size=96, seed=1)
@@ -106,3 +107,25 @@ def register_shapes_val(root: str, name: str, class_names: Sequence[str]) -> Non
         json.dump(data, f)
     if name not in MetadataCatalog.list():
         register_coco_instances(name, {}, val_json, os.path.join(root, "val"))
+
+
+class StorageHandler(PathHandler):
+    """A custom PathManager prefix, as users register for their storage."""
+
+    PREFIX = "reclass-test://"
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def _get_supported_prefixes(self):
+        return [self.PREFIX]
+
+    def _get_local_path(self, path, **kwargs):
+        return str(self.root / path[len(self.PREFIX):])
+
+    def _open(self, path, mode="r", **kwargs):
+        return open(self._get_local_path(path), mode)
+
+    def _exists(self, path, **kwargs):
+        return (self.root / path[len(self.PREFIX):]).exists()

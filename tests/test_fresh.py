@@ -19,6 +19,7 @@ from conftest import FASTER_RCNN, build_model, reclass, source_state, thing
 from fvcore.nn.weight_init import c2_msra_fill, c2_xavier_fill
 from torch import nn
 
+from d2_reclass.engine.surgery import reclass_state_dict
 from d2_reclass.fresh import (
     MSRA,
     NORMAL_0001,
@@ -31,7 +32,6 @@ from d2_reclass.fresh import (
     torch_default_init,
 )
 from d2_reclass.layouts import find_layouts
-from d2_reclass.surgery import reclass_state_dict
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 BOX = "roi_heads.box_predictor."

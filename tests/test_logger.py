@@ -22,13 +22,13 @@ def test_lines_reach_log_txt_and_console_after_detectron2_setup_logger(tmp_path)
         import d2_reclass
 
         setup_logger(output={str(tmp_path)!r})
-        logging.getLogger("d2_reclass.checkpoint").info("mapping table here")
-        logging.getLogger("d2_reclass.config").warning("NUM_CLASSES corrected")
-        logging.getLogger("d2_reclass.checkpoint").debug("not shown at INFO")
+        logging.getLogger("d2_reclass.integration.checkpoint").info("mapping table here")
+        logging.getLogger("d2_reclass.integration.config").warning("NUM_CLASSES corrected")
+        logging.getLogger("d2_reclass.integration.checkpoint").debug("not shown at INFO")
     """, tmp_path)
     log = (tmp_path / "log.txt").read_text()
-    assert "d2_reclass.checkpoint INFO: mapping table here" in log
-    assert "d2_reclass.config WARNING: NUM_CLASSES corrected" in log
+    assert "d2_reclass.integration.checkpoint INFO: mapping table here" in log
+    assert "d2_reclass.integration.config WARNING: NUM_CLASSES corrected" in log
     assert "not shown at INFO" not in log
     assert proc.stdout.count("mapping table here") == 1
     assert proc.stdout.count("NUM_CLASSES corrected") == 1
@@ -42,7 +42,7 @@ def test_a_d2_reclass_logger_set_up_on_its_own_prints_each_line_once(tmp_path):
 
         setup_logger()
         setup_logger(name="d2_reclass")
-        logging.getLogger("d2_reclass.surgery").info("once please")
+        logging.getLogger("d2_reclass.engine.surgery").info("once please")
     """, tmp_path)
     assert proc.stdout.count("once please") == 1
 
@@ -65,7 +65,7 @@ def test_with_only_a_root_handler_lines_go_there(tmp_path):
         logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="root: %(message)s")
         import d2_reclass
 
-        logging.getLogger("d2_reclass.checkpoint").info("table")
+        logging.getLogger("d2_reclass.integration.checkpoint").info("table")
     """, tmp_path)
     assert proc.stdout.splitlines().count("root: table") == 1
 
@@ -79,7 +79,7 @@ def test_with_root_and_detectron2_set_up_each_line_is_shown_once_like_detectron2
 
         setup_logger()
         logging.getLogger("detectron2.x").info("theirs")
-        logging.getLogger("d2_reclass.checkpoint").info("ours")
+        logging.getLogger("d2_reclass.integration.checkpoint").info("ours")
     """, tmp_path)
     assert proc.stdout.count("theirs") == 1 and proc.stdout.count("ours") == 1
     assert "root: ours" not in proc.stdout

@@ -227,9 +227,9 @@ def register_datasets(data_dir: str) -> None:
 
 def prepare_datasets(force: bool = False) -> Tuple[str, str]:
     """Write both tasks under data/demo/datasets/ (once); return (that directory, its key)."""
-    from d2_reclass.synthetic import make_shapes_dataset
+    from d2_reclass.data.synthetic import make_shapes_dataset
 
-    key = digest(TASKS, "d2_reclass/synthetic.py")
+    key = digest(TASKS, "d2_reclass/data/synthetic.py")
     if cached(DATASETS_DIR, key, force) is not None:
         print(f"   cached: {rel(DATASETS_DIR)}")
         return DATASETS_DIR, key

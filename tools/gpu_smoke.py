@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         ReclassTrainer,
         register_coco_dataset,
     )
-    from d2_reclass.synthetic import make_shapes_dataset
+    from d2_reclass.data.synthetic import make_shapes_dataset
 
     setup_logger(name="d2_reclass")
     work = args.work_dir

@@ -2,8 +2,8 @@
 """Train or evaluate with a LazyConfig (Python) config, with d2_reclass's class surgery.
 
 The config's ``train.init_checkpoint`` is loaded through ReclassCheckpointer, configured by a
-``reclass`` dict (see d2_reclass/lazy.py); num_classes follows the target classes. Flags are
-detectron2's (--config-file, --eval-only, --resume, --num-gpus, ...) plus --coco-dataset.
+``reclass`` dict (see d2_reclass/integration/lazy.py); num_classes follows the target classes.
+Flags are detectron2's (--config-file, --eval-only, --resume, --num-gpus, ...) plus --coco-dataset.
 
     tools/lazyconfig_train_net.py --config-file configs/lazy_mask_rcnn_subset_map.py \
         --coco-dataset mine_train data/train.json data/images \
@@ -26,8 +26,8 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from d2_reclass import ReclassCheckpointer, register_coco_dataset
-from d2_reclass.fast_rcnn import adopt_box_predictors
-from d2_reclass.lazy import (
+from d2_reclass.integration.fast_rcnn import adopt_box_predictors
+from d2_reclass.integration.lazy import (
     apply_lazy_num_classes,
     lazy_new_class_examples,
     lazy_preservation,
@@ -35,11 +35,11 @@ from d2_reclass.lazy import (
     lazy_target_classes,
     map_lazy_datasets,
 )
+from d2_reclass.integration.trainer import REPORT_FILE
 from d2_reclass.new_classes import broadcast_thing_heads
 from d2_reclass.preserve import attach_preservation
 from d2_reclass.threads import configure_torch_threads
 from d2_reclass.train_net import argument_parser
-from d2_reclass.trainer import REPORT_FILE
 
 logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
 

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from detectron2.utils.file_io import PathManager
 from tqdm import tqdm
 
 from ..errors import CheckpointError, UnsafeCheckpointError
@@ -55,6 +56,7 @@ __all__ = [
     "CHECKPOINT_FORMATS",
     "PROGRESS_MIN_BYTES",
     "check_output_path",
+    "existing_local_path",
     "load_checkpoint_file",
     "save_checkpoint_file",
     "same_file",
@@ -335,6 +337,20 @@ def _load_open(f: Any, path: str, head: bytes, trust_pickle: bool, torch_source:
         f.seek(0)
         return _torch_load(torch_source, path, trust_pickle)
     return obj
+
+
+def existing_local_path(path: str, path_manager=PathManager, key: str = "MODEL.WEIGHTS") -> str:
+    """``path`` (local, URL or detectron2://, query dropped) as a local file that exists.
+
+    Raises:
+        CheckpointError: there is no such file; the message names ``key``, where it was given.
+    """
+    local = path_manager.get_local_path(path.split("?")[0])
+    if not os.path.isfile(local):
+        raise CheckpointError(
+            f"Checkpoint {path!r} not found. Check {key} (or the path you gave)."
+        )
+    return local
 
 
 def load_checkpoint_file(path: str, *, trust_pickle: bool = False, progress: bool = False) -> Any:

@@ -17,9 +17,9 @@ from detectron2.config import CfgNode
 from torch import nn
 
 from ..fresh import NORMAL_001, ZERO, InitSpec, retinanet_prior_bias
-from ..num_classes import register_default_config, register_num_classes_keys
 from .core import THING, ClassLayout, class_rows, register_layout
 from .detectron2 import ROI_HEADS_KEY, fast_rcnn_layouts
+from .num_classes import register_default_config, register_num_classes_keys
 
 __all__: List[str] = []
 

@@ -20,10 +20,10 @@ from torch import nn
 
 from ..errors import ClassListError, ConfigError
 from ..fresh import NORMAL_0001, ZERO
-from ..num_classes import register_num_classes_check
 from .centernet import prior_init
 from .core import THING, ClassLayout, class_rows, register_layout
 from .detectron2 import ROI_HEADS_KEY, fast_rcnn_layouts
+from .num_classes import register_num_classes_check
 
 __all__: List[str] = []
 

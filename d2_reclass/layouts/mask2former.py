@@ -24,8 +24,8 @@ from typing import Any, List, Optional
 
 from torch import nn
 
+from ..data.class_lists import dataset_classes
 from ..fresh import ZERO, torch_default_init
-from ..num_classes import register_num_classes_keys
 from .core import (
     STUFF,
     THING,
@@ -35,6 +35,7 @@ from .core import (
     prefixed_layouts,
     register_layout,
 )
+from .num_classes import register_num_classes_keys
 
 __all__ = ["SEM_SEG_KEY", "task_space"]
 
@@ -113,8 +114,6 @@ def _mask_former_keys(cfg) -> Optional[List]:
     # and DATASETS.TRAIN[0], the dataset MaskFormer takes its metadata from).
     if cfg.MODEL.META_ARCHITECTURE != "MaskFormer" or "MASK_FORMER" not in cfg.MODEL:
         return None
-    from ..config import dataset_classes  # config imports this package's registry
-
     test = cfg.MODEL.MASK_FORMER.TEST
     train = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
     things = bool(train and dataset_classes(train, "thing", what="DATASETS.TRAIN"))

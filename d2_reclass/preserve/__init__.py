@@ -10,13 +10,13 @@
 
 The source model is the :class:`~.teacher.Teacher`. :func:`attach_preservation` puts a method
 onto any detectron2 ``SimpleTrainer`` (its model, data loader and optimizer) after the
-weights are loaded; :func:`preservation_from_config` builds what it needs from a yacs config.
+weights are loaded; :func:`~d2_reclass.integration.preservation.preservation_from_config`
+builds what it needs from a yacs config.
 """
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
-from ..options import preserve_method
 from .distill import OutputDistiller
 from .frozen_rows import FrozenEntries
 from .pseudo_labels import PseudoLabeledLoader, add_pseudo_labels
@@ -30,9 +30,7 @@ __all__ = [
     "Teacher",
     "add_pseudo_labels",
     "attach_preservation",
-    "build_teacher",
     "preservation_summary",
-    "preservation_from_config",
     "teacher_class_index",
 ]
 
@@ -112,46 +110,3 @@ def preservation_summary(preservation: Preservation) -> Optional[str]:
         parts.append(f"teacher: {t.images} images, {t.runs} run in {t.calls} forward passes, "
                      f"{t.cached} from its cache, {t.seconds:.1f} s")
     return "; ".join(parts) + "."
-
-
-def build_teacher(cfg, source_classes: Sequence[str], *, score: float) -> Teacher:
-    """The source model of a yacs config: built as the config builds the student, but for
-    ``source_classes``, with MODEL.WEIGHTS loaded unchanged; detections from ``score`` up."""
-    from detectron2.modeling import build_model
-
-    from ..checkpoint import ReclassCheckpointer
-    from ..config import apply_num_classes
-    from ..options import ReclassOptions
-
-    t = cfg.clone()
-    t.defrost()
-    r = t.MODEL.RECLASS
-    apply_num_classes(t, source_classes)
-    t.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score
-    t.MODEL.RETINANET.SCORE_THRESH_TEST = score
-    model = build_model(t)
-    options = ReclassOptions(
-        mode="map", source_classes=r.SOURCE_CLASSES or None, source_dataset=r.SOURCE_DATASET,
-        target_classes=list(source_classes), only=r.ONLY, rename=r.RENAME,
-        trust_pickle=r.TRUST_PICKLE, new_class_init="head")
-    ReclassCheckpointer(model, reclass=options).load(t.MODEL.WEIGHTS)
-    return Teacher(model, cache=r.TEACHER_CACHE)
-
-
-def preservation_from_config(cfg) -> Preservation:
-    """The :class:`Preservation` of a prepared yacs config (teacher built and loaded)."""
-    from ..config import target_classes
-    from ..keep_old import checkpoint_thing_classes
-
-    r = cfg.MODEL.RECLASS
-    method = preserve_method(r.PRESERVE, r.KEEP_SOURCE_CLASSES)
-    target = target_classes(cfg, "thing") or []
-    if method == "none":
-        return Preservation("none", [], len(target))
-    source = checkpoint_thing_classes(cfg.MODEL.WEIGHTS, r.SOURCE_CLASSES, r.SOURCE_DATASET,
-                                      trust_pickle=r.TRUST_PICKLE)
-    index = teacher_class_index(source, target)
-    teacher = build_teacher(cfg, source, score=r.PSEUDO_LABEL_SCORE) \
-        if method in ("pseudo_labels", "distill") else None
-    return Preservation(method, index, len(target), teacher, score=r.PSEUDO_LABEL_SCORE,
-                        distill_weight=r.DISTILL_WEIGHT)

@@ -24,6 +24,8 @@ from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Instances
 from torch import nn
 
+from ..classes import normalize_class_name
+
 __all__ = ["Teacher", "teacher_class_index"]
 
 logger = logging.getLogger(__name__)
@@ -32,8 +34,6 @@ logger = logging.getLogger(__name__)
 def teacher_class_index(source: Sequence[str], target: Sequence[str]) -> List[Optional[int]]:
     """For each source (teacher) class, the index of the same class among the model's target
     classes (normalised names), or None when the model dropped it."""
-    from ..classes import normalize_class_name
-
     where = {normalize_class_name(c): i for i, c in enumerate(target)}
     return [where.get(normalize_class_name(c)) for c in source]
 

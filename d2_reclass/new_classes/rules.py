@@ -1,0 +1,189 @@
+"""The init rules: a new class's relative (the source class that scores highest on its
+examples), its imprinted classifier rows and their calibration, and the relative's entries
+copied into every thing head. See :mod:`d2_reclass.new_classes` for the rules in words.
+"""
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..classes import ClassMapping
+from ..entries import CLASS
+from ..layouts import THING, ClassLayout, SourceAxis
+from .examples import Collected, Plan
+from .report import NewClassInit
+from .scoring import BoxPath, Example, source_rows
+
+__all__ = ["init_one", "learned_class_rows", "relative_entries"]
+
+
+def init_one(t: int, mapping: ClassMapping, plan: Plan, collected: Collected,
+              paths: List[BoxPath], kept: List[int], source_state, model_state,
+              method: str) -> Tuple[NewClassInit, Dict[str, Tuple[torch.Tensor, float]]]:
+    """How new class ``t`` is initialised, and its imprinted (row, bias) per classifier."""
+    name = mapping.target[t]
+    if t in plan.notes:
+        return NewClassInit(name, t, "head", reason=plan.notes[t]), {}
+    picks = plan.chosen[t]
+    bad = [collected.unreadable[i] for i in picks if i in collected.unreadable]
+    examples = collected.by_class.get(t, [])
+    init = NewClassInit(name, t, "head", images=len(picks) - len(bad),
+                        instances=len(examples), unreadable=bad)
+    if not examples:
+        init.reason = (f"none of its {len(picks)} chosen images could be read (first: "
+                       f"{bad[0]}); head init")
+        return init, {}
+    scored = [e.source_probs for e in examples if e.source_probs is not None]
+    if not scored:
+        init.reason = ("the model has no box or dense classifier with the checkpoint's class "
+                       "rows to score its examples; head init")
+        return init, {}
+    mean = torch.stack(scored).mean(dim=0)
+    r = int(mean.argmax())
+    init.method, init.relative, init.relative_index = "relative", mapping.source_name(r), r
+    init.score = float(mean[r])
+    if method != "imprint":
+        return init, {}
+    if not paths:
+        init.reason = ("no box classifier to imprint (RetinaNet/FCOS classify per location); "
+                       "all entries from the relative")
+        return init, {}
+    rows: Dict[str, Tuple[torch.Tensor, float]] = {}
+    notes = []
+    for path in paths:
+        feats = torch.stack([e.features[path.prefix] for e in examples])
+        row, bias, info, note = _imprint(path, feats, collected.reference, kept, source_state,
+                                         mapping.num_source, model_state)
+        if row is None:
+            notes.append(f"{path.prefix[:-1]}: {note}; its row from the relative")
+            continue
+        rows[path.prefix] = (row, bias)
+        init.imprint[path.prefix[:-1]] = info
+        if note not in notes:
+            notes.append(note)
+    if rows:
+        init.method = "imprint"
+    init.reason = "; ".join(notes)
+    return init, rows
+
+
+def _log_odds(logits: torch.Tensor, classes: torch.Tensor, competitors: List[int],
+              sigmoid: bool) -> torch.Tensor:
+    """Per row, the log-odds of class ``classes[i]`` against ``competitors`` (itself left
+    out): what decides its softmax probability; the logit itself for a sigmoid classifier."""
+    own = logits.gather(1, classes[:, None])[:, 0]
+    if sigmoid:
+        return own
+    others = logits[:, competitors].clone()
+    for col, c in enumerate(competitors):
+        others[classes == c, col] = float("-inf")
+    return own - torch.logsumexp(others, dim=1)
+
+
+def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
+             kept: List[int], source_state: Mapping[str, torch.Tensor], num_source: int,
+             model_state: Mapping[str, torch.Tensor]):
+    """One new class's imprinted row in one classifier (see the module docstring).
+
+    Returns:
+        (row (D,) or None, bias or None, numbers for the report, note): None when the row
+        cannot be defined (the note says why).
+    """
+    x = new_feats.double()
+    mean = x.mean(dim=0)
+    norm = float(mean.norm())
+    if not norm > 0:
+        return None, None, {}, "its box features are all zero"
+    direction = mean / norm
+    weight = model_state[path.prefix + "cls_score.weight"].double().cpu()
+    bias = model_state[path.prefix + "cls_score.bias"].double().cpu()
+    sigmoid = bool(getattr(path.predictor, "use_sigmoid_ce", False))
+    competitors = kept + [weight.shape[0] - 1]  # the kept classes and background
+    ref = [e for e in reference if path.prefix in e.features]
+    if ref:
+        scale = float(weight[kept].norm(dim=1).mean())
+        ref_x = torch.stack([e.features[path.prefix] for e in ref]).double()
+        labels = torch.tensor([e.target for e in ref])
+        target = float(_log_odds(ref_x @ weight.T + bias, labels, competitors, sigmoid).median())
+        note = "calibrated on the kept classes"
+    else:
+        rows = source_rows(source_state, path.prefix, num_source + 1, x.shape[1])
+        if rows is None:
+            return None, None, {}, "no kept class to calibrate against and no source rows"
+        src_w, src_b = rows[0].double().cpu(), rows[1].double().cpu()
+        scale = float(src_w[:num_source].norm(dim=1).mean())
+        logits = x @ src_w.T + src_b
+        top = logits[:, :num_source].argmax(dim=1)
+        target = float(_log_odds(logits, top, list(range(num_source + 1)), sigmoid).median())
+        note = "calibrated on the source classes (no kept-class example)"
+    rest = torch.zeros(len(x), dtype=torch.float64) if sigmoid else torch.logsumexp(
+        (x @ weight.T + bias)[:, competitors], dim=1)
+    # The new class's log-odds on example i is scale * direction . x_i + b - rest_i: linear in
+    # b, so the b that puts its median at the reference is exact.
+    b = target - float((scale * (x @ direction) - rest).median())
+    info = {"scale": scale, "bias": b, "reference_log_odds": target, "mean_feature_norm": norm}
+    return scale * direction, b, info, note
+
+
+def relative_entries(model_state: Mapping[str, torch.Tensor],
+                      source_state: Mapping[str, torch.Tensor], layouts: Sequence[ClassLayout],
+                      mapping: ClassMapping, relatives: Dict[int, int]) -> Dict[str, torch.Tensor]:
+    """Every thing tensor with each new class's entries copied from its relative's, the
+    engine's layouts placing them; every other entry is the model's own, bit for bit."""
+    if not relatives:
+        return {}
+    index = list(mapping.source_index)
+    for t, r in relatives.items():
+        index[t] = r
+    by_key: Dict[str, List[ClassLayout]] = {}
+    for lay in layouts:
+        if learned_class_rows(lay):
+            by_key.setdefault(lay.key, []).append(lay)
+    out: Dict[str, torch.Tensor] = {}
+    for key, lays in by_key.items():
+        src, own = source_state.get(key), model_state.get(key)
+        if src is not None and own is not None:
+            value = _copy_relatives(src, own, lays, index, mapping.num_source, list(relatives))
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def learned_class_rows(lay: ClassLayout) -> bool:
+    """``lay`` holds learned entries per thing class (not a vocabulary, buffer or agnostic)."""
+    return lay.space == THING and not (lay.keep_model or lay.vocabulary or lay.agnostic)
+
+
+def _copy_relatives(src: torch.Tensor, own: torch.Tensor, lays: List[ClassLayout],
+                    index: List[Optional[int]], num_source: int,
+                    new: List[int]) -> Optional[torch.Tensor]:
+    """``own`` with the entries of classes ``new`` (on every class axis) gathered from
+    ``src`` through ``index``; None when ``src`` does not read as ``num_source`` classes
+    (it differs for other reasons, and the engine skipped it too).
+
+    The engine's own layouts place every entry (:meth:`ClassLayout.entry_sources`): an entry is
+    taken from ``src`` when it belongs to a new class on some class axis and is a plain copy of
+    one source entry on every class axis.
+    """
+    axes = {lay.axis for lay in lays}
+    if src.dim() != own.dim() or any(
+            src.shape[d] != own.shape[d] for d in range(own.dim()) if d not in axes):
+        return None
+    only_new = [index[t] if t in new else None for t in range(len(index))]
+    gathered = src
+    copy = torch.ones(own.shape, dtype=torch.bool)
+    of_new = torch.zeros(own.shape, dtype=torch.bool)
+    for lay in sorted(lays, key=lambda lay: lay.axis):
+        n = src.shape[lay.axis]
+        src_agnostic = lay.is_agnostic_length(n) and not (lay.count_classes(n) == num_source == 1)
+        if not src_agnostic and lay.count_classes(n) != num_source:
+            return None
+        axis = [SourceAxis(num_source, src_agnostic)]
+        every = lay.entry_sources(index, axis)
+        new_entries = lay.entry_sources(only_new, axis)
+        positions = torch.where(every.copies, every.index[0], -1)
+        gathered = gathered.index_select(lay.axis, positions.clamp(min=0).to(src.device))
+        shape = [1] * own.dim()
+        shape[lay.axis] = -1
+        copy &= (positions >= 0).view(shape)
+        of_new |= ((new_entries.kind == CLASS) & new_entries.copies).view(shape)
+    return torch.where((copy & of_new).to(own.device), gathered.to(own), own)
