@@ -1,0 +1,186 @@
+"""The probe: a model of a project d2_reclass has never seen, read by building it again.
+
+A yacs config whose ``*NUM_CLASSES`` keys are not all known (neither detectron2's, nor a key a
+registered project adds, nor one a registered function names for this config) belongs to a
+project with no registered layouts. Its model is built again once as configured and once per
+such key with that count changed, on the ``meta`` device where the model allows it (no memory,
+no init; else on the CPU, the global RNG left as it was), and the state dicts compared
+(:func:`d2_reclass.layouts.probe.class_axes`). That tells
+
+* which keys size heads: what AUTO_NUM_CLASSES sets (:func:`probed_num_classes_keys`);
+* which tensors follow each count, and how: the layouts left on the built model
+  (:func:`attach_probe`), for tensors no registered layout claims.
+
+Results are cached per config (the class counts aside), so a trainer that prepares its config
+and builds its model probes once.
+"""
+import logging
+import time
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from torch import nn
+
+from ..layouts import PROBED_ATTR, THING
+from ..layouts.num_classes import add_registered_defaults, num_classes_keys
+from ..layouts.probe import ClassAxis, class_axes, probed_layouts
+
+__all__ = [
+    "attach_probe",
+    "config_num_classes_keys",
+    "default_config",
+    "probe_config",
+    "probed_num_classes_keys",
+    "unknown_num_classes_keys",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How much the probe changes one count: any change tells a*K + b from two builds.
+_DELTA = 3
+_CACHE: Dict[str, List[ClassAxis]] = {}
+
+
+def default_config() -> CfgNode:
+    """detectron2's default config, with PointRend's keys (when it imports) and those of every
+    registered project (:func:`~d2_reclass.layouts.num_classes.register_default_config`)."""
+    cfg = get_cfg()
+    try:
+        from detectron2.projects.point_rend import add_pointrend_config
+
+        add_pointrend_config(cfg)
+    except ImportError:  # PointRend needs OpenCV; without it there is no POINT_HEAD key
+        pass
+    add_registered_defaults(cfg)  # the projects' own keys (MODEL.CENTERNET.NUM_CLASSES, ...)
+    return cfg
+
+
+def config_num_classes_keys(cfg: CfgNode) -> Dict[str, int]:
+    """Every integer key of ``cfg`` whose name ends in NUM_CLASSES, with its value."""
+    found: Dict[str, int] = {}
+
+    def walk(node: CfgNode, prefix: str) -> None:
+        for name, value in node.items():
+            if isinstance(value, CfgNode):
+                walk(value, f"{prefix}{name}.")
+            elif name.endswith("NUM_CLASSES") and isinstance(value, int) \
+                    and not isinstance(value, bool):
+                found[prefix + name] = value
+
+    walk(cfg, "")
+    return found
+
+
+def unknown_num_classes_keys(cfg: CfgNode) -> List[str]:
+    """The NUM_CLASSES keys of ``cfg`` that nothing registered knows: neither a default key
+    (:func:`default_config`) nor one a registered function names for this config. Not empty:
+    the model is a project's that d2_reclass has no layouts for, and is probed."""
+    known = {key for key, _ in num_classes_keys(cfg)} | set(
+        config_num_classes_keys(default_config()))
+    return [key for key in config_num_classes_keys(cfg) if key not in known]
+
+
+def probe_config(cfg: CfgNode) -> List[ClassAxis]:
+    """The class axes of ``cfg``'s model, each with the NUM_CLASSES key that sizes it (the
+    first key found, when two size one axis). Empty when the model cannot be built.
+
+    Builds the model 1 + (number of NUM_CLASSES keys) times (see the module docstring); the
+    global RNG is left as it was."""
+    counts = config_num_classes_keys(cfg)
+    cache_key = _cache_key(cfg, counts)
+    if cache_key in _CACHE:
+        return _CACHE[cache_key]
+    spaces = dict(num_classes_keys(cfg))
+    t0 = time.perf_counter()
+    axes: List[ClassAxis] = []
+    with torch.random.fork_rng(devices=[]):
+        base = _shapes(cfg)
+        if base is None:
+            return []
+        for key, k in counts.items():
+            changed = cfg.clone()
+            changed.defrost()
+            _set(changed, key, k + _DELTA)
+            other = _shapes(changed)
+            if other is None:
+                continue
+            taken = {(ax.key, ax.axis) for ax in axes}
+            axes += [ax for ax in class_axes(base[0], other[0], k, k + _DELTA, base[1],
+                                             config_key=key, space=spaces.get(key, THING))
+                     if (ax.key, ax.axis) not in taken]
+    logger.info(f"[d2_reclass probe] {cfg.MODEL.META_ARCHITECTURE}: {len(axes)} class-dependent "
+                f"tensor axes found in {time.perf_counter() - t0:.2f} s "
+                f"({len(counts) + 1} builds): "
+                + ", ".join(f"{ax.key} ({ax.config_key})" for ax in axes))
+    _CACHE[cache_key] = axes
+    return axes
+
+
+def probed_num_classes_keys(cfg: CfgNode) -> Optional[List[Tuple[str, str]]]:
+    """The (key, class space) pairs that size ``cfg``'s heads as the probe finds them, for a
+    project nothing registered knows; None for a known one (or a model the probe cannot
+    build), whose keys :func:`~d2_reclass.layouts.num_classes.num_classes_keys` gives."""
+    if not unknown_num_classes_keys(cfg):
+        return None
+    axes = probe_config(cfg)
+    keys = list(dict.fromkeys((ax.config_key, ax.space) for ax in axes))
+    return keys or None
+
+
+def attach_probe(model: nn.Module, cfg: CfgNode) -> nn.Module:
+    """Leave the probe's layouts on ``model`` (built from ``cfg``) for
+    :func:`~d2_reclass.layouts.find_layouts`, where ``cfg`` belongs to a project nothing
+    registered knows (:func:`unknown_num_classes_keys`); a known one, or a model probed
+    already, is left as it is. Returns ``model``."""
+    inner = model.module if isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    if getattr(inner, PROBED_ATTR, None) is not None or not unknown_num_classes_keys(cfg):
+        return model
+    layouts = probed_layouts(probe_config(cfg), inner, config_num_classes_keys(cfg))
+    setattr(inner, PROBED_ATTR, layouts)
+    return model
+
+
+def _shapes(cfg: CfgNode) -> Optional[Tuple[Dict[str, Tuple[int, ...]], Set[str]]]:
+    """(shape of every state-dict entry, names of the buffers) of ``cfg``'s model; None when it
+    cannot be built."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    try:
+        # build_model moves the model to MODEL.DEVICE, so it too must be meta.
+        cfg.MODEL.DEVICE = "meta"
+        with torch.device("meta"):
+            model = build_model(cfg)
+    except Exception as e:  # a project's __init__ may need real tensors
+        logger.debug(f"[d2_reclass probe] no meta build ({type(e).__name__}: {e}); on the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+        try:
+            model = build_model(cfg)
+        except Exception as e:  # the count itself may be refused (a vocabulary's length)
+            logger.info(f"[d2_reclass probe] cannot build {cfg.MODEL.META_ARCHITECTURE} with "
+                        f"these class counts ({type(e).__name__}: {e})")
+            return None
+    return ({k: tuple(v.shape) for k, v in model.state_dict().items()},
+            {name for name, _ in model.named_buffers()})
+
+
+def _set(cfg: CfgNode, key: str, value: int) -> None:
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _cache_key(cfg: CfgNode, counts: Dict[str, int]) -> str:
+    normal = cfg.clone()
+    normal.defrost()
+    for key in counts:
+        _set(normal, key, 0)
+    normal.MODEL.WEIGHTS = ""
+    normal.OUTPUT_DIR = ""
+    return normal.dump()
+
