@@ -185,12 +185,13 @@ def _prepared(cfg_of, classes, mode):
     """(config, model, checkpointer, NUM_CLASSES value) through the integration lines."""
     from d2_reclass import ReclassCheckpointer, add_reclass_config, prepare_reclass_config
     from d2_reclass.integration.lazy import apply_lazy_num_classes, lazy_reclass_options
+    from d2_reclass.integration.probe import attach_lazy_probe
 
     cfg = cfg_of(len(FIVE))
     if _is_lazy(cfg):
         cfg.reclass = dict(mode=mode, target_classes=list(classes))
         apply_lazy_num_classes(cfg)
-        model = _build(cfg, 7)
+        model = attach_lazy_probe(_build(cfg, 7), cfg)
         return cfg, model, ReclassCheckpointer(model, reclass=lazy_reclass_options(cfg)), \
             cfg.model.num_classes
     add_reclass_config(cfg)

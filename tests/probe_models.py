@@ -6,7 +6,7 @@ META_ARCH_REGISTRY under a test name:
 
 * ``ProbeDetrLike`` (DETR's d2 wrapper): ``detr.class_embed`` nn.Linear(D, K + 1), "no object"
   last, torch's default init; ``criterion.empty_weight`` buffer ones(K + 1), 0.1 last.
-* ``ProbeSparseLike`` (SparseR-CNN / DiffusionDet / detrex DINO): per-stage
+* ``ProbeSparseLike`` / ``SparseLike`` (SparseR-CNN / DiffusionDet / detrex DINO): per-stage
   ``head.head_series.{i}.class_logits`` nn.Linear(D, K) with a focal prior bias; a DINO
   ``label_enc`` nn.Embedding(K, D); per-layer ``class_embed.{i}`` also registered as
   ``decoder.class_embed.{i}`` (one module under two prefixes); and a head no project has,
@@ -70,11 +70,12 @@ class _Decoder(nn.Module):
         self.layer = nn.Linear(D, D)
 
 
-@META_ARCH_REGISTRY.register()
-class ProbeSparseLike(nn.Module):
-    def __init__(self, cfg):
+class SparseLike(nn.Module):
+    """``ProbeSparseLike``'s model, built from plain arguments (for LazyConfig)."""
+
+    def __init__(self, num_classes: int):
         super().__init__()
-        k = cfg.MODEL.PROBE_SPARSE.NUM_CLASSES
+        k = num_classes
         self.head = nn.Module()
         self.head.head_series = nn.ModuleList(_Stage(k) for _ in range(2))
         for stage in self.head.head_series:
@@ -87,7 +88,22 @@ class ProbeSparseLike(nn.Module):
         nn.init.constant_(self.class_embed[1].bias, PRIOR)
         self.decoder = _Decoder()
         self.decoder.class_embed = self.class_embed  # DINO: one module, two prefixes
+
+
+@META_ARCH_REGISTRY.register()
+class ProbeSparseLike(SparseLike):
+    def __init__(self, cfg):
+        super().__init__(cfg.MODEL.PROBE_SPARSE.NUM_CLASSES)
         self.to(cfg.MODEL.DEVICE)
+
+
+class LazyDetector(nn.Module):
+    """A LazyConfig model whose head holds the class count (``model.head.num_classes``, a field
+    detectron2's LazyConfig models do not have), and a criterion that follows it."""
+
+    def __init__(self, head: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.head, self.criterion = head, criterion
 
 
 def probe_cfg(arch: str, num_classes: int, opts=()):

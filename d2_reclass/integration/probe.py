@@ -13,22 +13,32 @@ no init; else on the CPU, the global RNG left as it was), and the state dicts co
 
 Results are cached per config (the class counts aside), so a trainer that prepares its config
 and builds its model probes once.
+
+A LazyConfig model is read the same way (:func:`attach_lazy_probe`, :func:`probed_lazy_fields`),
+its ``num_classes`` fields in place of the keys, when no registered layout knows it.
 """
+import copy
 import logging
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode, get_cfg, instantiate
 from detectron2.modeling import build_model
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..layouts import PROBED_ATTR, THING
+from ..layouts import PROBED_ATTR, STUFF, THING, find_layouts
 from ..layouts.num_classes import add_registered_defaults, num_classes_keys
 from ..layouts.probe import ClassAxis, class_axes, probed_layouts
 
 __all__ = [
+    "LAZY_KNOWN_FIELDS",
+    "attach_lazy_probe",
     "attach_probe",
+    "lazy_num_classes_fields",
+    "probe_lazy_config",
+    "probed_lazy_fields",
     "config_num_classes_keys",
     "default_config",
     "probe_config",
@@ -141,6 +151,100 @@ def attach_probe(model: nn.Module, cfg: CfgNode) -> nn.Module:
     layouts = probed_layouts(probe_config(cfg), inner, config_num_classes_keys(cfg))
     setattr(inner, PROBED_ATTR, layouts)
     return model
+
+
+# ------------------------------------------------------------------ LazyConfig
+#: The fields where detectron2's LazyConfig models keep their class counts (set by
+#: :func:`~d2_reclass.integration.lazy.apply_lazy_num_classes` without a probe).
+LAZY_KNOWN_FIELDS = ("model.roi_heads.num_classes", "model.num_classes",
+                     "model.sem_seg_head.num_classes")
+
+
+def lazy_num_classes_fields(cfg) -> Dict[str, int]:
+    """Every integer ``num_classes`` field under a LazyConfig's ``model`` (interpolations such
+    as a criterion's ``"${..num_classes}"`` follow another field and are left out)."""
+    found: Dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        for name in list(node.keys()):
+            if OmegaConf.is_interpolation(node, name):
+                continue
+            value = node[name]
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{name}.")
+            elif name == "num_classes" and isinstance(value, int) \
+                    and not isinstance(value, bool):
+                found[prefix + name] = value
+
+    if isinstance(cfg.get("model", None), DictConfig):
+        walk(cfg.model, "model.")
+    return found
+
+
+def probe_lazy_config(cfg) -> List[ClassAxis]:
+    """:func:`probe_config` for a LazyConfig: ``cfg.model`` instantiated (on the meta device
+    where it can be) as it is and with each ``num_classes`` field changed."""
+    fields = lazy_num_classes_fields(cfg)
+    axes: List[ClassAxis] = []
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        base = _lazy_shapes(cfg.model)
+        if base is None:
+            return []
+        for path, k in fields.items():
+            changed = copy.deepcopy(cfg.model)
+            OmegaConf.update(changed, path[len("model."):], k + _DELTA, merge=False)
+            other = _lazy_shapes(changed)
+            if other is None:
+                continue
+            taken = {(ax.key, ax.axis) for ax in axes}
+            axes += [ax for ax in class_axes(base[0], other[0], k, k + _DELTA, base[1],
+                                             config_key=path, space=_lazy_space(path))
+                     if (ax.key, ax.axis) not in taken]
+    logger.info(f"[d2_reclass probe] LazyConfig model: {len(axes)} class-dependent tensor axes "
+                f"found in {time.perf_counter() - t0:.2f} s ({len(fields) + 1} builds)")
+    return axes
+
+
+def probed_lazy_fields(cfg) -> List[Tuple[str, str]]:
+    """The (field, class space) pairs that size a LazyConfig model's heads, as the probe finds
+    them, for ``num_classes`` fields detectron2's LazyConfig models do not have
+    (:data:`LAZY_KNOWN_FIELDS`); empty when every field is a known one."""
+    if all(path in LAZY_KNOWN_FIELDS for path in lazy_num_classes_fields(cfg)):
+        return []
+    return list(dict.fromkeys((ax.config_key, ax.space) for ax in probe_lazy_config(cfg)))
+
+
+def attach_lazy_probe(model: nn.Module, cfg) -> nn.Module:
+    """:func:`attach_probe` for a model instantiated from LazyConfig ``cfg``: probed when no
+    registered layout finds a class tensor in it. Returns ``model``."""
+    inner = model.module if isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    if getattr(inner, PROBED_ATTR, None) is not None or find_layouts(inner):
+        return model
+    layouts = probed_layouts(probe_lazy_config(cfg), inner, lazy_num_classes_fields(cfg))
+    setattr(inner, PROBED_ATTR, layouts)
+    return model
+
+
+def _lazy_space(path: str) -> str:
+    return STUFF if path == "model.sem_seg_head.num_classes" else THING
+
+
+def _lazy_shapes(model_cfg) -> Optional[Tuple[Dict[str, Tuple[int, ...]], Set[str]]]:
+    try:
+        with torch.device("meta"):
+            model = instantiate(model_cfg)
+    except Exception as e:  # a project's __init__ may need real tensors
+        logger.debug(f"[d2_reclass probe] no meta build ({type(e).__name__}: {e}); on the CPU")
+        try:
+            model = instantiate(model_cfg)
+        except Exception as e:
+            logger.info(f"[d2_reclass probe] cannot instantiate the model with these class "
+                        f"counts ({type(e).__name__}: {e})")
+            return None
+    return ({k: tuple(v.shape) for k, v in model.state_dict().items()},
+            {name for name, _ in model.named_buffers()})
 
 
 def _shapes(cfg: CfgNode) -> Optional[Tuple[Dict[str, Tuple[int, ...]], Set[str]]]:

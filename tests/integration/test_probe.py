@@ -10,8 +10,19 @@ import math
 import pytest
 import torch
 from d2_fixtures import captured_logs
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
 from detectron2.modeling import build_model
-from probe_models import DETR_KEY, PRIOR, SPARSE_KEY, probe_cfg
+from omegaconf import OmegaConf
+from probe_models import (
+    DETR_KEY,
+    PRIOR,
+    SPARSE_KEY,
+    LazyDetector,
+    SparseLike,
+    _Criterion,
+    probe_cfg,
+)
 
 from d2_reclass import (
     CLASSES_KEY,
@@ -23,8 +34,11 @@ from d2_reclass import (
     find_layouts,
     prepare_reclass_config,
 )
+from d2_reclass.integration.lazy import apply_lazy_num_classes
 from d2_reclass.integration.probe import (
+    attach_lazy_probe,
     attach_probe,
+    lazy_num_classes_fields,
     probed_num_classes_keys,
     unknown_num_classes_keys,
 )
@@ -186,3 +200,19 @@ def test_bare_checkpointer_same_count_other_names_never_silent(tmp_path, mode):
         return
     logs = _load(checkpointer, source, tmp_path)
     assert any("detr.class_embed.weight" in m and "register_layout" in m for m in logs)
+
+
+def test_lazy_config_fields_found_set_and_probed():
+    cfg = OmegaConf.create({"model": L(LazyDetector)(
+        head=L(SparseLike)(num_classes=5),
+        criterion=L(_Criterion)(num_classes="${..head.num_classes}")),
+        "reclass": {"target_classes": TARGET}})
+    # The criterion's interpolation follows the head: one field.
+    assert lazy_num_classes_fields(cfg) == {"model.head.num_classes": 5}
+    assert apply_lazy_num_classes(cfg) == [("model.head.num_classes", 5, 3)]
+    model = attach_lazy_probe(instantiate(cfg.model), cfg)
+    layouts = {lay.key: lay for lay in find_layouts(model)}
+    assert layouts["head.label_enc.weight"].num_classes == 3
+    assert layouts["criterion.empty_weight"].keep_model
+    assert layouts["head.head.head_series.0.class_boxes.weight"].opaque
+    assert layouts["head.decoder.class_embed.0.bias"].seed_key == "head.class_embed.0.bias"
