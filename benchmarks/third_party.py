@@ -158,6 +158,26 @@ def _dino():
                                          "label_enc.weight"]
 
 
+def _vitdet():
+    # detectron2's own ViTDet model (the model zoo's LazyConfig), its ViT-B made tiny.
+    from detectron2 import model_zoo
+    from detectron2.config import LazyConfig
+
+    path = model_zoo.get_config_file("common/models/mask_rcnn_vitdet.py")
+
+    def cfg_of(k, full=False):
+        cfg = LazyConfig.load(path)
+        cfg.model.roi_heads.num_classes = k
+        if not full:
+            net = cfg.model.backbone.net
+            net.embed_dim, net.depth, net.num_heads = 64, 2, 2
+            net.img_size, net.window_block_indexes = 256, [0]
+            cfg.model.backbone.square_pad = 256
+        return cfg
+    return cfg_of, "model.roi_heads.num_classes", ["roi_heads.box_predictor.cls_score.weight",
+                                                   "roi_heads.box_predictor.bbox_pred.weight"]
+
+
 PROJECTS = {
     "DETR (d2 wrapper)": _detr,
     "SparseR-CNN": _sparse_like("SparseR-CNN", "sparsercnn", "MODEL.SparseRCNN.NUM_CLASSES",
@@ -165,6 +185,7 @@ PROJECTS = {
     "DiffusionDet": _sparse_like("DiffusionDet", "diffusiondet",
                                  "MODEL.DiffusionDet.NUM_CLASSES", "DiffusionDet"),
     "detrex DINO": _dino,
+    "ViTDet (detectron2)": _vitdet,
 }
 
 
@@ -227,8 +248,8 @@ def _run(name, setup, tmp):
     state, layouts = model.state_dict(), find_layouts(model)
     class_keys = {lay.key for lay in layouts}
     actions = {t.key: t.action for t in ckpt.report.tensors}
-    learnt = sorted(k for k in class_keys if not any(lay.keep_model for lay in layouts
-                                                     if lay.key == k))
+    by_key = {lay.key: lay for lay in layouts}
+    learnt = sorted(k for k, lay in by_key.items() if not lay.keep_model)
     row["(a) class tensors mapped"] = f"{sum(actions.get(k) == 'mapped' for k in learnt)}" \
         f"/{len(learnt)}"
     kept = [lay.key for lay in layouts if lay.background and not lay.keep_model]
@@ -236,7 +257,8 @@ def _run(name, setup, tmp):
         torch.equal(state[k][-1], source[k][-1]) for k in kept) else "NO"
     if not kept:
         row["(a) no-object rows kept"] = "none (focal)"
-    rows_ok = all(torch.equal(state[k][:2], source[k][[3, 0]]) for k in learnt)
+    rows_ok = all(torch.equal(_rows(state[k], by_key[k], [0, 1]),
+                              _rows(source[k], by_key[k], [3, 0])) for k in learnt)
     row["(a) kept rows follow names"] = "yes" if rows_ok else "NO"
     row["(a) new row at the head's init"] = _fresh_rows(state, layouts, learnt)
     shared = model.state_dict(keep_vars=True)
@@ -256,7 +278,8 @@ def _run(name, setup, tmp):
     state = model.state_dict()
     order = [1, 0, 2, 3, 4]
     row["(b) rows follow names"] = "yes" if all(
-        torch.equal(state[k][:5], source[k][order]) for k in learnt) else "NO"
+        torch.equal(_rows(state[k], by_key[k], range(5)), _rows(source[k], by_key[k], order))
+        for k in learnt) else "NO"
     _, model, ckpt, _ = _prepared(cfg_of, SAME, "strict")
     try:
         ckpt.load(path)
@@ -268,13 +291,21 @@ def _run(name, setup, tmp):
         print(f"  {what}: {value}")
 
 
+def _rows(tensor, layout, classes):
+    """The entries of ``classes`` on ``layout``'s axis (class-major blocks, as every head
+    here has them)."""
+    b = layout.block
+    index = torch.tensor([c * b + i for c in classes for i in range(b)])
+    return tensor.index_select(layout.axis, index)
+
+
 def _fresh_rows(state, layouts, learnt):
     """Whether the new class's row (index 2) holds what the head's init gives."""
     checks = []
     for lay in layouts:
         if lay.key not in learnt:
             continue
-        row = state[lay.key][2]
+        row = _rows(state[lay.key], lay, [2])
         if lay.init.kind == "constant":
             checks.append(bool((row == lay.init.value).all()))
         elif lay.init.kind == "uniform":
@@ -282,6 +313,8 @@ def _fresh_rows(state, layouts, learnt):
         elif lay.init.kind == "xavier_uniform":
             shape = state[lay.key].shape
             checks.append(bool(row.abs().max() <= (6 / (shape[0] + shape[1])) ** 0.5))
+        elif lay.init.kind == "normal":
+            checks.append(bool(row.abs().max() <= 8 * lay.init.value))
         else:
             checks.append(bool(row.abs().max() > 0))
     kinds = sorted({str(lay.init) for lay in layouts if lay.key in learnt})

@@ -2,10 +2,11 @@
 
 A yacs config whose ``*NUM_CLASSES`` keys are not all known (neither detectron2's, nor a key a
 registered project adds, nor one a registered function names for this config) belongs to a
-project with no registered layouts. Its model is built again once as configured and once per
-such key with that count changed, on the ``meta`` device where the model allows it (no memory,
-no init; else on the CPU, the global RNG left as it was), and the state dicts compared
-(:func:`d2_reclass.layouts.probe.class_axes`). That tells
+project with no registered layouts. Its model is built again as configured and twice with
+every such count moved (each key by its own amount: :func:`~d2_reclass.layouts.probe.
+probe_counts`), on the ``meta`` device where the model allows it (no memory, no init; else on
+the CPU, the global RNG left as it was), and the state dicts compared
+(:func:`d2_reclass.layouts.probe.fit_class_axes`). That tells
 
 * which keys size heads: what AUTO_NUM_CLASSES sets (:func:`probed_num_classes_keys`);
 * which tensors follow each count, and how: the layouts left on the built model
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..layouts import PROBED_ATTR, STUFF, THING, find_layouts
 from ..layouts.num_classes import add_registered_defaults, num_classes_keys
-from ..layouts.probe import ClassAxis, class_axes, probed_layouts
+from ..layouts.probe import ClassAxis, fit_class_axes, probe_counts, probed_layouts
 
 __all__ = [
     "LAZY_KNOWN_FIELDS",
@@ -48,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: How much the probe changes one count: any change tells a*K + b from two builds.
+#: How much the probe moves one count where it builds one key at a time.
 _DELTA = 3
 _CACHE: Dict[str, List[ClassAxis]] = {}
 
@@ -96,33 +97,18 @@ def probe_config(cfg: CfgNode) -> List[ClassAxis]:
     """The class axes of ``cfg``'s model, each with the NUM_CLASSES key that sizes it (the
     first key found, when two size one axis). Empty when the model cannot be built.
 
-    Builds the model 1 + (number of NUM_CLASSES keys) times (see the module docstring); the
-    global RNG is left as it was."""
+    Builds the model three times (once per key more where a moved count cannot be built; see
+    the module docstring); the global RNG is left as it was."""
     counts = config_num_classes_keys(cfg)
     cache_key = _cache_key(cfg, counts)
     if cache_key in _CACHE:
         return _CACHE[cache_key]
-    spaces = dict(num_classes_keys(cfg))
     t0 = time.perf_counter()
-    axes: List[ClassAxis] = []
     with torch.random.fork_rng(devices=[]):
-        base = _shapes(cfg)
-        if base is None:
-            return []
-        for key, k in counts.items():
-            changed = cfg.clone()
-            changed.defrost()
-            _set(changed, key, k + _DELTA)
-            other = _shapes(changed)
-            if other is None:
-                continue
-            taken = {(ax.key, ax.axis) for ax in axes}
-            axes += [ax for ax in class_axes(base[0], other[0], k, k + _DELTA, base[1],
-                                             config_key=key, space=spaces.get(key, THING))
-                     if (ax.key, ax.axis) not in taken]
+        builds = _builds(counts, lambda moved: _shapes(_with_counts(cfg, moved)))
+    axes = _fit(builds, dict(num_classes_keys(cfg)))
     logger.info(f"[d2_reclass probe] {cfg.MODEL.META_ARCHITECTURE}: {len(axes)} class-dependent "
-                f"tensor axes found in {time.perf_counter() - t0:.2f} s "
-                f"({len(counts) + 1} builds): "
+                f"tensor axes found in {time.perf_counter() - t0:.2f} s ({len(builds)} builds): "
                 + ", ".join(f"{ax.key} ({ax.config_key})" for ax in axes))
     _CACHE[cache_key] = axes
     return axes
@@ -185,24 +171,12 @@ def probe_lazy_config(cfg) -> List[ClassAxis]:
     """:func:`probe_config` for a LazyConfig: ``cfg.model`` instantiated (on the meta device
     where it can be) as it is and with each ``num_classes`` field changed."""
     fields = lazy_num_classes_fields(cfg)
-    axes: List[ClassAxis] = []
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        base = _lazy_shapes(cfg.model)
-        if base is None:
-            return []
-        for path, k in fields.items():
-            changed = copy.deepcopy(cfg.model)
-            OmegaConf.update(changed, path[len("model."):], k + _DELTA, merge=False)
-            other = _lazy_shapes(changed)
-            if other is None:
-                continue
-            taken = {(ax.key, ax.axis) for ax in axes}
-            axes += [ax for ax in class_axes(base[0], other[0], k, k + _DELTA, base[1],
-                                             config_key=path, space=_lazy_space(path))
-                     if (ax.key, ax.axis) not in taken]
+        builds = _builds(fields, lambda moved: _lazy_shapes(_lazy_with_counts(cfg.model, moved)))
+    axes = _fit(builds, {path: _lazy_space(path) for path in fields})
     logger.info(f"[d2_reclass probe] LazyConfig model: {len(axes)} class-dependent tensor axes "
-                f"found in {time.perf_counter() - t0:.2f} s ({len(fields) + 1} builds)")
+                f"found in {time.perf_counter() - t0:.2f} s ({len(builds)} builds)")
     return axes
 
 
@@ -225,6 +199,52 @@ def attach_lazy_probe(model: nn.Module, cfg) -> nn.Module:
     layouts = probed_layouts(probe_lazy_config(cfg), inner, lazy_num_classes_fields(cfg))
     setattr(inner, PROBED_ATTR, layouts)
     return model
+
+
+def _builds(counts: Dict[str, int], shapes_at) -> List[Tuple[dict, Dict[str, int], Set[str]]]:
+    """(shapes, counts, buffers) of the model as configured and at :func:`probe_counts`'s
+    counts (three builds); where those cannot be built (a count a project refuses), one build
+    per key moved alone. Empty when the model as configured cannot be built."""
+    base = shapes_at(counts)
+    if base is None:
+        return []
+    builds = [(base[0], counts, base[1])]
+    for moved in probe_counts(counts):
+        other = shapes_at(moved)
+        if other is None:
+            break
+        builds.append((other[0], moved, other[1]))
+    else:
+        return builds
+    builds = builds[:1]
+    for key, k in counts.items():
+        moved = {**counts, key: k + _DELTA}
+        other = shapes_at(moved)
+        if other is not None:
+            builds.append((other[0], moved, other[1]))
+    return builds
+
+
+def _fit(builds, spaces: Dict[str, str]) -> List[ClassAxis]:
+    if not builds:
+        return []
+    return fit_class_axes([(shapes, counts) for shapes, counts, _ in builds], builds[0][2],
+                          spaces)
+
+
+def _with_counts(cfg: CfgNode, counts: Dict[str, int]) -> CfgNode:
+    out = cfg.clone()
+    out.defrost()
+    for key, k in counts.items():
+        _set(out, key, k)
+    return out
+
+
+def _lazy_with_counts(model_cfg, counts: Dict[str, int]):
+    out = copy.deepcopy(model_cfg)
+    for path, k in counts.items():
+        OmegaConf.update(out, path[len("model."):], k, merge=False)
+    return out
 
 
 def _lazy_space(path: str) -> str:

@@ -1,6 +1,6 @@
 """Class-dependent tensors read from the model itself: how its shapes follow a class count.
 
-The same architecture built for two class counts (by :mod:`d2_reclass.integration.probe`, on
+The same architecture built for other class counts (by :mod:`d2_reclass.integration.probe`, on
 the ``meta`` device where it can) tells, for every state-dict tensor, whether an axis grows with
 the count and how: ``length = a*K + b``. This module is the pure part: shapes in, class axes
 and :class:`~d2_reclass.layouts.core.ClassLayout`\\ s out.
@@ -19,7 +19,7 @@ Registered layouts keep precedence (:func:`~d2_reclass.layouts.core.find_layouts
 Shape shorthand: K = number of classes.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torch import nn
 from ..fresh import NORMAL_001, ZERO, InitSpec, torch_default_init
 from .core import MEAN, MEAN_LOG_COUNT, THING, ClassLayout
 
-__all__ = ["ClassAxis", "class_axes", "probed_layouts"]
+__all__ = ["Build", "ClassAxis", "fit_class_axes", "probe_counts", "probed_layouts"]
 
 Shapes = Mapping[str, Tuple[int, ...]]
 
@@ -60,38 +60,68 @@ class ClassAxis:
         return self.a == 1 and self.b in (0, 1)
 
 
-def class_axes(
-    shapes: Shapes,
-    other: Shapes,
-    k: int,
-    k_other: int,
-    buffers: Set[str],
-    *,
-    config_key: str = "",
-    space: str = THING,
-) -> List[ClassAxis]:
-    """The class axes of a model whose state-dict shapes are ``shapes`` when built for ``k``
-    classes and ``other`` for ``k_other``.
+#: The state-dict shapes of a model built with these class counts (per config key).
+Build = Tuple[Shapes, Mapping[str, int]]
 
-    An axis is a class axis when its lengths fit ``a*K + b`` with a whole ``a`` >= 1 and
-    ``b`` >= 0; a tensor whose lengths change otherwise (or whose number of dimensions changes)
-    is not read as class-dependent. Keys in only one of the two are left out.
+
+def probe_counts(counts: Mapping[str, int]) -> List[Dict[str, int]]:
+    """The two sets of class counts to build besides ``counts``: key i moved by the i-th prime
+    from 3, then by that prime plus one. An axis that grows with key i then fits no other key's
+    counts (``a*P_i == a'*P_j`` and ``a*(P_i + 1) == a'*(P_j + 1)`` give ``i == j``), so three
+    builds read every key at once."""
+    primes: List[int] = []
+    n = 3
+    while len(primes) < len(counts):
+        if all(n % p for p in primes):
+            primes.append(n)
+        n += 2
+    return [{key: k + p + extra for (key, k), p in zip(counts.items(), primes)}
+            for extra in (0, 1)]
+
+
+def fit_class_axes(
+    builds: Sequence[Build],
+    buffers: Set[str],
+    spaces: Mapping[str, str] = {},
+) -> List[ClassAxis]:
+    """The class axes of a model built several times (``builds``, the first as configured):
+    every axis whose lengths fit ``a*K + b`` over the builds, with a whole ``a`` >= 1 and
+    ``b`` >= 0, for the counts K of one config key (the first that fits).
+
+    A tensor whose lengths change otherwise (or whose number of dimensions changes) is not read
+    as class-dependent; keys missing from a build are left out. ``spaces`` gives each config
+    key's class space (default: thing).
     """
-    if k == k_other:
-        raise ValueError(f"class_axes needs two different class counts, not {k} twice")
+    base, counts = builds[0]
     found = []
-    for key, shape in shapes.items():
-        alt = other.get(key)
-        if alt is None or len(alt) != len(shape):
+    for key, shape in base.items():
+        others = [shapes.get(key) for shapes, _ in builds[1:]]
+        if any(o is None or len(o) != len(shape) for o in others):
             continue
-        for axis, (n, m) in enumerate(zip(shape, alt)):
-            if n == m:
+        for axis in range(len(shape)):
+            lengths = [shape[axis]] + [o[axis] for o in others]
+            if len(set(lengths)) == 1:
                 continue
-            a, rest = divmod(n - m, k - k_other)
-            b = n - a * k
-            if rest == 0 and a >= 1 and b >= 0:
-                found.append(ClassAxis(key, axis, a, b, key in buffers, config_key, space))
+            for config_key in counts:
+                fit = _line([(b[1][config_key], n) for b, n in zip(builds, lengths)])
+                if fit is not None:
+                    found.append(ClassAxis(key, axis, *fit, key in buffers, config_key,
+                                           spaces.get(config_key, THING)))
+                    break
     return found
+
+
+def _line(points: Sequence[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """(a, b) with ``length == a*K + b`` at every (K, length) point, a >= 1 and b >= 0."""
+    (k0, n0), *rest = points
+    other = next(((k, n) for k, n in rest if k != k0), None)
+    if other is None:
+        return None
+    a, remainder = divmod(other[1] - n0, other[0] - k0)
+    b = n0 - a * k0
+    if remainder or a < 1 or b < 0 or any(n != a * k + b for k, n in points):
+        return None
+    return a, b
 
 
 def probed_layouts(

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from d2_reclass.layouts import MEAN, MEAN_LOG_COUNT, THING
-from d2_reclass.layouts.probe import ClassAxis, class_axes, probed_layouts
+from d2_reclass.layouts.probe import ClassAxis, fit_class_axes, probe_counts, probed_layouts
 
 
 def _shapes(k):
@@ -21,8 +21,8 @@ def _shapes(k):
 
 
 def test_class_axes_read_a_and_b():
-    axes = {(ax.key, ax.axis): ax for ax in class_axes(_shapes(5), _shapes(8), 5, 8,
-                                                        {"weights"}, config_key="KEY")}
+    builds = [(_shapes(k), {"KEY": k}) for k in (5, 8)]
+    axes = {(ax.key, ax.axis): ax for ax in fit_class_axes(builds, {"weights"})}
     assert sorted(axes) == sorted([("cls.weight", 0), ("cls.bias", 0), ("focal.weight", 0),
                                    ("boxes.weight", 0), ("extra.weight", 0), ("weights", 0),
                                    ("pairs.weight", 0), ("pairs.weight", 1)])
@@ -36,9 +36,24 @@ def test_class_axes_read_a_and_b():
 
 def test_class_axes_ignore_shapes_that_do_not_follow_a_count():
     # A length that shrinks as K grows, or grows by less than one entry per class.
-    assert class_axes({"x": (10,), "y": (7,)}, {"x": (4,), "y": (8,)}, 5, 8, set()) == []
-    with pytest.raises(ValueError, match="two different class counts"):
-        class_axes({}, {}, 5, 5, set())
+    builds = [({"x": (10,), "y": (7,)}, {"K": 5}), ({"x": (4,), "y": (8,)}, {"K": 8})]
+    assert fit_class_axes(builds, set()) == []
+    # Two builds at one count tell nothing.
+    assert fit_class_axes([({"x": (5,)}, {"K": 5}), ({"x": (6,)}, {"K": 5})], set()) == []
+
+
+def test_three_builds_tell_which_key_sizes_each_axis():
+    counts = {"A": 4, "B": 4, "C": 2}
+    moved = probe_counts(counts)
+    assert moved == [{"A": 7, "B": 9, "C": 9}, {"A": 8, "B": 10, "C": 10}]
+
+    def shapes(c):  # x: 5*A; y: 3*B + 1; z: C; w: fixed
+        return {"x": (5 * c["A"],), "y": (3 * c["B"] + 1, 2), "z": (c["C"],), "w": (7,)}
+
+    axes = fit_class_axes([(shapes(c), c) for c in [counts, *moved]], set(),
+                          {"C": "stuff"})
+    assert [(ax.key, ax.config_key, ax.a, ax.b, ax.space) for ax in axes] == [
+        ("x", "A", 5, 0, "thing"), ("y", "B", 3, 1, "thing"), ("z", "C", 1, 0, "stuff")]
 
 
 class _Model(nn.Module):
@@ -55,9 +70,8 @@ class _Model(nn.Module):
 
 def test_probed_layouts_inits_rules_and_shared_names():
     model = _Model(3)
-    axes = class_axes({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                      {k: tuple(v.shape) for k, v in _Model(6).state_dict().items()},
-                      3, 6, {"weights"}, config_key="KEY")
+    axes = fit_class_axes([({k: tuple(v.shape) for k, v in m.state_dict().items()}, {"KEY": k})
+                           for m, k in ((model, 3), (_Model(6), 6))], {"weights"})
     layouts = {lay.key: lay for lay in probed_layouts(axes, model, {"KEY": 3})}
     cls = layouts["cls.weight"]
     assert (cls.num_classes, cls.background, cls.opaque, cls.space) == (3, True, False, THING)
