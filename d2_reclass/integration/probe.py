@@ -30,7 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..layouts import PROBED_ATTR, STUFF, THING, find_layouts
-from ..layouts.num_classes import add_registered_defaults, num_classes_keys
+from ..layouts.num_classes import (
+    add_registered_defaults,
+    num_classes_keys,
+    registered_num_classes_keys,
+)
 from ..layouts.probe import ClassAxis, fit_class_axes, probe_counts, probed_layouts
 
 __all__ = [
@@ -85,11 +89,13 @@ def config_num_classes_keys(cfg: CfgNode) -> Dict[str, int]:
 
 
 def unknown_num_classes_keys(cfg: CfgNode) -> List[str]:
-    """The NUM_CLASSES keys of ``cfg`` that nothing registered knows: neither a default key
-    (:func:`default_config`) nor one a registered function names for this config. Not empty:
-    the model is a project's that d2_reclass has no layouts for, and is probed."""
-    known = {key for key, _ in num_classes_keys(cfg)} | set(
-        config_num_classes_keys(default_config()))
+    """The NUM_CLASSES keys of ``cfg`` that nothing registered knows, where no registered
+    function knows the config (a registered project's config is known whatever keys it adds)
+    and the key is not a default one (:func:`default_config`). Not empty: the model is a
+    project's that d2_reclass has no layouts for, and is probed."""
+    if registered_num_classes_keys(cfg) is not None:
+        return []
+    known = set(config_num_classes_keys(default_config()))
     return [key for key in config_num_classes_keys(cfg) if key not in known]
 
 
