@@ -203,7 +203,7 @@ def _build(cfg, seed):
 
 
 def _prepared(cfg_of, classes, mode):
-    """(config, model, checkpointer, NUM_CLASSES value) through the integration lines."""
+    """(config, model, checkpointer) through the integration lines."""
     from d2_reclass import ReclassCheckpointer, add_reclass_config, prepare_reclass_config
     from d2_reclass.integration.lazy import apply_lazy_num_classes, lazy_reclass_options
     from d2_reclass.integration.probe import attach_lazy_probe
@@ -213,13 +213,12 @@ def _prepared(cfg_of, classes, mode):
         cfg.reclass = dict(mode=mode, target_classes=list(classes))
         apply_lazy_num_classes(cfg)
         model = attach_lazy_probe(_build(cfg, 7), cfg)
-        return cfg, model, ReclassCheckpointer(model, reclass=lazy_reclass_options(cfg)), \
-            cfg.model.num_classes
+        return cfg, model, ReclassCheckpointer(model, reclass=lazy_reclass_options(cfg))
     add_reclass_config(cfg)
     cfg.MODEL.RECLASS.TARGET_CLASSES, cfg.MODEL.RECLASS.MODE = list(classes), mode
     cfg, _ = prepare_reclass_config(cfg)
     model = _build(cfg, 7)
-    return cfg, model, ReclassCheckpointer.from_config(cfg, model), None
+    return cfg, model, ReclassCheckpointer.from_config(cfg, model)
 
 
 def _stock_state(cfg, path):
@@ -243,7 +242,7 @@ def _run(name, setup, tmp):
     torch.save({"model": source, CLASSES_KEY: {"thing_classes": FIVE}}, path)
     row = {}
     # (a) a subset in another order, and a new class.
-    cfg, model, ckpt, lazy_k = _prepared(cfg_of, TARGET, "auto")
+    cfg, model, ckpt = _prepared(cfg_of, TARGET, "auto")
     ckpt.load(path)
     state, layouts = model.state_dict(), find_layouts(model)
     class_keys = {lay.key for lay in layouts}
@@ -271,16 +270,16 @@ def _run(name, setup, tmp):
     others = [k for k in state if k not in class_keys]
     row["non-class tensors as stock"] = "yes ({} tensors)".format(len(others)) if all(
         torch.equal(state[k], stock[k]) for k in others) else "NO"
-    row["NUM_CLASSES key"] = f"{key} = {lazy_k if lazy_k is not None else _get(cfg, key)}"
+    row["NUM_CLASSES key"] = f"{key} = {_get(cfg, key)}"
     # (b) the same classes in another order.
-    _, model, ckpt, _ = _prepared(cfg_of, SAME, "auto")
+    _, model, ckpt = _prepared(cfg_of, SAME, "auto")
     ckpt.load(path)
     state = model.state_dict()
     order = [1, 0, 2, 3, 4]
     row["(b) rows follow names"] = "yes" if all(
         torch.equal(_rows(state[k], by_key[k], range(5)), _rows(source[k], by_key[k], order))
         for k in learnt) else "NO"
-    _, model, ckpt, _ = _prepared(cfg_of, SAME, "strict")
+    _, model, ckpt = _prepared(cfg_of, SAME, "strict")
     try:
         ckpt.load(path)
         row["(b) strict"] = "NO ERROR"
@@ -377,6 +376,8 @@ def main():
     parser.add_argument("--probe-only", action="store_true",
                         help="remove the built-in layouts of these projects first")
     parser.add_argument("--probe-cost", action="store_true", help="time the probe per family")
+    parser.add_argument("--only", action="append", choices=sorted(PROJECTS),
+                        help="only this project (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sys.path += [p for p in os.environ.get("D2_RECLASS_PYPATH", "").split(":") if p]
@@ -386,7 +387,8 @@ def main():
     logging.getLogger("d2_reclass").setLevel(logging.ERROR)
     if args.probe_only:
         _forget_builtin_layouts()
-    setups = {name: _once(setup) for name, setup in PROJECTS.items()}
+    setups = {name: _once(setup) for name, setup in PROJECTS.items()
+              if not args.only or name in args.only}
     print(f"torch {torch.__version__}, {'probe only' if args.probe_only else 'built-in layouts'}"
           f", checkouts {CHECKOUTS or '(none)'}")
     with tempfile.TemporaryDirectory() as tmp:
