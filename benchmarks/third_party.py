@@ -34,7 +34,9 @@ yacs projects are then read by the probe alone, as any project d2_reclass never 
 full-size configs and detectron2's.
 """
 import argparse
+import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -327,6 +329,13 @@ def _get(cfg, key):
     return node
 
 
+def _counts(cfg):
+    from d2_reclass.integration import probe
+
+    return probe.lazy_num_classes_fields(cfg) if _is_lazy(cfg) \
+        else probe.config_num_classes_keys(cfg)
+
+
 def _forget_builtin_layouts():
     """--probe-only: d2_reclass as if it had never heard of these projects."""
     from d2_reclass.layouts import core, num_classes
@@ -348,7 +357,7 @@ def _probe_cost(setups):
     configs = {}
     for name, setup in setups.items():
         found = setup()
-        if found is not None and not _is_lazy(found[0](80)):
+        if found is not None:
             configs[name + " (full size)"] = found[0](80, full=True)
     for zoo in ("COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml",
                 "COCO-Detection/retinanet_R_50_FPN_3x.yaml",
@@ -359,16 +368,24 @@ def _probe_cost(setups):
         cfg.MODEL.DEVICE = "cpu"
         configs[zoo.split("/")[1][:-5]] = cfg
     print("\nprobe cost (probe_config, cache cleared; median of 5 after one warm-up):")
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger(probe.__name__)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     for name, cfg in configs.items():
         times = []
         for _ in range(6):
             probe._CACHE.clear()
             t0 = time.perf_counter()
-            axes = probe.probe_config(cfg)
+            axes = probe.probe_lazy_config(cfg) if _is_lazy(cfg) else probe.probe_config(cfg)
             times.append(time.perf_counter() - t0)
-        builds = len(probe.config_num_classes_keys(cfg)) + 1
+        builds = re.search(r"\((\d+) builds\)", lines[-1]).group(1)
         print(f"  {name}: {statistics.median(times[1:]) * 1000:.0f} ms ({builds} builds, "
+              f"{len(_counts(cfg))} NUM_CLASSES keys, "
               f"{len(axes)} class axes)")
+    logger.removeHandler(handler)
 
 
 def main():
@@ -381,8 +398,6 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     sys.path += [p for p in os.environ.get("D2_RECLASS_PYPATH", "").split(":") if p]
-    import logging
-
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     logging.getLogger("d2_reclass").setLevel(logging.ERROR)
     if args.probe_only:
