@@ -156,6 +156,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         self.report: Optional[ReclassReport] = None
         self._resuming = False
         self._loading = ""
+        self._loading_checkpointables: List[str] = []
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables):
@@ -180,10 +181,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
         if path and not isinstance(self.model, DistributedDataParallel):
             existing_local_path(path, self.path_manager)
         self._loading = path
+        self._loading_checkpointables = list(
+            self.checkpointables if checkpointables is None else checkpointables)
         try:
             return super().load(path, checkpointables)
         finally:
             self._loading = ""
+            self._loading_checkpointables = []
 
     def _torch_load(self, f: str) -> Any:
         data = load_checkpoint_file(f, trust_pickle=self.reclass.trust_pickle, progress=True)
@@ -248,6 +252,9 @@ class ReclassCheckpointer(DetectionCheckpointer):
             _warn_non_finite(state, layouts, source)
             if self.reclass.mode == "auto":
                 _warn_unasked_reinit(self.report, source)
+            for name in _model_shaped(checkpoint, self._loading_checkpointables, layouts):
+                checkpoint[name] = self._reclass_model_shaped(checkpoint[name], name, source,
+                                                              model_state, layouts, classes)
             # Read before anything is loaded: a dataset that fails leaves the model as it was.
             examples = self._new_class_examples()
         checkpoint["model"] = state
@@ -274,6 +281,32 @@ class ReclassCheckpointer(DetectionCheckpointer):
             state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
             checkpoint["matching_heuristics"] = False
         return select_and_rename(state, self.reclass.only, self.reclass.rename)
+
+    def _reclass_model_shaped(self, entry: Dict[str, torch.Tensor], name: str, source: str,
+                              model_state, layouts, classes) -> Dict[str, torch.Tensor]:
+        """A checkpointable holding a copy of the model's weights (an EMA's ``ema_state``),
+        mapped as ``model`` is: a source EMA applied to the model must have its rows.
+
+        Raises:
+            CombineError: with MODEL.RECLASS.COMBINE, which combines ``model`` only.
+        """
+        what = f"{source} [{name}]"
+        if self.reclass.combine:
+            raise CombineError(
+                f"{source} holds {name!r}, a copy of the model's weights (an EMA), and "
+                "MODEL.RECLASS.COMBINE combines the 'model' weights only. Load without it: "
+                "resume_or_load(path, resume=False) loads the model alone (a trainer's EMA then "
+                "starts from the combined model).")
+        check_state_dict(entry, what)
+        self._convert_ndarray_to_tensor(entry)
+        _strip_prefix_if_present(entry, "module.")
+        entry = select_and_rename(entry, self.reclass.only, self.reclass.rename)
+        mapped, _ = reclass_state_dict(entry, model_state, layouts, classes=classes,
+                                       mode=self.reclass.mode, seed=self.reclass.seed,
+                                       source=what)
+        logger.info(f"[ReclassCheckpointer] {what}: the model's class tensors in it mapped as "
+                    "the model's.")
+        return mapped
 
     def _new_class_examples(self) -> Optional[Tuple[List[dict], Optional[List[str]], float]]:
         """(dataset dicts, their class names, seconds to load them) when this load has new
@@ -423,6 +456,19 @@ def _check_no_options_as_keywords(checkpointables: Dict[str, Any]) -> None:
                 f"ReclassCheckpointer(..., {name}={value!r}): the reclass options are one "
                 f"keyword, reclass=ReclassOptions({name}={value!r}); any other keyword is a "
                 "checkpointable (an object with state_dict()), as for DetectionCheckpointer.")
+
+
+def _model_shaped(checkpoint: Dict[str, Any], names: Sequence[str], layouts) -> List[str]:
+    """The entries among ``names`` (the checkpointables being loaded) that hold the model's own
+    class tensors by name, as a d2go-style EMA's ``ema_state`` does: {parameter name: tensor}."""
+    keys = {lay.key for lay in layouts}
+    found = []
+    for name in names:
+        entry = checkpoint.get(name)
+        if name != "model" and isinstance(entry, dict) and any(
+                isinstance(k, str) and k.replace("module.", "", 1) in keys for k in entry):
+            found.append(name)
+    return found
 
 
 def _warn_unrecognised(report: ReclassReport, source: str) -> None:
