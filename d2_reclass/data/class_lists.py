@@ -285,18 +285,11 @@ class ClassUsage:
         roots (tuple[int]): the indices of its root categories (a COCO category that is
             another's supercategory and owns no annotation, see
             :attr:`~d2_reclass.data.datasets.CocoCategories.roots`); none without a COCO json.
-        source (str): where the counts come from (a json, or its loaded dicts).
     """
 
     classes: Tuple[str, ...]
     annotations: Tuple[int, ...]
     roots: Tuple[int, ...]
-    source: str
-
-    @property
-    def unlabelled(self) -> List[str]:
-        """Its classes that no annotation uses, in its order."""
-        return [c for c, n in zip(self.classes, self.annotations) if n == 0]
 
 
 #: name -> (its own loader, annotations per class) counted from its dicts.
@@ -349,10 +342,8 @@ def class_usage(name: str, *, what: str = "") -> Optional[ClassUsage]:
         return None
     categories = _coco_categories(name, classes, what)
     if categories is not None:
-        return ClassUsage(tuple(classes), categories.annotations, categories.roots,
-                          f"the annotations of {categories.json_file}")
-    return ClassUsage(tuple(classes), _count_from_dicts(name, len(classes), what), (),
-                      "its loaded annotations")
+        return ClassUsage(tuple(classes), categories.annotations, categories.roots)
+    return ClassUsage(tuple(classes), _count_from_dicts(name, len(classes), what), ())
 
 
 def _coco_categories(name: str, classes: List[str], what: str) -> Optional[CocoCategories]:

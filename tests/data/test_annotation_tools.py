@@ -152,13 +152,7 @@ def register(base, name, data):
 def file_labels(path, target):
     """Per image ``shapes/<file>``, its boxes' classes as indices of ``target`` (sorted), read
     from the json at ``path`` by name."""
-    data = json.loads(path.read_text())
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    files = {im["id"]: f"{IMAGES}/{im['file_name']}" for im in data["images"]}
-    out = {f: [] for f in files.values()}
-    for a in data["annotations"]:
-        out[files[a["image_id"]]].append(target.index(names[a["category_id"]]))
-    return {f: sorted(v) for f, v in out.items()}
+    return {f: sorted(target.index(n) for n in names) for f, names in file_names(path).items()}
 
 
 def train(base, name, reclass, iters=3):
@@ -392,3 +386,44 @@ def test_no_type_key_or_attribute_error_escapes_a_damaged_file(base):
             with pytest.raises(ReclassError) as info:
                 Trainer(cfg)
             assert name in str(info.value) and "categories[" in str(info.value)
+
+
+def test_odd_ids_and_one_name_in_two_cases_map_by_name(base):
+    """Ids 0, negative and 10^12; 'Square' and 'square' both labelled: both are the model's
+    square. A valid name the model lacks ('stär') is refused when labelled, left out when not."""
+    data = base[1]
+    ids = {"Square": -5, "square": 0, "triangle": 10**12, "star": 7}
+    odd = relabel(data, [{"id": i, "name": n} for n, i in ids.items()],
+                  {"square": 0, "triangle": 10**12, "star": 7})
+    odd["annotations"][0]["category_id"] = -5  # one square labelled 'Square'
+    name = "at_odd_ids"
+    path = register(base, name, odd)
+    trainer, logs, seen = train(base, name, {"TARGET_CLASSES": TARGET})
+    labels = {f: sorted(TARGET.index(n.lower()) for n in names)
+              for f, names in file_names(path).items()}
+    assert seen == labels
+    for used, name in ((True, "at_star_umlaut_used"), (False, "at_star_umlaut_unused")):
+        umlaut = copy.deepcopy(data)
+        umlaut["categories"].append({"id": 4, "name": "stär"})
+        if used:
+            umlaut["annotations"][0]["category_id"] = 4
+        register(base, name, umlaut)
+        if used:
+            with pytest.raises(ClassListError, match=f"^DATASETS.TRAIN '{name}' has the thing "
+                               "class 'stär', not among MODEL.RECLASS.TARGET_CLASSES"):
+                Trainer(project_setup(base[0], train=[name], reclass={"TARGET_CLASSES": TARGET}))
+        else:
+            trainer = Trainer(project_setup(base[0], train=[name],
+                                            reclass={"TARGET_CLASSES": TARGET}))
+            assert trainer.cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
+
+
+def file_names(path):
+    """Per image ``shapes/<file>``, its boxes' class names as the json at ``path`` names them."""
+    data = json.loads(path.read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = {im["id"]: f"{IMAGES}/{im['file_name']}" for im in data["images"]}
+    out = {f: [] for f in files.values()}
+    for a in data["annotations"]:
+        out[files[a["image_id"]]].append(names[a["category_id"]])
+    return out
