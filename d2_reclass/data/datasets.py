@@ -187,13 +187,14 @@ def read_coco_categories(json_file: str, where: str = "") -> CocoCategories:
     return categories
 
 
-def coco_json_classes(json_file: str) -> List[str]:
+def coco_json_classes(json_file: str, where: str = "") -> List[str]:
     """Category names of a COCO json, ordered by category id as ``load_coco_json`` orders them.
 
     Raises:
-        DatasetError: naming ``json_file`` and the entry (see :func:`read_coco_categories`).
+        DatasetError: naming ``json_file`` (as ``where`` says) and the entry (see
+            :func:`read_coco_categories`).
     """
-    return list(read_coco_categories(json_file).names)
+    return list(read_coco_categories(json_file, where).names)
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
@@ -209,6 +210,6 @@ def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
     """
     if name in DatasetCatalog.list():
         return
-    classes = coco_json_classes(json_file)
+    classes = coco_json_classes(json_file, f"Dataset {name!r}: its json {json_file}")
     register_coco_instances(name, {}, json_file, image_root)
     MetadataCatalog.get(name).set(thing_classes=classes)

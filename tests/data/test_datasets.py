@@ -52,7 +52,8 @@ def test_register_reads_classes_first_and_leaves_nothing_on_error(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
     bad.write_text('{"images": []}')
-    with pytest.raises(DatasetError, match="bad.json has no 'categories'"):
+    with pytest.raises(DatasetError, match=r"^Dataset 'd2_reclass_test_bad': its json .*bad\.json "
+                       r"has no 'categories'"):
         register_coco_dataset("d2_reclass_test_bad", str(bad), str(tmp_path))
     assert "d2_reclass_test_bad" not in DatasetCatalog.list()
     register_coco_dataset("d2_reclass_test_good", str(good), str(tmp_path))
