@@ -28,6 +28,7 @@ from ..data.class_lists import (
     check_source_dataset,
     dataset_classes,
     kept_target_classes,
+    labelled_classes,
     read_stored_classes,
     source_classes,
     stored_classes,
@@ -394,7 +395,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
         thing_target = r.target_classes
         if r.keep_source_classes and thing_target is None and thing_source:
             # The Python API's form of KEEP_SOURCE_CLASSES: no target resolved from a config.
-            thing_target = kept_target_classes(thing_source, [data_classes])
+            # A class that no annotation uses is never added (labelled=True).
+            thing_target = kept_target_classes(thing_source, [self._data_classes(labelled=True)])
         # One CLASS_MAP for both spaces: each entry applies where its target class is.
         class_map = class_map_by_space(r.class_map, {THING: thing_target,
                                                      STUFF: r.target_stuff_classes})
@@ -405,8 +407,9 @@ class ReclassCheckpointer(DetectionCheckpointer):
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
 
-    def _data_classes(self) -> List[str]:
-        """The thing classes the training data names (each dataset's own, before mapping).
+    def _data_classes(self, labelled: bool = False) -> List[str]:
+        """The thing classes the training data names (each dataset's own, before mapping; with
+        ``labelled``, only those that at least one annotation uses).
 
         Only registered datasets are asked: this is what the data knows of the class names, and
         an example dataset that is not registered fails where its examples are read (or is never
@@ -415,7 +418,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
             return []
         if self.examples.class_names is not None:
             return list(self.examples.class_names)
-        return union_classes([dataset_classes(name) or [] for name in self.examples.datasets
+        return union_classes([labelled_classes(name) if labelled else dataset_classes(name) or []
+                              for name in self.examples.datasets
                               if name in DatasetCatalog.list()])
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
