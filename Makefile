@@ -28,6 +28,7 @@ bench: setup
 	$(PY) benchmarks/new_class_init.py
 	$(PY) benchmarks/merge_ap.py
 	$(PY) benchmarks/keep_old.py
+	$(PY) benchmarks/maskdino_trainer.py
 	$(PY) benchmarks/third_party.py
 
 clean:

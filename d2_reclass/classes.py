@@ -20,9 +20,11 @@ __all__ = [
     "build_class_mapping",
     "check_class_list",
     "class_list_difference",
+    "class_name_problem",
     "close_names",
     "normalize_class_name",
     "pick_source_classes",
+    "shown_classes",
     "union_classes",
 ]
 
@@ -38,8 +40,33 @@ _CLOSE_RATIO = 0.75
 
 
 def normalize_class_name(name: str) -> str:
-    """The form used to compare class names: lower case, ``_``/``-`` as spaces, single spaces."""
+    """The form used to compare class names: lower case, ``_``/``-`` as spaces, single spaces.
+
+    Raises:
+        ClassListError: ``name`` is not a string (a class list that skipped
+            :func:`class_name_problem`, e.g. a COCO category whose name is null).
+    """
+    if not isinstance(name, str):
+        raise ClassListError(f"Class name {name!r} is not a string; {_NAMES_ARE_STRINGS}")
     return " ".join(re.sub(r"[_\-]", " ", name).lower().split())
+
+
+_NAMES_ARE_STRINGS = "class names are non-empty strings."
+
+
+def class_name_problem(name: object) -> Optional[str]:
+    """Why ``name`` cannot be a class name, in a few words ("is null", "is the number 5 (not a
+    string)", "is empty"), or None when it can: a string that is not empty once normalised
+    (one made only of spaces, ``_`` and ``-`` is empty too)."""
+    if name is None:
+        return "is null (no name)"
+    if isinstance(name, bool) or not isinstance(name, (str, int, float)):
+        return f"is {name!r}, not a string"
+    if not isinstance(name, str):
+        return f"is the number {name!r}, not a string (write it quoted: \"{name}\")"
+    if not normalize_class_name(name):
+        return f"is {name!r}, which is empty once spaces, '_' and '-' are dropped"
+    return None
 
 
 def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
@@ -54,8 +81,7 @@ def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
         raise ClassListError(f"{what} is empty; give at least one class name.")
     seen: Dict[str, str] = {}
     for i, name in enumerate(classes):
-        # Names are compared normalised: one made only of spaces, "_" and "-" is empty too.
-        if not isinstance(name, str) or not normalize_class_name(name):
+        if class_name_problem(name):
             raise ClassListError(f"{what}[{i}] is {name!r}; class names must be non-empty strings.")
         key = normalize_class_name(name)
         if key in seen:
@@ -65,6 +91,14 @@ def check_class_list(classes: Sequence[str], what: str) -> Tuple[str, ...]:
             )
         seen[key] = name
     return classes
+
+
+def shown_classes(classes: Sequence[object], most: int = 8, noun: str = "classes") -> str:
+    """A class list for a message: whole up to ``most`` names, else its first ``most`` names
+    and its length, "(1000 classes)" (a message about a 1,000-category file stays short)."""
+    if len(classes) <= most:
+        return str(list(classes))
+    return f"[{', '.join(map(repr, classes[:most]))}, ... ({len(classes)} {noun})]"
 
 
 def close_names(name: str, choices: Iterable[str], cutoff: float) -> List[str]:

@@ -4,12 +4,14 @@ The models come from ``configs/Base-Shapes-RCNN.yaml`` (a model-zoo Faster R-CNN
 small: ResNet-18 FPN, 64 channels), so building one takes well under a second.
 """
 import contextlib
+import json
 import logging
 import os
 from typing import Iterator, List, Sequence
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.modeling import build_model
 from iopath.common.file_io import PathHandler
 
@@ -129,3 +131,44 @@ class StorageHandler(PathHandler):
 
     def _exists(self, path, **kwargs):
         return (self.root / path[len(self.PREFIX):]).exists()
+
+
+def project_setup(root, **yaml_keys):
+    """A user project's setup(): its YAML (``_BASE_`` Base-Shapes-RCNN; ``train``, ``test``,
+    ``reclass``, ``weights``, ``iters`` as given) written to ``root/config.yaml``, then stock
+    get_cfg / add_reclass_config / merge_from_file / default_setup. Returns the frozen cfg."""
+    config = root / "config.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "_BASE_": BASE_CONFIG,
+        "DATASETS": {"TRAIN": yaml_keys.pop("train"), "TEST": yaml_keys.pop("test", [])},
+        "MODEL": {"RECLASS": yaml_keys.pop("reclass", {}),
+                  "WEIGHTS": yaml_keys.pop("weights", "")},
+        # Two images per iteration: every image is drawn once the iterations (SOLVER.MAX_ITER,
+        # default 2) cover the data, since detectron2's sampler draws whole permutations.
+        "SOLVER": {"IMS_PER_BATCH": 2, "MAX_ITER": yaml_keys.pop("iters", 2), "BASE_LR": 0.0},
+        "DATALOADER": {"NUM_WORKERS": 0}, "OUTPUT_DIR": str(root / "out")}))
+    args = default_argument_parser().parse_args(["--config-file", str(config)])
+    cfg = get_cfg()
+    add_reclass_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def labels_reaching_the_loss(trainer):
+    """Train and return, per image ``dataset/file`` (the image's folder and file name), the
+    gt_classes the model's forward received, sorted."""
+    seen = {}
+
+    def record(module, args):
+        for d in args[0]:
+            image = os.path.join(*d["file_name"].split(os.sep)[-2:])
+            seen[image] = sorted(d["instances"].gt_classes.tolist())
+
+    handle = trainer.model.register_forward_pre_hook(record)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    return seen

@@ -6,7 +6,9 @@ The sources, each read here and nowhere else:
 * a checkpoint's stored names (:data:`CLASSES_KEY`, which :class:`ReclassCheckpointer` writes);
 * ``MODEL.RECLASS.SOURCE_CLASSES`` / ``SOURCE_DATASET``: the checkpoint's classes, named;
 * a registered dataset's own ``thing_classes`` / ``stuff_classes`` (loaded once when stock
-  ``register_coco_instances`` has not set them yet), also once it was mapped to the model's;
+  ``register_coco_instances`` has not set them yet), also once it was mapped to the model's,
+  and how many annotations use each (:func:`class_usage`): the classes a model trained on it
+  counts (:func:`trained_classes`) and those its labels teach (:func:`labelled_classes`);
 * ``MODEL.RECLASS.TARGET_CLASSES``, else the classes of ``DATASETS.TRAIN``;
 * ``MODEL.RECLASS.KEEP_SOURCE_CLASSES``: the checkpoint's classes, then the datasets' new ones;
 * evaluation: the classes ``MODEL.WEIGHTS`` (and ``COMBINE``) store.
@@ -17,23 +19,29 @@ decides when to ask.
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.file_io import PathManager
 
-from ..classes import did_you_mean, pick_source_classes, union_classes
+from ..classes import class_name_problem, did_you_mean, pick_source_classes, union_classes
 from ..errors import CheckpointError, ClassListError, ConfigError, DatasetError
 from ..io.serialization import existing_local_path, load_checkpoint_file
 from ..options import check_keep_source_classes, config_key
+from .datasets import CocoCategories, read_coco_categories
 
 __all__ = [
     "CLASSES_KEY",
+    "ClassUsage",
     "MappedDatasetLoader",
     "check_source_dataset",
     "checkpoint_thing_classes",
+    "class_usage",
     "dataset_classes",
     "keep_source_target",
     "kept_target_classes",
+    "labelled_classes",
     "read_stored_classes",
     "source_classes",
     "stored_classes",
@@ -42,6 +50,7 @@ __all__ = [
     "target_classes",
     "target_classes_what",
     "train_classes",
+    "trained_classes",
     "use_checkpoint_classes",
 ]
 
@@ -162,9 +171,15 @@ class MappedDatasetLoader:
 
     Attributes:
         own_metadata (dict): the dataset's metadata before mapping.
+        loader (callable): the loader it was registered with.
     """
 
     own_metadata: Dict[str, Any]
+    loader: Any
+
+    def load_own(self) -> List[dict]:
+        """The dicts its own loader returns: category ids index its own classes."""
+        raise NotImplementedError
 
 
 #: Datasets loaded once to read their classes, whose loader set none: never loaded again.
@@ -175,7 +190,19 @@ def _thing_or_stuff(kind: str) -> str:
     return "thing_classes" if kind == "thing" else "stuff_classes"
 
 
-def _load_for_classes(name: str) -> None:
+def _json_where(name: str, what: str, json_file: str) -> str:
+    return f"{what or 'Dataset'} {name!r}: its json {json_file}"
+
+
+def _own_metadata(name: str) -> Dict[str, Any]:
+    """The metadata of dataset ``name`` as its own loader sets it (also once it was mapped)."""
+    loader = DatasetCatalog[name] if name in DatasetCatalog else None
+    if isinstance(loader, MappedDatasetLoader):
+        return loader.own_metadata
+    return MetadataCatalog.get(name).as_dict()
+
+
+def _load_for_classes(name: str, what: str = "") -> None:
     """Load dataset ``name`` as detectron2's data loader would, for the metadata it sets.
 
     Stock ``register_coco_instances`` fills ``thing_classes`` only when the dataset is first
@@ -185,6 +212,11 @@ def _load_for_classes(name: str) -> None:
     if name in _LOADED_WITHOUT_CLASSES or name not in DatasetCatalog.list() \
             or meta.get("thing_classes", None) or meta.get("stuff_classes", None):
         return
+    if meta.get("json_file", None) and PathManager.isfile(meta.json_file):
+        # Stock load_coco_json takes a damaged category list as it is (a null name becomes a
+        # class, two categories with one id become one) or fails with a bare KeyError: check
+        # the file first, for one error naming its entry.
+        read_coco_categories(meta.json_file, _json_where(name, what, meta.json_file))
     logger.info(f"Loading dataset {name!r} to read its class names (its metadata has none yet).")
     try:
         DatasetCatalog.get(name)
@@ -208,7 +240,9 @@ def dataset_classes(name: str, kind: str = "thing", *, what: str = "") -> Option
 
     Raises:
         ClassListError: ``name`` is not a registered dataset (with close-match suggestions).
-        DatasetError: the dataset had to be loaded and its loader failed.
+        DatasetError: the dataset had to be loaded and its loader failed, or it names a class
+            that is not a non-empty string, or (loaded from a COCO json) its json's category
+            list is damaged: naming the dataset, the file and the entry.
     """
     if name not in DatasetCatalog.list() and name not in MetadataCatalog.list():
         raise ClassListError(
@@ -217,12 +251,130 @@ def dataset_classes(name: str, kind: str = "thing", *, what: str = "") -> Option
             + " Register it first (e.g. tools/train_net.py --coco-dataset NAME JSON IMAGES)."
         )
     loader = DatasetCatalog[name] if name in DatasetCatalog else None
-    if isinstance(loader, MappedDatasetLoader):
-        classes = loader.own_metadata.get(_thing_or_stuff(kind))
-    else:
-        _load_for_classes(name)
-        classes = MetadataCatalog.get(name).get(_thing_or_stuff(kind), None)
+    if not isinstance(loader, MappedDatasetLoader):
+        _load_for_classes(name, what)
+    classes = _own_metadata(name).get(_thing_or_stuff(kind))
+    if classes:
+        _check_names(name, list(classes), kind, what)
     return list(classes) if classes else None
+
+
+def _check_names(name: str, classes: List[Any], kind: str, what: str) -> None:
+    """Raise, naming the dataset, its file and the entry, when a class name is not a non-empty
+    string (a COCO category whose name is null or a number becomes such a class)."""
+    bad = next(((i, p) for i, p in enumerate(map(class_name_problem, classes)) if p), None)
+    if bad is None:
+        return
+    json_file = _own_metadata(name).get("json_file")
+    if json_file and kind == "thing":
+        read_coco_categories(json_file, _json_where(name, what, json_file))  # names the entry
+    i, problem = bad
+    read_from = f" (its json: {json_file})" if json_file else ""
+    raise DatasetError(
+        f"{what or 'Dataset'} {name!r}{read_from}: its {kind}_classes[{i}] {problem}; class "
+        f"names are non-empty strings. Fix the name where the dataset is registered.")
+
+
+@dataclass(frozen=True)
+class ClassUsage:
+    """A dataset's own thing classes and how its annotations use them.
+
+    Attributes:
+        classes (tuple[str]): its own thing classes (the indices of its dicts' category ids).
+        annotations (tuple[int]): for each class, how many annotations name it.
+        roots (tuple[int]): the indices of its root categories (a COCO category that is
+            another's supercategory and owns no annotation, see
+            :attr:`~d2_reclass.data.datasets.CocoCategories.roots`); none without a COCO json.
+    """
+
+    classes: Tuple[str, ...]
+    annotations: Tuple[int, ...]
+    roots: Tuple[int, ...]
+
+
+#: name -> (its own loader, annotations per class) counted from its dicts.
+_COUNTED: Dict[str, Tuple[Any, Tuple[int, ...]]] = {}
+
+
+def _count_from_dicts(name: str, num_classes: int, what: str) -> Tuple[int, ...]:
+    """Annotations per own class of dataset ``name``, from the dicts its own loader returns
+    (once per loader: a dataset without a COCO json)."""
+    loader = DatasetCatalog[name]
+    own = loader.loader if isinstance(loader, MappedDatasetLoader) else loader
+    if name in _COUNTED and _COUNTED[name][0] is own:
+        return _COUNTED[name][1]
+    logger.info(f"Loading dataset {name!r} to count the annotations of each of its classes.")
+    try:
+        dicts = loader.load_own() if isinstance(loader, MappedDatasetLoader) else loader()
+    except Exception as e:  # a registered loader may raise anything; name the dataset
+        raise DatasetError(f"{what or 'Dataset'} {name!r} could not be loaded to count its "
+                           f"labels per class: {type(e).__name__}: {e}.") from e
+    counts = [0] * num_classes
+    for d in dicts:
+        for a in d.get("annotations", ()):
+            c = a.get("category_id")
+            if c is None:
+                continue
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+                raise DatasetError(
+                    f"{what or 'Dataset'} {name!r}: an annotation of "
+                    f"{d.get('file_name', 'an image')} has category_id {c!r}, but the dataset "
+                    f"names {num_classes} classes; fix the annotation file.")
+            counts[c] += 1
+    _COUNTED[name] = (own, tuple(counts))
+    return tuple(counts)
+
+
+def class_usage(name: str, *, what: str = "") -> Optional[ClassUsage]:
+    """How the annotations of dataset ``name`` use its own thing classes (None: it names none).
+
+    A dataset registered with a COCO json (its metadata's ``json_file``, e.g. by stock
+    ``register_coco_instances``) is counted from the file, read once per file (checked as
+    :func:`~d2_reclass.data.datasets.read_coco_categories` checks it); any other from the dicts
+    its loader returns, loaded once.
+
+    Raises:
+        ClassListError: ``name`` is not registered.
+        DatasetError: its file or its loader fails, or its class list is damaged.
+    """
+    classes = dataset_classes(name, what=what)
+    if not classes:
+        return None
+    categories = _coco_categories(name, classes, what)
+    if categories is not None:
+        return ClassUsage(tuple(classes), categories.annotations, categories.roots)
+    return ClassUsage(tuple(classes), _count_from_dicts(name, len(classes), what), ())
+
+
+def _coco_categories(name: str, classes: List[str], what: str) -> Optional[CocoCategories]:
+    """The categories of the COCO json dataset ``name`` was registered with, when it has one
+    whose categories are its ``classes`` (else its classes come from elsewhere)."""
+    json_file = _own_metadata(name).get("json_file")
+    if not (json_file and PathManager.isfile(json_file)):
+        return None
+    categories = read_coco_categories(json_file, _json_where(name, what, json_file))
+    return categories if list(categories.names) == classes else None
+
+
+def trained_classes(name: str, *, what: str = "") -> Optional[List[str]]:
+    """The thing classes a model trained on dataset ``name`` takes from it (when no
+    TARGET_CLASSES names them): its own classes as stock detectron2 counts them, a class that
+    no annotation uses too, except a root category of its COCO json (another category's
+    supercategory that owns no annotation: the grouping Roboflow exports write above every
+    class). None: it names no thing classes."""
+    classes = dataset_classes(name, what=what)
+    if not classes:
+        return None
+    categories = _coco_categories(name, classes, what)
+    roots = categories.roots if categories is not None else ()
+    return [c for i, c in enumerate(classes) if i not in roots]
+
+
+def labelled_classes(name: str, *, what: str = "") -> List[str]:
+    """The thing classes of dataset ``name`` that at least one annotation uses, in its order
+    (what KEEP_SOURCE_CLASSES may add to the checkpoint's classes)."""
+    usage = class_usage(name, what=what)
+    return [] if usage is None else [c for c, n in zip(usage.classes, usage.annotations) if n]
 
 
 def check_source_dataset(source_dataset: str) -> None:
@@ -240,7 +392,11 @@ def train_classes(datasets: Sequence[str], kind: str = "thing") -> Optional[List
     """The classes of the datasets ``datasets`` (DATASETS.TRAIN) together, None if unknown:
     the first dataset's classes, then each later dataset's classes not named before (old data
     and new data train one model over all their classes, each mapped by name; see
-    :func:`~d2_reclass.data.mapping.map_datasets_to_classes`)."""
+    :func:`~d2_reclass.data.mapping.map_datasets_to_classes`). Thing classes are each
+    dataset's :func:`trained_classes`: a COCO file's root category is not a class."""
+    if kind == "thing":
+        return union_classes([trained_classes(name, what="DATASETS.TRAIN") or []
+                              for name in datasets]) or None
     return union_classes([dataset_classes(name, kind, what="DATASETS.TRAIN") or []
                           for name in datasets]) or None
 
@@ -257,7 +413,9 @@ def keep_source_target(cfg, dataset_lists: Sequence[Sequence[str]]) -> Optional[
     """The target thing classes of a yacs config with KEEP_SOURCE_CLASSES on, else None.
 
     Args:
-        dataset_lists: the thing classes of each training dataset (None entries skipped).
+        dataset_lists: the labelled thing classes of each training dataset
+            (:func:`labelled_classes`; None entries skipped): a class that no annotation uses
+            is never added.
     """
     r = cfg.MODEL.get("RECLASS", None) or {}
     if not r.get("KEEP_SOURCE_CLASSES", False):
@@ -282,11 +440,9 @@ def target_classes(cfg, kind: str = "thing") -> Optional[List[str]]:
 
     The one place the model's class list is decided; :func:`target_classes_what` names it.
     """
-    if kind == "thing":
-        kept = keep_source_target(cfg, [dataset_classes(name, kind, what="DATASETS.TRAIN")
+    if kind == "thing" and cfg.MODEL.get("RECLASS", {}).get("KEEP_SOURCE_CLASSES", False):
+        return keep_source_target(cfg, [labelled_classes(name, what="DATASETS.TRAIN")
                                         for name in cfg.DATASETS.TRAIN])
-        if kept is not None:
-            return kept
     return explicit_target(cfg, kind) or train_classes(cfg.DATASETS.TRAIN, kind)
 
 

@@ -13,8 +13,12 @@ mapper and data loader, ``COCOEvaluator``) sees the model's class indices:
   that COCOEvaluator's per-class table names the right classes and classes the dataset does
   not list are evaluated on nothing (their AP is NaN, left out of the mean).
 
-A dataset naming a class the model lacks is an error naming both lists. Semantic-segmentation
-labels are pixel values read by the mapper, so stuff classes are checked, not mapped.
+A dataset whose labels name a class the model lacks is an error naming both lists. A class
+the model lacks that no annotation uses (a category defined in an annotation tool and never
+labelled, a full taxonomy of which a few classes are used, the root category of a Roboflow
+export) is left out, with one log line: it maps to no class of the model, and no label needs
+it to. Semantic-segmentation labels are pixel values read by the mapper, so stuff classes are
+checked, not mapped.
 """
 import hashlib
 import json
@@ -27,10 +31,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 
-from ..classes import check_class_list, close_names, normalize_class_name
+from ..classes import check_class_list, close_names, normalize_class_name, shown_classes
 from ..errors import ClassListError, DatasetError
 from ..io.atomic import atomic_file
-from .class_lists import MappedDatasetLoader, dataset_classes
+from .class_lists import MappedDatasetLoader, class_usage, dataset_classes
 
 __all__ = [
     "CLASS_INDEXED_METADATA",
@@ -44,12 +48,18 @@ logger = logging.getLogger(__name__)
 CLASS_INDEXED_METADATA = (
     "thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id", "json_file")
 
-def remap_category_ids(dicts: Iterable[dict], table: Sequence[int]) -> List[dict]:
+def remap_category_ids(dicts: Iterable[dict], table: Sequence[Optional[int]],
+                       names: Optional[Sequence[str]] = None) -> List[dict]:
     """Copies of detectron2 dataset dicts whose annotations' ``category_id`` ``i`` is
     ``table[i]``; the input dicts are not modified (a loader may cache them).
 
+    Args:
+        table: for each of the dicts' classes, its new id; None for a class left out, which no
+            annotation may use.
+        names: the dicts' class names, for messages.
+
     Raises:
-        DatasetError: an annotation's ``category_id`` is outside ``table``.
+        DatasetError: an annotation's ``category_id`` is outside ``table`` or left out.
     """
     out = []
     for d in dicts:
@@ -66,6 +76,13 @@ def remap_category_ids(dicts: Iterable[dict], table: Sequence[int]) -> List[dict
                 raise DatasetError(
                     f"An annotation of {d.get('file_name', 'an image')} has category_id {c}, "
                     f"but its dataset names {len(table)} classes; fix the annotation file.")
+            if table[c] is None:
+                name = repr(names[c]) if names else f"#{c}"
+                raise DatasetError(
+                    f"An annotation of {d.get('file_name', 'an image')} has the class {name}, "
+                    "which the model lacks: no annotation used it when the dataset was mapped "
+                    "to the model's classes (its files changed during the run?). Restart the "
+                    "run, or add the class to the model's classes.")
             annotations.append(dict(a, category_id=table[c]))
         out.append(dict(d, annotations=annotations))
     return out
@@ -94,28 +111,34 @@ class _MappedLoader(MappedDatasetLoader):
         loader (callable): the loader it was registered with.
         own_metadata (dict): its metadata before mapping (what its loader sets, after a load).
         target (tuple[str]): the model's thing classes.
+        table (list[int or None]): for each of its own classes, the model's index (None: left
+            out, as no annotation used it when it was mapped).
     """
 
     def __init__(self, name: str, loader: Callable[[], list], own_metadata: Dict[str, Any],
                  target: Sequence[str]):
         self.name, self.loader, self.own_metadata = name, loader, dict(own_metadata)
         self.target = tuple(target)
+        self.table = _index_table(self.own_metadata.get("thing_classes") or (), self.target)
 
-    def __call__(self) -> List[dict]:
+    def load_own(self) -> List[dict]:
         mapped = MetadataCatalog.get(self.name).as_dict()
         _set_metadata(self.name, self.own_metadata)
         try:
-            dicts = self.loader()
+            return self.loader()
         finally:
             self.own_metadata = MetadataCatalog.get(self.name).as_dict()
             _set_metadata(self.name, mapped)
+
+    def __call__(self) -> List[dict]:
+        dicts = self.load_own()
         own = self.own_metadata.get("thing_classes")
-        table = _index_table(own or (), self.target)
-        if own is None or None in table:
+        if own is None or _index_table(own, self.target) != self.table:
             raise DatasetError(
-                f"Dataset {self.name!r} names the classes {own} since it was mapped to the "
-                f"model's classes {list(self.target)}; its files changed during the run.")
-        return remap_category_ids(dicts, table)
+                f"Dataset {self.name!r} names the classes {shown_classes(own or [], 12)} since it "
+                f"was mapped to the model's classes {shown_classes(self.target, 12)}; its files "
+                "changed during the run.")
+        return remap_category_ids(dicts, self.table, own)
 
 
 def _mapped_coco_json(name: str, json_file: str, target: Sequence[str]) -> str:
@@ -134,11 +157,14 @@ def _mapped_coco_json(name: str, json_file: str, target: Sequence[str]) -> str:
     try:
         data = json.loads(raw)
         by_name = {normalize_class_name(t): j + 1 for j, t in enumerate(target)}
-        ids = {c["id"]: by_name[normalize_class_name(c["name"])] for c in data["categories"]}
+        # A category the model lacks maps to nothing: no annotation may use it.
+        ids = {c["id"]: by_name.get(normalize_class_name(c["name"])) for c in data["categories"]}
         data["categories"] = [{"id": j + 1, "name": t} for j, t in enumerate(target)]
         for a in data.get("annotations", []):
             a["category_id"] = ids[a["category_id"]]
-    except (ValueError, KeyError, TypeError) as e:
+            if a["category_id"] is None:
+                raise KeyError(f"an annotation (id {a.get('id')}) has a class the model lacks")
+    except (ValueError, KeyError, TypeError, ClassListError) as e:
         raise DatasetError(
             f"Dataset {name!r}: its json {json_file} could not be mapped to the model's classes "
             f"({type(e).__name__}: {e}); it must be COCO-format, every annotation's "
@@ -161,30 +187,43 @@ def _mapped_metadata(name: str, own: Dict[str, Any], target: Sequence[str]) -> D
     return out
 
 
-def _check_covered(name: str, own: Sequence[str], target: Sequence[str], kind: str,
-                   what: str, target_what: str, fix: str) -> None:
-    """Raise if dataset ``name`` names a class the model's ``target`` lacks."""
-    table = _index_table(own, target)
-    missing = [c for c, j in zip(own, table) if j is None]
+def _check_covered(name: str, own: Sequence[str], target: Sequence[str], what: str,
+                   target_what: str, fix: str) -> Tuple[List[str], List[str]]:
+    """(the classes of dataset ``name`` that the model's ``target`` lacks and that no annotation
+    uses, the root categories among them): those are left out. Raise if a class the model
+    lacks has labels."""
+    missing = [i for i, j in enumerate(_index_table(own, target)) if j is None]
     if not missing:
-        return
+        return [], []
+    usage = class_usage(name, what=what)
+    labelled = [own[i] for i in missing if usage.annotations[i]]
+    if not labelled:
+        return [own[i] for i in missing], [own[i] for i in missing if i in usage.roots]
     unlisted = [t for t in target if normalize_class_name(t) not in
                 {normalize_class_name(c) for c in own}]
-    hints = "".join(f" Is {close[0]!r} of {target_what} meant to be {c!r}?" for c in missing
+    hints = "".join(f" Is {close[0]!r} of {target_what} meant to be {c!r}?" for c in labelled[:3]
                     for close in [close_names(c, unlisted, 0.75)] if close)
-    classes = f"class {missing[0]!r}" if len(missing) == 1 else \
-        f"classes {', '.join(map(repr, missing))}"
+    classes = f"class {labelled[0]!r}" if len(labelled) == 1 else \
+        f"classes {shown_classes(labelled)[1:-1]}"
     raise ClassListError(
-        f"{what} {name!r} has the {kind} {classes}, not among {target_what}: its labels cannot "
-        f"be mapped to the model's classes by name.{hints} {what} {name!r}: {_shown(own)}; "
-        f"{target_what}: {_shown(target)}. {fix}".rstrip())
+        f"{what} {name!r} has the thing {classes}, not among {target_what}: its labels cannot "
+        f"be mapped to the model's classes by name.{hints} {what} {name!r}: "
+        f"{shown_classes(own, 12)}; {target_what}: {shown_classes(target, 12)}. {fix}".rstrip())
 
 
-def _shown(classes: Sequence[str], most: int = 12) -> str:
-    """A class list for a message: whole up to ``most`` names, else its start and length."""
-    if len(classes) <= most:
-        return str(list(classes))
-    return f"[{', '.join(map(repr, classes[:most]))}, ... ({len(classes)} classes)]"
+def _log_left_out(name: str, left_out: Sequence[str], roots: Sequence[str], what: str,
+                  target_what: str) -> None:
+    """One line naming the classes of ``name`` that mapping leaves out (shortened past a few)."""
+    if not left_out:
+        return
+    root = "" if not roots else (
+        f" ({shown_classes(roots)[1:-1]}: the supercategory of the others, a root category as "
+        "Roboflow exports write, not a class)")
+    one = len(left_out) == 1
+    logger.info(
+        f"{what} {name!r}: {len(left_out)} {'category' if one else 'categories'} that no "
+        f"annotation uses, not among {target_what}, {'is' if one else 'are'} left out (no label "
+        f"maps to {'it' if one else 'them'}): {shown_classes(left_out, noun='categories')}{root}.")
 
 
 def map_datasets_to_classes(
@@ -215,9 +254,12 @@ def map_datasets_to_classes(
         (dataset, its class, model index) for every class of every dataset mapped now (also
         logged as a table).
 
+    A class the model lacks that no annotation of the dataset uses is left out (it maps to
+    nothing; one log line names such classes when the dataset is mapped).
+
     Raises:
-        ClassListError: a dataset names a class the model lacks (naming both lists), or its
-            stuff classes differ from ``stuff_classes``.
+        ClassListError: a dataset's labels name a class the model lacks (naming both lists),
+            or its stuff classes differ from ``stuff_classes``.
         DatasetError: a dataset had to be loaded for its classes and failed.
     """
     rows: List[Tuple[str, str, int]] = []
@@ -235,21 +277,25 @@ def map_datasets_to_classes(
         own = dataset_classes(name, "thing", what=what)
         if target is None or not own:
             continue
-        _check_covered(name, own, target, "thing", what, target_what, fix)
-        rows += _map_one(name, own, target)
+        left_out, roots = _check_covered(name, own, target, what, target_what, fix)
+        mapped = _map_one(name, own, target)
+        if mapped is not None:
+            _log_left_out(name, left_out, roots, what, target_what)
+            rows += mapped
     if rows:
         logger.info("Datasets mapped to the model's classes by name:\n" + tabulate(
             rows, headers=["dataset", "its class", "model index"], tablefmt="pipe"))
     return rows
 
 
-def _map_one(name: str, own: Sequence[str], target: Tuple[str, ...]) -> List[Tuple[str, str, int]]:
-    """Re-register ``name`` with ``target``'s indices; the rows of the log table (none when
-    nothing had to change)."""
+def _map_one(name: str, own: Sequence[str], target: Tuple[str, ...]
+             ) -> Optional[List[Tuple[str, str, int]]]:
+    """Re-register ``name`` with ``target``'s indices; the rows of the log table (its classes
+    the model has), None when nothing had to change."""
     loader = DatasetCatalog[name]
     if isinstance(loader, _MappedLoader):
         if loader.target == target:
-            return []
+            return None
         own_metadata, loader = loader.own_metadata, loader.loader
     else:
         own_metadata = MetadataCatalog.get(name).as_dict()
@@ -260,9 +306,9 @@ def _map_one(name: str, own: Sequence[str], target: Tuple[str, ...]) -> List[Tup
             DatasetCatalog.remove(name)
             DatasetCatalog.register(name, mapped.loader)
             _set_metadata(name, own_metadata)
-        return []
+        return None
     metadata = _mapped_metadata(name, own_metadata, target)
     DatasetCatalog.remove(name)
     DatasetCatalog.register(name, mapped)
     _set_metadata(name, metadata)
-    return [(name, c, j) for c, j in zip(own, table)]
+    return [(name, c, j) for c, j in zip(own, table) if j is not None]

@@ -28,6 +28,7 @@ from ..data.class_lists import (
     check_source_dataset,
     dataset_classes,
     kept_target_classes,
+    labelled_classes,
     read_stored_classes,
     source_classes,
     stored_classes,
@@ -158,6 +159,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         self.report: Optional[ReclassReport] = None
         self._resuming = False
         self._loading = ""
+        self._loading_checkpointables: List[str] = []
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables):
@@ -183,10 +185,13 @@ class ReclassCheckpointer(DetectionCheckpointer):
         if path and not isinstance(self.model, DistributedDataParallel):
             existing_local_path(path, self.path_manager)
         self._loading = path
+        self._loading_checkpointables = list(
+            self.checkpointables if checkpointables is None else checkpointables)
         try:
             return super().load(path, checkpointables)
         finally:
             self._loading = ""
+            self._loading_checkpointables = []
 
     def _torch_load(self, f: str) -> Any:
         data = load_checkpoint_file(f, trust_pickle=self.reclass.trust_pickle, progress=True)
@@ -253,6 +258,9 @@ class ReclassCheckpointer(DetectionCheckpointer):
             _warn_opaque(self.report, source)
             if self.reclass.mode == "auto":
                 _warn_unasked_reinit(self.report, source)
+            for name in _model_shaped(checkpoint, self._loading_checkpointables, layouts):
+                checkpoint[name] = self._reclass_model_shaped(checkpoint[name], name, source,
+                                                              model_state, layouts, classes)
             # Read before anything is loaded: a dataset that fails leaves the model as it was.
             examples = self._new_class_examples()
         checkpoint["model"] = state
@@ -292,6 +300,32 @@ class ReclassCheckpointer(DetectionCheckpointer):
             state = self._align_by_name(state, c2=checkpoint.get("__author__") == "Caffe2")
             checkpoint["matching_heuristics"] = False
         return select_and_rename(state, self.reclass.only, self.reclass.rename)
+
+    def _reclass_model_shaped(self, entry: Dict[str, torch.Tensor], name: str, source: str,
+                              model_state, layouts, classes) -> Dict[str, torch.Tensor]:
+        """A checkpointable holding a copy of the model's weights (an EMA's ``ema_state``),
+        mapped as ``model`` is: a source EMA applied to the model must have its rows.
+
+        Raises:
+            CombineError: with MODEL.RECLASS.COMBINE, which combines ``model`` only.
+        """
+        what = f"{source} [{name}]"
+        if self.reclass.combine:
+            raise CombineError(
+                f"{source} holds {name!r}, a copy of the model's weights (an EMA), and "
+                "MODEL.RECLASS.COMBINE combines the 'model' weights only. Load without it: "
+                "resume_or_load(path, resume=False) loads the model alone (a trainer's EMA then "
+                "starts from the combined model).")
+        check_state_dict(entry, what)
+        self._convert_ndarray_to_tensor(entry)
+        _strip_prefix_if_present(entry, "module.")
+        entry = select_and_rename(entry, self.reclass.only, self.reclass.rename)
+        mapped, _ = reclass_state_dict(entry, model_state, layouts, classes=classes,
+                                       mode=self.reclass.mode, seed=self.reclass.seed,
+                                       source=what)
+        logger.info(f"[ReclassCheckpointer] {what}: the model's class tensors in it mapped as "
+                    "the model's.")
+        return mapped
 
     def _new_class_examples(self) -> Optional[Tuple[List[dict], Optional[List[str]], float]]:
         """(dataset dicts, their class names, seconds to load them) when this load has new
@@ -379,7 +413,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
         thing_target = r.target_classes
         if r.keep_source_classes and thing_target is None and thing_source:
             # The Python API's form of KEEP_SOURCE_CLASSES: no target resolved from a config.
-            thing_target = kept_target_classes(thing_source, [data_classes])
+            # A class that no annotation uses is never added (labelled=True).
+            thing_target = kept_target_classes(thing_source, [self._data_classes(labelled=True)])
         # One CLASS_MAP for both spaces: each entry applies where its target class is.
         class_map = class_map_by_space(r.class_map, {THING: thing_target,
                                                      STUFF: r.target_stuff_classes})
@@ -390,8 +425,9 @@ class ReclassCheckpointer(DetectionCheckpointer):
                              "MODEL.RECLASS.TARGET_STUFF_CLASSES"),
         }
 
-    def _data_classes(self) -> List[str]:
-        """The thing classes the training data names (each dataset's own, before mapping).
+    def _data_classes(self, labelled: bool = False) -> List[str]:
+        """The thing classes the training data names (each dataset's own, before mapping; with
+        ``labelled``, only those that at least one annotation uses).
 
         Only registered datasets are asked: this is what the data knows of the class names, and
         an example dataset that is not registered fails where its examples are read (or is never
@@ -400,7 +436,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
             return []
         if self.examples.class_names is not None:
             return list(self.examples.class_names)
-        return union_classes([dataset_classes(name) or [] for name in self.examples.datasets
+        return union_classes([labelled_classes(name) if labelled else dataset_classes(name) or []
+                              for name in self.examples.datasets
                               if name in DatasetCatalog.list()])
 
     def _source(self, stored: Dict[str, List[str]], kind: str, explicit):
@@ -441,6 +478,19 @@ def _check_no_options_as_keywords(checkpointables: Dict[str, Any]) -> None:
                 f"ReclassCheckpointer(..., {name}={value!r}): the reclass options are one "
                 f"keyword, reclass=ReclassOptions({name}={value!r}); any other keyword is a "
                 "checkpointable (an object with state_dict()), as for DetectionCheckpointer.")
+
+
+def _model_shaped(checkpoint: Dict[str, Any], names: Sequence[str], layouts) -> List[str]:
+    """The entries among ``names`` (the checkpointables being loaded) that hold the model's own
+    class tensors by name, as a d2go-style EMA's ``ema_state`` does: {parameter name: tensor}."""
+    keys = {lay.key for lay in layouts}
+    found = []
+    for name in names:
+        entry = checkpoint.get(name)
+        if name != "model" and isinstance(entry, dict) and any(
+                isinstance(k, str) and k.replace("module.", "", 1) in keys for k in entry):
+            found.append(name)
+    return found
 
 
 def _warn_unrecognised(report: ReclassReport, source: str) -> None:

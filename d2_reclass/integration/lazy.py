@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..data.class_lists import (
     check_source_dataset,
     checkpoint_thing_classes,
-    dataset_classes,
     kept_target_classes,
+    labelled_classes,
     train_classes,
 )
 from ..data.mapping import map_datasets_to_classes
@@ -65,7 +65,7 @@ def lazy_target_classes(cfg, kind: str = "thing") -> Optional[List[str]]:
         check_keep_source_classes(True, options.get("mode", "auto"), explicit,
                                   name=lambda option: f"reclass.{option}")
         return kept_target_classes(_source_classes(cfg), [
-            dataset_classes(name, what="dataloader.train.dataset.names") or []
+            labelled_classes(name, what="dataloader.train.dataset.names")
             for name in _train_names(cfg)])
     return explicit or train_classes(_train_names(cfg), kind)
 

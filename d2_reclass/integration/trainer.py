@@ -6,17 +6,19 @@ import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from fvcore.common.checkpoint import Checkpointer
 from torch import nn
 
 from ..data.class_lists import dataset_classes, target_classes, target_classes_what
 from ..data.mapping import map_datasets_to_classes
-from ..errors import ClassListError
+from ..errors import ClassListError, ConfigError
 from ..layouts import STUFF, THING, find_layouts
 from ..new_classes import broadcast_thing_heads
 from ..preserve import attach_preservation, preservation_summary
@@ -44,6 +46,14 @@ _BUILDING_TRAINER = contextvars.ContextVar("d2_reclass_building_trainer", defaul
 REPORT_FILE = "reclass_report.json"
 #: The model attribute holding the (thing, stuff) classes its build prepared it for.
 _BUILT_FOR = "_d2_reclass_built_for"
+#: Trainer attributes: the checkpointer behind the ``checkpointer`` property, the config the
+#: mixin prepared (kept from before ``self.cfg`` exists), whether the mixin's hooks were built.
+_CHECKPOINTER = "_d2_reclass_checkpointer"
+_PREPARED_CFG = "_d2_reclass_cfg"
+_OWN_HOOKS = "_d2_reclass_hooks_built"
+#: Checkpointers replaced by a ReclassCheckpointer without losing anything: their load and save
+#: are ReclassCheckpointer's parents'. A subclass (an EMA checkpointer, a project's format) is not.
+_REPLACEABLE = (DetectionCheckpointer, Checkpointer)
 
 
 def check_num_classes(
@@ -110,18 +120,110 @@ class ReclassTrainerMixin:
     optimizer step, and gives every rank rank 0's heads. Multi-process CPU runs (gloo) work too.
     After the load, MODEL.RECLASS.PRESERVE (:mod:`d2_reclass.preserve`) is attached to the
     training loop as :attr:`preservation`.
+
+    Trainers that build themselves hold too: an ``__init__`` that skips DefaultTrainer's
+    (its config is prepared all the same), a DetectionCheckpointer assigned at any time
+    (:attr:`checkpointer` makes it ours), a ``build_hooks`` that does not call ``super()`` or
+    gives a hook its own stock checkpointer (pointed at ours before loading and training),
+    AMPTrainer as the loop, and model-shaped checkpointables such as an EMA's ``ema_state``.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A trainer's own __init__ that skips DefaultTrainer.__init__ (MaskDINO, DiffusionDet:
+        # ``super(DefaultTrainer, self).__init__()``) would skip the mixin's too: wrap it, so the
+        # config is prepared whichever __init__ runs first.
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _preparing_init(init)
+
     def __init__(self, cfg, *args, **kwargs):
-        cfg, changes = prepare_reclass_config(cfg)
-        log_config_changes(changes)
-        map_config_datasets(cfg)
-        token = _BUILDING_TRAINER.set(True)
+        with _prepared_for_training(self, cfg) as cfg:
+            super().__init__(cfg, *args, **kwargs)
+
+    @property
+    def checkpointer(self):
+        """The trainer's checkpointer: a :class:`ReclassCheckpointer` whoever assigns it.
+
+        DefaultTrainer.__init__ assigns a stock DetectionCheckpointer, and so do trainers that
+        build themselves (MaskDINO assigns one again after ``build_hooks``); each becomes a
+        ReclassCheckpointer with the same model, directory and checkpointables, and one with
+        the same ones as the current checkpointer keeps that object, which the hooks hold.
+
+        Raises:
+            ConfigError: on assignment, a DetectionCheckpointer subclass, which cannot be
+                replaced without losing what it adds.
+        """
         try:
-            with _ddp_on_cpu(cfg):
-                super().__init__(cfg, *args, **kwargs)
-        finally:
-            _BUILDING_TRAINER.reset(token)
+            return self.__dict__[_CHECKPOINTER]
+        except KeyError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute 'checkpointer'") from None
+
+    @checkpointer.setter
+    def checkpointer(self, value) -> None:
+        self.__dict__[_CHECKPOINTER] = self._reclass_checkpointer(value, "self.checkpointer")
+
+    def _reclass_checkpointer(self, value, where: str):
+        """``value`` as a ReclassCheckpointer: itself when it is one, or anything but a
+        checkpointer (checked where it is used); a stock one converted (see
+        :attr:`checkpointer`)."""
+        if isinstance(value, ReclassCheckpointer) or not isinstance(value, Checkpointer):
+            return value
+        if type(value) not in _REPLACEABLE:
+            name = type(value).__name__
+            raise ConfigError(
+                f"{where} of {type(self).__name__} is an instance of {name}, a subclass of "
+                f"{type(value).__mro__[1].__name__}: ReclassTrainerMixin would lose what {name} "
+                "adds by replacing it with a ReclassCheckpointer, and a stock checkpointer loads "
+                "class rows by index. Derive it from ReclassCheckpointer instead (`class "
+                f"{name}(ReclassCheckpointer)`, from d2_reclass) and build it with `{name}"
+                ".from_config(cfg, model, save_dir, **checkpointables)`; the trainer then keeps "
+                "it as it is.")
+        current = self.__dict__.get(_CHECKPOINTER)
+        if isinstance(current, ReclassCheckpointer) and _same_target(current, value):
+            return current
+        ours = ReclassCheckpointer.from_config(
+            self._prepared_cfg(), value.model, value.save_dir, save_to_disk=value.save_to_disk,
+            **value.checkpointables)
+        ours.path_manager = value.path_manager
+        return ours
+
+    def _prepared_cfg(self):
+        cfg = self.__dict__.get(_PREPARED_CFG)
+        if cfg is None:
+            raise ConfigError(
+                f"{type(self).__name__} was built without ReclassTrainerMixin preparing its "
+                "config (the mixin's __init__ did not run). Put the mixin first "
+                f"in the class line, `class Trainer(ReclassTrainerMixin, YourTrainer)`, and build "
+                "the trainer with `Trainer(cfg)`.")
+        return cfg
+
+    def _checked_checkpointers(self, where: str, *, required: bool = True):
+        """The trainer's ReclassCheckpointer, after pointing every hook that saves through a
+        stock checkpointer (a ``build_hooks`` that builds its own) at one of ours.
+
+        Raises:
+            ConfigError: ``required`` and ``self.checkpointer`` is not a checkpointer; a hook
+                holds a DetectionCheckpointer subclass.
+        """
+        for hook in getattr(self, "_hooks", ()):
+            for attr in ("checkpointer", "_checkpointer"):  # PeriodicCheckpointer, BestCheckpointer
+                held = getattr(hook, attr, None)
+                if isinstance(held, Checkpointer) and not isinstance(held, ReclassCheckpointer):
+                    setattr(hook, attr, self._reclass_checkpointer(
+                        held, f"The checkpointer of {type(hook).__name__}"))
+                    logger.info(f"[ReclassTrainer] {type(hook).__name__} now saves through a "
+                                "ReclassCheckpointer (it was given a stock checkpointer).")
+        checkpointer = self.__dict__.get(_CHECKPOINTER)
+        if required and not isinstance(checkpointer, ReclassCheckpointer):
+            raise ConfigError(
+                f"{type(self).__name__}.{where} needs self.checkpointer to load through, but it "
+                f"is {type(checkpointer).__name__ if checkpointer is not None else 'not set'}. "
+                "Assign a DetectionCheckpointer in __init__, as DefaultTrainer.__init__ does "
+                "(`self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, "
+                "trainer=weakref.proxy(self))`); the mixin makes it a ReclassCheckpointer.")
+        return checkpointer
 
     @classmethod
     def build_model(cls, cfg):
@@ -143,24 +245,22 @@ class ReclassTrainerMixin:
         return warn_on_skipped_class_heads(model)
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ creates a DetectionCheckpointer, then calls build_hooks,
-        # whose PeriodicCheckpointer keeps a reference to self.checkpointer: swap it here,
-        # first, so that every save (and the class names it stores) goes through ours.
-        old = self.checkpointer
-        self.checkpointer = ReclassCheckpointer.from_config(
-            self.cfg, old.model, old.save_dir, **old.checkpointables)
-        # First, so that what preservation did is logged before the final evaluation.
+        # self.checkpointer is already ours (the property), so PeriodicCheckpointer saves the
+        # class names. First, so that what preservation did is logged before the final
+        # evaluation.
+        self.__dict__[_OWN_HOOKS] = True
         return [hooks.CallbackHook(after_train=lambda trainer: self._log_preservation()),
                 *super().build_hooks()]
 
     def resume_or_load(self, resume: bool = True) -> None:
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
-            check_num_classes(self.checkpointer.model, target_classes(self.cfg, "thing"),
+            checkpointer = self._checked_checkpointers("resume_or_load")
+            check_num_classes(checkpointer.model, target_classes(self.cfg, "thing"),
                               target_classes(self.cfg, "stuff"))
             super().resume_or_load(resume=resume)
-        report = self.checkpointer.report
+        report = getattr(self.checkpointer, "report", None)
         if report is not None and report.new_classes is not None:
-            broadcast_thing_heads(self.checkpointer.model)
+            broadcast_thing_heads(checkpointer.model)
         if report is not None and comm.is_main_process():
             PathManager.mkdirs(self.cfg.OUTPUT_DIR)
             path = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
@@ -175,10 +275,14 @@ class ReclassTrainerMixin:
                                                     preservation_from_config(self.cfg))
 
     def train(self):
+        self._checked_checkpointers("train", required=False)
         # A project that trains without resume_or_load still keeps the old classes.
         self._attach_preservation()
         with _no_empty_metrics_on_failure(self.cfg.OUTPUT_DIR):
-            return super().train()
+            results = super().train()
+        if not self.__dict__.get(_OWN_HOOKS):  # a build_hooks that does not call super()
+            self._log_preservation()
+        return results
 
     def _log_preservation(self) -> None:
         summary = preservation_summary(self.preservation)
@@ -198,6 +302,43 @@ class ReclassTrainerMixin:
                 "MODEL.RECLASS.TARGET_CLASSES to the dataset's classes to map the model's heads "
                 "to them.")
         return super().test(cfg, model, evaluators)
+
+
+def _preparing_init(init):
+    """``init`` (a trainer class's own __init__), run with the config prepared for training."""
+    @functools.wraps(init)
+    def __init__(self, cfg, *args, **kwargs):
+        with _prepared_for_training(self, cfg) as cfg:
+            init(self, cfg, *args, **kwargs)
+    return __init__
+
+
+@contextlib.contextmanager
+def _prepared_for_training(trainer, cfg):
+    """Yield ``cfg`` prepared (:func:`prepare_reclass_config`, datasets mapped) for building
+    ``trainer``, kept on it for its checkpointer; the outermost __init__ prepares, those it
+    calls get what it passes them."""
+    if _PREPARED_CFG in trainer.__dict__:
+        yield cfg
+        return
+    cfg, changes = prepare_reclass_config(cfg)
+    log_config_changes(changes)
+    map_config_datasets(cfg)
+    trainer.__dict__[_PREPARED_CFG] = cfg
+    token = _BUILDING_TRAINER.set(True)
+    try:
+        with _ddp_on_cpu(cfg):
+            yield cfg
+    finally:
+        _BUILDING_TRAINER.reset(token)
+
+
+def _same_target(a: Checkpointer, b: Checkpointer) -> bool:
+    """Whether ``a`` and ``b`` save the same model, into the same place, with the same
+    checkpointable objects (MaskDINO's second DetectionCheckpointer repeats its first)."""
+    return (a.model is b.model and a.save_dir == b.save_dir and a.save_to_disk == b.save_to_disk
+            and a.checkpointables.keys() == b.checkpointables.keys()
+            and all(a.checkpointables[k] is b.checkpointables[k] for k in a.checkpointables))
 
 
 def _stores_names(weights: str) -> bool:

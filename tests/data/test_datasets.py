@@ -27,8 +27,11 @@ def test_classes_in_category_id_order(tmp_path):
                        r"'categories' list every class as \{\"id\": \.\.\., \"name\": \.\.\.\}"),
     ('{"categories": {"1": "cat"}}', r"bad\.json has 'categories' that is not a list"),
     ('{"categories": []}', r"bad\.json has an empty 'categories' list"),
-    ('{"categories": [{"id": 1}]}', r"bad\.json has 'categories' entries without an 'id' or "
-                                    r"'name'"),
+    ('{"categories": [{"id": 1}]}', r"bad\.json has categories\[0\] = \{\"id\": 1\}, without an "
+                                    r"'id' or 'name'; fix that entry in the file"),
+    ('{"categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
+     r"bad\.json has categories\[0\] = \{\"id\": 1, \"name\": \"a\"\} and categories\[1\] = "
+     r"\{\"id\": 1, \"name\": \"b\"\} with the same id 1; each category needs its own id"),
 ])
 def test_bad_json_is_a_dataset_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / ("missing.json" if content is None else "bad.json")
@@ -40,7 +43,7 @@ def test_bad_json_is_a_dataset_error_naming_the_file(tmp_path, content, message)
 
 
 def test_unreadable_json_names_the_file(tmp_path):
-    with pytest.raises(DatasetError, match=rf"Cannot read dataset json {tmp_path}: Is a "
+    with pytest.raises(DatasetError, match=rf"Dataset json {tmp_path} cannot be read: Is a "
                                            r"directory; check the path and its permissions\."):
         coco_json_classes(str(tmp_path))
 
@@ -49,7 +52,8 @@ def test_register_reads_classes_first_and_leaves_nothing_on_error(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
     bad.write_text('{"images": []}')
-    with pytest.raises(DatasetError, match="bad.json has no 'categories'"):
+    with pytest.raises(DatasetError, match=r"^Dataset 'd2_reclass_test_bad': its json .*bad\.json "
+                       r"has no 'categories'"):
         register_coco_dataset("d2_reclass_test_bad", str(bad), str(tmp_path))
     assert "d2_reclass_test_bad" not in DatasetCatalog.list()
     register_coco_dataset("d2_reclass_test_good", str(good), str(tmp_path))

@@ -16,11 +16,17 @@ import re
 
 import pytest
 import torch
-from d2_fixtures import BASE_CONFIG, SIX, THREE, captured_logs, small_model
-from detectron2.config import get_cfg
+from d2_fixtures import (
+    SIX,
+    THREE,
+    captured_logs,
+    labels_reaching_the_loss,
+    small_model,
+)
+from d2_fixtures import project_setup as setup
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 
@@ -30,7 +36,6 @@ from d2_reclass import (
     ReclassCheckpointer,
     ReclassOptions,
     ReclassTrainerMixin,
-    add_reclass_config,
     map_datasets_to_classes,
 )
 from d2_reclass.data.synthetic import make_shapes_dataset
@@ -72,27 +77,6 @@ def project(tmp_path_factory):
     return root, six.state_dict()
 
 
-def setup(root, **yaml_keys):
-    """The project's setup(): stock get_cfg / merge_from_file / default_setup."""
-    config = root / "config.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "_BASE_": BASE_CONFIG,
-        "DATASETS": {"TRAIN": yaml_keys.pop("train"), "TEST": yaml_keys.pop("test", [])},
-        "MODEL": {"RECLASS": yaml_keys.pop("reclass", {}),
-                  "WEIGHTS": yaml_keys.pop("weights", "")},
-        # Two images per iteration: every image is drawn once the iterations (SOLVER.MAX_ITER,
-        # default 2) cover the data, since detectron2's sampler draws whole permutations.
-        "SOLVER": {"IMS_PER_BATCH": 2, "MAX_ITER": yaml_keys.pop("iters", 2), "BASE_LR": 0.0},
-        "DATALOADER": {"NUM_WORKERS": 0}, "OUTPUT_DIR": str(root / "out")}))
-    args = default_argument_parser().parse_args(["--config-file", str(config)])
-    cfg = get_cfg()
-    add_reclass_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg
-
-
 def json_labels(root, name, target):
     """For every image ``name/file`` of dataset ``name``, its boxes' classes as indices of
     ``target`` (sorted), read from the json by name."""
@@ -103,24 +87,6 @@ def json_labels(root, name, target):
     for a in data["annotations"]:
         out[files[a["image_id"]]].append(target.index(names[a["category_id"]]))
     return {f: sorted(v) for f, v in out.items()}
-
-
-def labels_reaching_the_loss(trainer):
-    """Train and return, per image ``dataset/file``, the gt_classes the model's forward
-    received."""
-    seen = {}
-
-    def record(module, args):
-        for d in args[0]:
-            image = os.path.join(*d["file_name"].split(os.sep)[-2:])
-            seen[image] = sorted(d["instances"].gt_classes.tolist())
-
-    handle = trainer.model.register_forward_pre_hook(record)
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-    return seen
 
 
 def test_a_dataset_in_another_order_trains_each_class_on_its_own_row(project):
@@ -260,13 +226,31 @@ def test_a_class_the_model_lacks_and_other_stuff_classes_are_errors():
             "Dataset 'dc_stuff' has the stuff classes ['sky', 'road'], but the model's are "
             "['road', 'sky']. Semantic-segmentation labels are pixel values")):
         map_datasets_to_classes(["dc_stuff"], None, ["road", "sky"])
-    with pytest.raises(ClassListError, match=r"'dc_bad_ids' has the thing class 'a', not among "
-                       r"the model's classes"):
+    # Whether 'a' has labels is counted from the dicts (no COCO json): id 5 is named first.
+    with pytest.raises(DatasetError, match=re.escape(
+            "Dataset 'dc_bad_ids': an annotation of x.png has category_id 5, but the dataset "
+            "names 2 classes; fix the annotation file.")):
         map_datasets_to_classes(["dc_bad_ids"], ["b", "c"])
     map_datasets_to_classes(["dc_bad_ids"], ["b", "a"])
     with pytest.raises(DatasetError, match="x.png has category_id 5, but its dataset names 2 "
                        "classes"):
         DatasetCatalog.get("dc_bad_ids")
+
+
+def test_a_custom_loaders_class_without_labels_is_left_out_and_one_with_labels_refused():
+    name = "dc_custom_counted"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"file_name": "y.png", "annotations": [
+            {"category_id": 0}, {"category_id": 0}]}])
+        MetadataCatalog.get(name).set(thing_classes=["a", "b"])
+    with pytest.raises(ClassListError, match=r"^Dataset 'dc_custom_counted' has the thing class "
+                       r"'a', not among the model's classes: its labels cannot be mapped"):
+        map_datasets_to_classes([name], ["b", "c"])
+    with captured_logs("d2_reclass") as logs:
+        assert map_datasets_to_classes([name], ["c", "a"]) == [(name, "a", 1)]
+    assert "Dataset 'dc_custom_counted': 1 category that no annotation uses, not among the " \
+        "model's classes, is left out (no label maps to it): ['b']." in logs
+    assert [a["category_id"] for d in DatasetCatalog.get(name) for a in d["annotations"]] == [1, 1]
 
 
 def test_a_lazyconfig_maps_its_train_and_test_datasets(project):
@@ -282,7 +266,7 @@ def test_a_lazyconfig_maps_its_train_and_test_datasets(project):
             for n in ("dc_six", "dc_star_only", "dc_reordered")] == [SEVEN] * 3
     cfg.reclass = {"target_classes": THREE}
     with pytest.raises(ClassListError, match=re.escape(
-            "dataloader.train.dataset.names 'dc_six' has the thing classes 'circle', 'diamond', "
+            "dataloader.train.dataset.names 'dc_six' has the thing classes 'diamond', "
             "'hexagon', 'cross', not among the model's classes (reclass.target_classes, else "
-            "those of dataloader.train)")):
+            "those of dataloader.train)")):  # its circle has no annotation: left out
         map_lazy_datasets(cfg)

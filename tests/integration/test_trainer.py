@@ -228,7 +228,9 @@ def test_evaluating_on_a_dataset_with_other_classes_says_how_to_map():
     from d2_reclass import ReclassTrainer
 
     if "t_other_val" not in DatasetCatalog.list():
-        DatasetCatalog.register("t_other_val", lambda: [])
+        # Labelled: a class that no annotation uses would be left out, not refused.
+        DatasetCatalog.register("t_other_val", lambda: [{"file_name": "x.png", "annotations": [
+            {"category_id": 0}, {"category_id": 1}]}])
         MetadataCatalog.get("t_other_val").set(thing_classes=["a", "b"])
     # Without class names for the model, only the count can be checked.
     cfg = small_cfg(3, opts=["DATASETS.TEST", ("t_other_val",), "DATASETS.TRAIN", ()])
