@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/merge_ap.py
 	$(PY) benchmarks/keep_old.py
 	$(PY) benchmarks/maskdino_trainer.py
+	$(PY) benchmarks/third_party.py
 
 clean:
 	rm -rf $(VENV) output data .pytest_cache

@@ -22,7 +22,8 @@ _EXPORTS = {
     "errors": ("CheckpointError", "ClassListError", "ClassMismatchError", "CombineError",
                "ConfigError", "DatasetError", "ReclassError", "ResumeClassMismatchError",
                "UnsafeCheckpointError"),
-    "fresh": ("InitSpec", "torch_default_init"),
+    "fresh": ("NORMAL_001", "ZERO", "InitSpec", "linear_default_init", "prior_bias_init",
+              "torch_default_init", "xavier_uniform_init"),
     "options": ("PRESERVE_METHODS", "ReclassOptions"),
     # Which classes, and datasets by name.
     "data.class_lists": ("CLASSES_KEY", "kept_target_classes", "read_stored_classes",

@@ -11,7 +11,17 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["InitSpec", "seeded_generator", "retinanet_prior_bias", "torch_default_init"]
+__all__ = [
+    "InitSpec",
+    "NORMAL_001",
+    "ZERO",
+    "linear_default_init",
+    "prior_bias_init",
+    "retinanet_prior_bias",
+    "seeded_generator",
+    "torch_default_init",
+    "xavier_uniform_init",
+]
 
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -36,6 +46,9 @@ class InitSpec:
     * ``"msra"``: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, as
       ``fvcore.nn.weight_init.c2_msra_fill`` and the keypoint head use.
     * ``"xavier"``: ``kaiming_uniform_(a=1)``, as ``c2_xavier_fill``.
+    * ``"xavier_uniform"``: ``nn.init.xavier_uniform_``, U(+-sqrt(6 / (fan_in + fan_out))) of
+      the tensor drawn (the target's shape, so fan_out counts the target classes), as
+      DETR-family heads that xavier every weight (SparseR-CNN, DiffusionDet) do.
     * ``"uniform"``: U(-value, value); :func:`torch_default_init` gives the bound with which
       torch's own ``nn.Linear`` / ``nn.Conv*d`` initialise weight and bias, for heads that keep
       torch's default (Mask2Former's ``class_embed``, a DETR-style head).
@@ -59,12 +72,16 @@ class InitSpec:
             return torch.nn.init.kaiming_uniform_(out, a=1, generator=generator)
         if self.kind == "uniform":
             return out.uniform_(-self.value, self.value, generator=generator)
+        if self.kind == "xavier_uniform":
+            return torch.nn.init.xavier_uniform_(out, generator=generator)
         raise ValueError(f"Unknown init kind {self.kind!r}")
 
     def __str__(self) -> str:
         if self.kind == "uniform":
             return f"uniform(+-{self.value:.4g})"
-        return self.kind if self.kind in ("msra", "xavier") else f"{self.kind}({self.value:.4g})"
+        if self.kind in ("msra", "xavier", "xavier_uniform"):
+            return self.kind
+        return f"{self.kind}({self.value:.4g})"
 
 
 def torch_default_init(layer: torch.nn.Module) -> InitSpec:
@@ -80,6 +97,24 @@ def torch_default_init(layer: torch.nn.Module) -> InitSpec:
         raise ValueError(f"torch_default_init needs a layer with a 2-d or larger weight, not "
                          f"{type(layer).__name__}")
     return InitSpec("uniform", 1.0 / math.sqrt(weight[0].numel()))
+
+
+def linear_default_init(layer: torch.nn.Module) -> InitSpec:
+    """The init of an ``nn.Linear`` / ``nn.Conv*d`` left at torch's default, for its weight and
+    its bias alike (the same as :func:`torch_default_init`, under the name a recipe looks for)."""
+    return torch_default_init(layer)
+
+
+def prior_bias_init(prior_prob: float) -> InitSpec:
+    """A sigmoid / focal classifier's bias: every entry -log((1-p)/p), so a class starts at
+    probability ``prior_prob`` (RetinaNet, FCOS, SparseR-CNN, DiffusionDet; DINO's p = 0.01)."""
+    return InitSpec("constant", retinanet_prior_bias(prior_prob))
+
+
+def xavier_uniform_init() -> InitSpec:
+    """``nn.init.xavier_uniform_`` of the target tensor (its fan_out counts the target's
+    classes), for heads that xavier their weights."""
+    return InitSpec("xavier_uniform")
 
 
 NORMAL_001 = InitSpec("normal", 0.01)

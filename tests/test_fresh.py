@@ -261,3 +261,14 @@ def test_ddp_ranks_end_identical(tmp_path):
                       mode="map", seed=0)
     for key in HEAD_KEYS:
         assert torch.equal(r0["heads"][key], here[key])
+
+
+def test_recipe_helpers():
+    from d2_reclass import linear_default_init, prior_bias_init, xavier_uniform_init
+    from d2_reclass.fresh import seeded_generator as gen
+
+    assert prior_bias_init(0.01).value == -math.log(99)
+    assert linear_default_init(torch.nn.Linear(16, 3)).value == 0.25
+    drawn = xavier_uniform_init().draw((3, 13), gen(0, "w"))
+    assert drawn.abs().max() <= math.sqrt(6 / 16) and drawn.std() > 0.2
+    assert torch.equal(drawn, xavier_uniform_init().draw((3, 13), gen(0, "w")))

@@ -35,6 +35,7 @@ from d2_reclass.integration.lazy import (
     lazy_target_classes,
     map_lazy_datasets,
 )
+from d2_reclass.integration.probe import attach_lazy_probe
 from d2_reclass.integration.trainer import REPORT_FILE
 from d2_reclass.new_classes import broadcast_thing_heads
 from d2_reclass.preserve import attach_preservation
@@ -45,7 +46,8 @@ logger = logging.getLogger("d2_reclass.lazyconfig_train_net")
 
 
 def build_model(cfg):
-    model = instantiate(cfg.model)
+    # A model no registered layout knows: its class tensors as the probe finds them.
+    model = attach_lazy_probe(instantiate(cfg.model), cfg)
     adopt_box_predictors(model, class_names=lazy_target_classes(cfg),
                          reclass_mode=lazy_reclass_options(cfg).mode)
     return model.to(cfg.train.device)

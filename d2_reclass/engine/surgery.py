@@ -544,6 +544,12 @@ def _raise_if_strict(
     hint = (" A tensor marked 'not recognised' may be a class head d2_reclass has no layout "
             "for: register one (d2_reclass.register_layout), or load it as stock does with "
             "another mode (it is skipped)." if unrecognised else "")
+    opaque = [k for k in keys if k in heads and heads[k].layouts[0].opaque]
+    if opaque:
+        hint += (f" {', '.join(opaque)}: which of its entries belongs to which class is unknown "
+                 "(it grows by several entries per class and no layout is registered): "
+                 "register its layout (d2_reclass.register_layout; the recipe is in "
+                 "docs/api.md), or MODE auto re-initialises it.")
     raise ClassMismatchError(
         f"MODEL.RECLASS.MODE is 'strict' and {source} does not fit the model: "
         + "; ".join(what) + ".\n" + "\n".join(tensors) + "\nTo fix: set "
@@ -598,13 +604,20 @@ def _refit_head(
             layout=lay0.kind)
     if head.readings[0] is None or (space.resolution == "unchanged" and ckpt.shape == model.shape):
         return None
+    generator = seeded_generator(seed, lay0.seed_key or head.key)
+    if lay0.opaque:
+        # Which entry is which class's is unknown (found by the probe, no layout registered):
+        # never loaded as it is, never guessed; the head's init throughout.
+        fresh = lay0.init.draw(model.shape, generator).to(dtype=ckpt.dtype, device=ckpt.device)
+        return fresh, TensorAction(head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape),
+                                   "fresh", 0, model.shape[lay0.axis], lay0.describe())
     plans = {lay.axis: _entry_plan(head, i, space.mapping) for i, lay in enumerate(head.layouts)}
     if ckpt.shape == model.shape and all(
             plan.is_identity(model.shape[axis]) for axis, plan in plans.items()):
         return None
     tensors = [state[head.key] if reads is not None else None
                for state, reads in zip(states, head.readings)]
-    new = _assemble(plans, tensors, model.shape, lay0.init, seeded_generator(seed, head.key))
+    new = _assemble(plans, tensors, model.shape, lay0.init, generator)
     return new, _tensor_action(head, plans[lay0.axis], ckpt, model)
 
 

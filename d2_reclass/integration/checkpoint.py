@@ -43,6 +43,7 @@ from ..engine.surgery import (
     describe_class_change,
     reclass_state_dict,
 )
+from ..engine.unclaimed import unclaimed_class_tensors, unclaimed_message
 from ..errors import (
     CheckpointError,
     ClassMismatchError,
@@ -62,6 +63,7 @@ from ..new_classes import (
 )
 from ..options import ReclassOptions
 from .config import options_from_config
+from .probe import attach_probe
 
 __all__ = ["ReclassCheckpointer", "check_resume"]
 
@@ -164,6 +166,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
         """Build from ``cfg.MODEL.RECLASS`` (its defaults where the config has none); new
         classes take their examples from DATASETS.TRAIN."""
         examples = NewClassExamples.from_config(cfg) if cfg.DATASETS.TRAIN else None
+        attach_probe(model, cfg)  # a project with no registered layouts: probe its model
         return cls(model, save_dir, reclass=options_from_config(cfg), examples=examples,
                    **checkpointables)
 
@@ -240,6 +243,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
                 raise ResumeClassMismatchError(
                     resume_mismatch_message(source, "; ".join(e.problems), e.tensors)) from None
         else:
+            self._check_unclaimed(state, model_state, layouts, classes, source)
             source_state = state
             options = dict(classes=classes, mode=self.reclass.mode, seed=self.reclass.seed,
                            source=source)
@@ -251,6 +255,7 @@ class ReclassCheckpointer(DetectionCheckpointer):
             else:
                 state, self.report = reclass_state_dict(state, model_state, layouts, **options)
             _warn_non_finite(state, layouts, source)
+            _warn_opaque(self.report, source)
             if self.reclass.mode == "auto":
                 _warn_unasked_reinit(self.report, source)
             for name in _model_shaped(checkpoint, self._loading_checkpointables, layouts):
@@ -267,6 +272,19 @@ class ReclassCheckpointer(DetectionCheckpointer):
         if self.report is not None and self.report.unrecognised:
             _warn_unrecognised(self.report, source)
         return incompatible
+
+    def _check_unclaimed(self, state, model_state, layouts, classes, source: str) -> None:
+        """Warn (raise, in ``strict`` mode) where the thing names change at the same count and
+        the model has unclaimed tensors that may be its class heads
+        (:func:`~d2_reclass.engine.unclaimed.unclaimed_class_tensors`)."""
+        suspects = unclaimed_class_tensors(state, model_state, layouts, classes)
+        if not suspects:
+            return
+        strict = self.reclass.mode == "strict"
+        message = unclaimed_message(suspects, classes[THING], source, strict)
+        if strict:
+            raise ClassMismatchError(message, [message], suspects)
+        logger.warning(f"[ReclassCheckpointer] {message}")
 
     def _weights(self, checkpoint: Dict[str, Any], source: str) -> Dict[str, torch.Tensor]:
         """The state dict of a loaded checkpoint as the engine reads it: tensors, no
@@ -484,6 +502,17 @@ def _warn_unrecognised(report: ReclassReport, source: str) -> None:
         f"than the model's and no class layout recognises them: {listing}{more}. They are "
         "skipped, as stock DetectionCheckpointer skips them. If one is a class head, register "
         "its layout (d2_reclass.register_layout) to map it by class name.")
+
+
+def _warn_opaque(report: ReclassReport, source: str) -> None:
+    """Say which tensors were re-initialised because their class order is unknown."""
+    keys = [t.key for t in report.tensors if t.action == "fresh" and "order unknown" in t.layout]
+    if keys:
+        logger.warning(
+            f"[ReclassCheckpointer] {source}: {', '.join(keys)} re-initialised with the head's "
+            "init: each grows by several entries per class (found by the probe), and which "
+            "entry is which class's is unknown, so its trained rows cannot follow the class "
+            "names. Register its layout (d2_reclass.register_layout; docs/api.md) to map it.")
 
 
 def _without_suffix(state: Any, suffix: str) -> Any:

@@ -6,7 +6,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import yaml
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import HTTPURLHandler
 
@@ -18,12 +17,9 @@ from ..data.class_lists import (
 )
 from ..errors import ConfigError
 from ..layouts import STUFF, THING
-from ..layouts.num_classes import (
-    add_registered_defaults,
-    check_num_classes_config,
-    num_classes_keys,
-)
+from ..layouts.num_classes import check_num_classes_config, num_classes_keys
 from ..options import ReclassOptions, check_option_values, preserve_method
+from .probe import default_config, probed_num_classes_keys
 
 __all__ = [
     "ConfigChange",
@@ -149,15 +145,17 @@ def apply_num_classes(
     thing_classes: Optional[Sequence[str]],
     stuff_classes: Optional[Sequence[str]] = None,
 ) -> List[Tuple[str, int, int]]:
-    """Set the NUM_CLASSES keys that ``cfg``'s model reads (:func:`num_classes_keys`) from the
-    class lists; returns (key, old, new) for changes, for the caller to log once logging is set
-    up. Keys of heads the model does not have are left as they are.
+    """Set the NUM_CLASSES keys that ``cfg``'s model reads (:func:`num_classes_keys`; for a
+    project nothing registered knows, those the probe finds sizing its heads:
+    :func:`~d2_reclass.integration.probe.probed_num_classes_keys`) from the class lists;
+    returns (key, old, new) for changes, for the caller to log once logging is set up. Keys of
+    heads the model does not have are left as they are.
 
     Must run before the model is built (``cfg`` must not be frozen).
     """
     counts = {THING: len(thing_classes or ()), STUFF: len(stuff_classes or ())}
     changes = []
-    for key, space in num_classes_keys(cfg):
+    for key, space in probed_num_classes_keys(cfg) or num_classes_keys(cfg):
         node, leaf = _node(cfg, key)
         # POINT_HEAD exists only after add_pointrend_config.
         if not counts[space] or node is None or leaf not in node:
@@ -248,30 +246,19 @@ def _stored_in(cfg: CN) -> str:
     return f"the checkpoint{'s' if len(paths) > 1 else ''} {', '.join(paths)}"
 
 
-def _default_config() -> CN:
-    cfg = get_cfg()
-    try:
-        from detectron2.projects.point_rend import add_pointrend_config
-
-        add_pointrend_config(cfg)
-    except ImportError:  # PointRend needs OpenCV; without it there is no POINT_HEAD key
-        pass
-    add_registered_defaults(cfg)  # the projects' own keys (MODEL.CENTERNET.NUM_CLASSES, ...)
-    return cfg
-
-
 def log_config_changes(changes: Sequence[ConfigChange]) -> None:
     """Log each change: INFO where the key had its default (detectron2's, or for a key a
     project adds, that project's: :func:`~d2_reclass.layouts.num_classes.register_default_config`),
     else a WARNING, since a value somebody set disagreed with the classes."""
-    defaults = _default_config()
+    defaults = default_config()
     for change in changes:
         if not change.key.endswith("NUM_CLASSES"):
             logger.info(f"{change.source}: {change.key} {change.old} -> {change.new} (images "
                         "without labelled boxes are trained on, with pseudo-labels)")
             continue
         node, leaf = _node(defaults, change.key)
-        if node is not None and change.old == node.get(leaf):
+        # A key no default config has (a project found by the probe): its default is unknown.
+        if node is None or leaf not in node or change.old == node.get(leaf):
             logger.info(f"AUTO_NUM_CLASSES: {change.key} {change.old} -> {change.new} "
                         f"(the classes of {change.source})")
         else:

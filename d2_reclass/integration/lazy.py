@@ -25,10 +25,12 @@ from ..data.class_lists import (
 )
 from ..data.mapping import map_datasets_to_classes
 from ..errors import ConfigError
+from ..layouts import STUFF
 from ..new_classes import NewClassExamples
 from ..options import ReclassOptions, check_keep_source_classes, preserve_method
 from ..preserve import Preservation, Teacher, teacher_class_index
 from .checkpoint import ReclassCheckpointer
+from .probe import attach_lazy_probe, probed_lazy_fields
 
 __all__ = ["lazy_new_class_examples", "lazy_reclass_options", "lazy_target_classes",
            "apply_lazy_num_classes", "map_lazy_datasets", "lazy_preservation"]
@@ -106,15 +108,18 @@ def lazy_new_class_examples(cfg) -> Optional[NewClassExamples]:
 
 
 def apply_lazy_num_classes(cfg) -> List[Tuple[str, int, int]]:
-    """Set ``num_classes`` where the zoo's LazyConfig models keep it; returns the changes."""
+    """Set ``num_classes`` where the zoo's LazyConfig models keep it, and in every other
+    ``num_classes`` field of ``cfg.model`` that the probe finds sizing a head
+    (:func:`~d2_reclass.integration.probe.probed_lazy_fields`); returns the changes."""
     return _set_num_classes(cfg, lazy_target_classes(cfg, "thing"),
-                            lazy_target_classes(cfg, "stuff"))
+                            lazy_target_classes(cfg, "stuff"), probed_lazy_fields(cfg))
 
 
-def _set_num_classes(cfg, thing, stuff) -> List[Tuple[str, int, int]]:
+def _set_num_classes(cfg, thing, stuff, probed=()) -> List[Tuple[str, int, int]]:
     changes = []
+    fields = [(path, stuff if space == STUFF else thing) for path, space in probed]
     for path, classes in (("model.roi_heads.num_classes", thing), ("model.num_classes", thing),
-                          ("model.sem_seg_head.num_classes", stuff)):
+                          ("model.sem_seg_head.num_classes", stuff), *fields):
         *parents, leaf = path.split(".")
         node = cfg
         for part in parents:
@@ -159,14 +164,14 @@ def lazy_preservation(cfg):
     teacher = None
     if method in ("pseudo_labels", "distill"):
         tcfg = copy.deepcopy(cfg)
-        _set_num_classes(tcfg, source, None)
+        _set_num_classes(tcfg, source, None, probed_lazy_fields(tcfg))
         for path in ("model.roi_heads.box_predictor", "model"):
             node = tcfg
             for part in path.split(".")[1:]:
                 node = node.get(part) if node is not None else None
             if node is not None and "test_score_thresh" in node:
                 node.test_score_thresh = options.pseudo_label_score
-        model = instantiate(tcfg.model).to(cfg.train.device)
+        model = attach_lazy_probe(instantiate(tcfg.model), tcfg).to(cfg.train.device)
         ReclassCheckpointer(model, reclass=ReclassOptions(
             mode="map", source_classes=options.source_classes,
             source_dataset=options.source_dataset, target_classes=source, only=options.only,

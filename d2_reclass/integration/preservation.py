@@ -9,6 +9,7 @@ from ..options import ReclassOptions, preserve_method
 from ..preserve import Preservation, Teacher, teacher_class_index
 from .checkpoint import ReclassCheckpointer
 from .config import apply_num_classes
+from .probe import attach_probe
 
 __all__ = ["build_teacher", "preservation_from_config"]
 
@@ -22,7 +23,7 @@ def build_teacher(cfg, source_classes: Sequence[str], *, score: float) -> Teache
     apply_num_classes(t, source_classes)
     t.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score
     t.MODEL.RETINANET.SCORE_THRESH_TEST = score
-    model = build_model(t)
+    model = attach_probe(build_model(t), t)  # a project no layout knows: probed
     options = ReclassOptions(
         mode="map", source_classes=r.SOURCE_CLASSES or None, source_dataset=r.SOURCE_DATASET,
         target_classes=list(source_classes), only=r.ONLY, rename=r.RENAME,

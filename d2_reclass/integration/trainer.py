@@ -26,6 +26,7 @@ from .checkpoint import ReclassCheckpointer
 from .config import log_config_changes, prepare_reclass_config
 from .fast_rcnn import use_reclass_box_predictors
 from .preservation import preservation_from_config
+from .probe import attach_probe
 from .stock_loads import warn_on_skipped_class_heads
 
 __all__ = [
@@ -237,6 +238,8 @@ class ReclassTrainerMixin:
         # the checkpoint's rather than those the caller's config names.
         setattr(model, _BUILT_FOR, (target_classes(cfg, "thing"), target_classes(cfg, "stuff")))
         use_reclass_box_predictors(model, cfg)
+        # A project with no registered layouts: its class tensors as the probe finds them.
+        attach_probe(model, cfg)
         # A stock DetectionCheckpointer loading into this model (a project's eval-only path)
         # skips class rows of another length: say so, naming the line to change.
         return warn_on_skipped_class_heads(model)

@@ -12,6 +12,7 @@ from .core import (
     KEYPOINT,
     MEAN,
     MEAN_LOG_COUNT,
+    PROBED_ATTR,
     STUFF,
     SUM,
     THING,
@@ -32,6 +33,7 @@ __all__ = [
     "KEYPOINT",
     "MEAN",
     "MEAN_LOG_COUNT",
+    "PROBED_ATTR",
     "STUFF",
     "SUM",
     "THING",
@@ -52,3 +54,6 @@ __all__ = [
 # this package's class spaces.
 from . import centernet as _centernet  # noqa: E402,F401  (registration only)
 from . import detic as _detic  # noqa: E402,F401
+from . import detr as _detr  # noqa: E402,F401
+from . import detrex as _detrex  # noqa: E402,F401
+from . import sparse_rcnn as _sparse_rcnn  # noqa: E402,F401

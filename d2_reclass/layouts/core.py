@@ -57,6 +57,7 @@ __all__ = [
     "ClassLayout",
     "ClassSegment",
     "LayoutFn",
+    "PROBED_ATTR",
     "SourceAxis",
     "class_rows",
     "register_layout",
@@ -156,6 +157,13 @@ class ClassLayout:
         kind (str): a short description for reports ("softmax + background", ...).
         config_key (str): the config key that sets this head's class count, for messages
             ("MODEL.ROI_HEADS.NUM_CLASSES"); empty when no config key is known.
+        opaque (bool): which entry belongs to which class is unknown (the probe found the
+            axis grows by ``block`` > 1 entries per class, or carries extra entries, and no
+            layout is registered): never mapped by name; when the classes change, every entry
+            is drawn from ``init`` (``strict`` raises).
+        seed_key (str): the key whose seed draws fresh entries; empty: ``key``. Two names of one
+            shared tensor (a module registered under two prefixes) give the same one, so that
+            both get identical values.
     """
 
     key: str
@@ -176,6 +184,8 @@ class ClassLayout:
     vocabulary: bool = False
     kind: str = ""
     config_key: str = ""
+    opaque: bool = False
+    seed_key: str = ""
 
     def all_segments(self) -> Tuple[ClassSegment, ...]:
         """Every class segment of the axis, in order: this layout's own, then ``segments``."""
@@ -322,6 +332,9 @@ class _ClassSlots:
 
 
 LayoutFn = Callable[[nn.Module], List[ClassLayout]]
+#: The model attribute holding the layouts the probe found for tensors no registered layout
+#: claims (set by d2_reclass.integration.probe; read by :func:`find_layouts`).
+PROBED_ATTR = "_d2_reclass_probed"
 #: Layout functions by module type, or by the qualified name of a class ("pkg.module.Class"),
 #: so that a project's layouts register without importing the project.
 _LAYOUTS: Dict[Union[type, str], LayoutFn] = {}
@@ -340,11 +353,16 @@ def register_layout(
     semantic head does). Example, for a DETR-style head with K+1 "no object"-last logits
     (:func:`class_rows` gives a classifier's bias the classifier's merge rule)::
 
-        @register_layout("detr.models.detr.DETR")
+        @register_layout("models.detr.DETR")
         def _detr(m):
-            k = m.class_embed.out_features - 1
-            return class_rows(m.class_embed, "class_embed", NORMAL_001, space=THING,
-                              num_classes=k, background=True, classifier=True)
+            init = linear_default_init(m.class_embed)
+            return class_rows(m.class_embed, "class_embed", init, init, space=THING,
+                              num_classes=m.class_embed.out_features - 1, background=True,
+                              classifier=True)
+
+    Fresh-entry inits for the common heads: :func:`~d2_reclass.fresh.linear_default_init`,
+    :func:`~d2_reclass.fresh.prior_bias_init`, :func:`~d2_reclass.fresh.xavier_uniform_init`,
+    ``NORMAL_001`` (all exported by ``d2_reclass``); [docs/api.md](docs/api.md) has the recipe.
     """
 
     def deco(fn: LayoutFn) -> LayoutFn:
@@ -409,7 +427,9 @@ def layouts_for_module(
 def find_layouts(
     model: nn.Module, unreadable: Optional[List[Tuple[str, str]]] = None
 ) -> List[ClassLayout]:
-    """Every class-dependent tensor of ``model``, with full state-dict keys.
+    """Every class-dependent tensor of ``model``, with full state-dict keys: the registered
+    layouts, then those the probe left on the model (:data:`PROBED_ATTR`) for tensors no
+    registered layout claims.
 
     DataParallel / DistributedDataParallel wrappers are looked through, as fvcore's
     Checkpointer does, so keys carry no ``module.`` prefix. ``unreadable`` is as in
@@ -417,7 +437,13 @@ def find_layouts(
     """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
-    return layouts_for_module(model, unreadable)
+    found = layouts_for_module(model, unreadable)
+    probed = getattr(model, PROBED_ATTR, None)
+    if probed:
+        # Registered layouts keep precedence: they carry the exact init and interleaving.
+        claimed = {lay.key for lay in found}
+        found += [lay for lay in probed if lay.key not in claimed]
+    return found
 
 
 def retarget(

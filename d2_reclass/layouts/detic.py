@@ -12,7 +12,7 @@ regressor is then class-agnostic (an ``nn.Sequential`` ending in 4 outputs).
 Shape shorthand: K = number of classes, D = embedding size (ZEROSHOT_WEIGHT_DIM).
 """
 from dataclasses import replace
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -23,7 +23,11 @@ from ..fresh import NORMAL_0001, ZERO
 from .centernet import prior_init
 from .core import THING, ClassLayout, class_rows, register_layout
 from .detectron2 import ROI_HEADS_KEY, fast_rcnn_layouts
-from .num_classes import register_num_classes_check
+from .num_classes import (
+    detectron2_num_classes_keys,
+    register_num_classes_check,
+    register_num_classes_keys,
+)
 
 __all__: List[str] = []
 
@@ -107,3 +111,15 @@ def _check_vocabulary(cfg: CfgNode) -> None:
             f"in the model's class order: give the CLIP text embeddings of the model's {k} "
             "class names (Detic's tools/dump_clip_features.py writes them), or set "
             f"{ROI_HEADS_KEY} {rows} with the classes of that vocabulary.")
+
+
+@register_num_classes_keys
+def _detic_keys(cfg: CfgNode) -> Optional[List[Tuple[str, str]]]:
+    # Detic's CustomRCNN reads ROI_HEADS.NUM_CLASSES like detectron2's R-CNNs (with CenterNet
+    # proposals, centernet.py's function answers). add_detic_config also adds
+    # MODEL.DETR.NUM_CLASSES, read only by its DeformableDetr: a CustomRCNN config is known, not
+    # a project for the probe to read.
+    if cfg.MODEL.META_ARCHITECTURE != "CustomRCNN" or "WITH_IMAGE_LABELS" not in cfg \
+            or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "CenterNet":
+        return None
+    return detectron2_num_classes_keys(cfg)

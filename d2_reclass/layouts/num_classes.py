@@ -20,7 +20,9 @@ __all__ = [
     "NumClassesKeysFn",
     "add_registered_defaults",
     "check_num_classes_config",
+    "detectron2_num_classes_keys",
     "num_classes_keys",
+    "registered_num_classes_keys",
     "register_default_config",
     "register_num_classes_check",
     "register_num_classes_keys",
@@ -103,14 +105,21 @@ def _check_fed_loss_counts(cfg: CfgNode) -> None:
 def num_classes_keys(cfg: CfgNode) -> List[Tuple[str, str]]:
     """The (key, space) pairs that size the class-dependent heads of ``cfg``'s model: those of
     the first registered function that knows the config, else detectron2's."""
+    keys = registered_num_classes_keys(cfg)
+    return keys if keys is not None else detectron2_num_classes_keys(cfg)
+
+
+def registered_num_classes_keys(cfg: CfgNode) -> Optional[List[Tuple[str, str]]]:
+    """The keys of the first registered function that knows ``cfg``; None when none does."""
     for fn in _KEY_FNS:
         keys = fn(cfg)
         if keys is not None:
             return keys
-    return _detectron2_keys(cfg)
+    return None
 
 
-def _detectron2_keys(cfg: CfgNode) -> List[Tuple[str, str]]:
+def detectron2_num_classes_keys(cfg: CfgNode) -> List[Tuple[str, str]]:
+    """The keys detectron2's own meta-architectures read (any other is taken for an R-CNN)."""
     # modeling/meta_arch: RetinaNet reads RETINANET; SemanticSegmentor SEM_SEG_HEAD; the R-CNNs
     # ROI_HEADS, Panoptic FPN both; PointRend's point heads POINT_HEAD. An architecture nobody
     # registered is taken for an R-CNN-style project (ROI_HEADS, and SEM_SEG_HEAD for stuff).

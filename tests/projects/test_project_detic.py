@@ -441,3 +441,14 @@ def test_eval_only_through_main_evaluates_the_fine_tuned_classes(files, tmp_path
     assert all(torch.equal(v, saved["model"][k]) for k, v in state.items())
     assert sorted(k for k in results["bbox"] if k.startswith("AP-")) == [
         "AP-dog", "AP-gadget", "AP-person"]
+
+
+def test_detic_configs_keep_their_registered_keys_and_are_never_probed():
+    # add_detic_config adds MODEL.DETR.NUM_CLASSES (its DeformableDetr's): a CustomRCNN config
+    # is still Detic's, whose keys are registered; only an unknown project is probed.
+    from d2_reclass.integration.probe import unknown_num_classes_keys
+
+    cfg = detic_cfg(LVIS_VOCABULARY, 3)
+    assert unknown_num_classes_keys(cfg) == []
+    rpn = detic_cfg(LVIS_VOCABULARY, 3, ["MODEL.PROPOSAL_GENERATOR.NAME", "RPN"])
+    assert unknown_num_classes_keys(rpn) == []
