@@ -37,8 +37,10 @@ Calibration of an imprinted row, per classifier (no constant is chosen by hand):
 
 Examples are the non-crowd, non-empty boxes of ``DATASETS.TRAIN`` (dataset dicts), at most
 ``max_images`` images per new class, chosen by ranking the images holding that class by
-``sha256(seed, class name, file name)``: the choice depends neither on the order of the
-dataset dicts nor on the global RNG, and an image keeps its rank when the dataset grows. The
+``sha256(seed, class name, image name)``, the image name being its path relative to its
+dataset's image root (``portable_names``): the choice depends neither on the order of the
+dataset dicts, nor on the global RNG, nor on where the dataset lies (detectron2's loaders
+give absolute paths, which would), and an image keeps its rank when the dataset grows. The
 images are read with the test-time transform and the model runs in eval mode without
 gradients; nothing else of the dataset is read. Every step is deterministic, so every rank of
 a distributed run computes the same entries (the trainer also broadcasts them from rank 0, in

@@ -32,6 +32,7 @@ from d2_reclass import (
 from d2_reclass.data.synthetic import make_shapes_dataset
 from d2_reclass.engine.surgery import ClassSpec, reclass_state_dict
 from d2_reclass.new_classes import choose_images
+from d2_reclass.new_classes.examples import image_boxes, plan_images, portable_names
 
 STAR = THREE.index("star")
 KEPT = [THREE.index("triangle"), THREE.index("square")]
@@ -514,3 +515,45 @@ def test_cli_convert_initialises_new_classes_like_the_checkpointer(data, tmp_pat
             dataset_dicts=dicts, class_names=THREE)).load(path)
     for key, value in model.state_dict().items():
         assert torch.equal(saved[key], value), key
+
+
+def test_the_choice_and_the_entries_travel_with_the_data(tmp_path):
+    """The same COCO dataset written under two directories (of different depth) and registered
+    under two names: the same images are chosen and the entries are bit-identical."""
+    from d2_reclass import register_coco_dataset
+
+    path, _ = _six_checkpoint(tmp_path)
+    plans, states, files = [], [], []
+    for name, where in (("moved_a", tmp_path / "a"), ("moved_b", tmp_path / "b" / "deeper")):
+        json_file = make_shapes_dataset(str(where), "train", THREE, 12, seed=5)
+        register_coco_dataset(name, json_file, str(where / "train"))
+        examples = NewClassExamples(datasets=(name,), class_names=THREE)
+        dicts, _ = examples.load()
+        assert portable_names(dicts, examples.roots()) == [
+            f"{i:05d}.png" for i in range(1, 13)]
+        files.append([d["file_name"] for d in dicts])
+        _, _, mapping = _mapped()
+        per_image, counts = image_boxes(dicts, lambda c: c, [STAR] + KEPT)
+        plans.append(plan_images(dicts, per_image, counts, mapping, [STAR], KEPT, True, 3, 3,
+                                 THREE, examples.roots()))
+        model = small_model(3, seed=2)
+        ReclassCheckpointer(model, reclass=ReclassOptions(
+            mode="map", target_classes=THREE, new_class_init="imprint", init_images=3, seed=3),
+            examples=examples).load(path)
+        states.append(params(model))
+    assert files[0] != files[1]  # absolute paths, which the choice must not depend on
+    assert plans[0].chosen == plans[1].chosen and len(plans[0].chosen[STAR]) == 3
+    assert_same_state(states[0], states[1])
+
+
+def test_portable_names_are_relative_to_the_deepest_root_else_the_common_directory(tmp_path):
+    root, inner = tmp_path / "data", tmp_path / "data" / "inner"
+    dicts = [{"file_name": str(root / "seq1" / "000001.png")},
+             {"file_name": str(inner / "x.png")},
+             {"file_name": str(tmp_path / "loose" / "s" / "y.png")},
+             {"file_name": str(tmp_path / "loose" / "z.png")}]
+    assert portable_names(dicts, [str(root), str(inner)]) == [
+        "seq1/000001.png", "x.png", "s/y.png", "z.png"]
+    # Without roots, everything is named from the directory common to all the files.
+    assert portable_names(dicts) == ["data/seq1/000001.png", "data/inner/x.png",
+                                     "loose/s/y.png", "loose/z.png"]
