@@ -34,6 +34,10 @@ Calibration of an imprinted row, per classifier (no constant is chosen by hand):
   The kept-class boxes are those in the images already read; when there are none, up to
   ``max_images`` images with kept classes are read for them, and when no class is kept the
   reference is the source classifier's confidence in its top class on the new examples.
+* Then the bias is lowered, where needed, so that the new row's logit is at most the kept
+  class's own on every kept-class object the model detects (score >= 0.5) in the images read
+  and no box labels (IoU < 0.5 with each labelled box): in new-only data, the old objects a
+  look-alike row would otherwise take from iteration 0 (a star row on diamonds).
 
 Examples are the non-crowd, non-empty boxes of ``DATASETS.TRAIN`` (dataset dicts), at most
 ``max_images`` images per new class, chosen by ranking the images holding that class by

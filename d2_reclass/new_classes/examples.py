@@ -21,7 +21,7 @@ from torch import nn
 from ..classes import ClassMapping, normalize_class_name, union_classes
 from ..data.mapping import remap_category_ids
 from ..errors import ConfigError, DatasetError
-from .scoring import Box, Example, box_paths, run_image
+from .scoring import Box, Example, box_paths, detected_boxes, run_image
 
 __all__ = ["Collected", "NewClassExamples", "Plan", "choose_images", "class_index", "collect",
            "image_boxes", "plan_images", "portable_names"]
@@ -275,6 +275,7 @@ def _no_examples_reason(name: str, count: Dict[str, int],
 class Collected(NamedTuple):
     by_class: Dict[int, List[Example]]  # new class -> its examples
     reference: List[Example]  # kept-class examples, for calibration
+    negatives: List[Example]  # kept-class objects the model detects, unlabelled (imprint only)
     unreadable: Dict[int, str]  # dataset index -> what failed
     read: List[int]  # dataset indices read
     seconds: float  # reading, transforming and running them
@@ -284,7 +285,10 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
              plan: Plan, kept: List[int], want_reference: bool,
              source_state: Mapping[str, torch.Tensor], num_source: int, augmentations,
              image_format: str) -> Collected:
-    """Read each planned image once and run the model on its boxes of interest."""
+    """Read each planned image once and run the model on its boxes of interest; with
+    ``want_reference`` (imprint), also on the kept-class objects it detects there that no box
+    labels (:func:`~d2_reclass.new_classes.scoring.detected_boxes`): the objects an imprinted
+    row must not fire on, in new-only data the only kept-class boxes there are."""
     serves: Dict[int, set] = {}
     for t, picks in plan.chosen.items():
         for i in picks:
@@ -292,18 +296,16 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
     for i in plan.reference:
         serves.setdefault(i, set())
     paths = box_paths(model)
-    out = Collected({}, [], {}, [], 0.0)
+    out = Collected({}, [], [], {}, [], 0.0)
     modes = {m: m.training for m in model.modules()}
     t0 = time.perf_counter()
     model.eval()
     try:
         with torch.no_grad():
             for i in sorted(serves):
-                boxes = [b for b in per_image[i] if b.target in serves[i]
-                         or (want_reference and b.target in kept)]
                 try:
-                    image, boxes = _read_image(dataset_dicts[i], boxes, augmentations,
-                                               image_format)
+                    image, labelled = _read_image(dataset_dicts[i], per_image[i],
+                                                  augmentations, image_format)
                 except _UNREADABLE as e:
                     out.unreadable[i] = f"{dataset_dicts[i].get('file_name')}: " \
                                         f"{type(e).__name__}: {e}"
@@ -311,6 +313,13 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
                                    f"{out.unreadable[i]}")
                     continue
                 out.read.append(i)
+                boxes = [b for b in labelled if b.target in serves[i]
+                         or (want_reference and b.target in kept)]
+                if want_reference and kept:
+                    # Every labelled box is known, whichever class it serves.
+                    found = detected_boxes(model, image, labelled, kept)
+                    out.negatives.extend(run_image(model, image, found, paths, source_state,
+                                                   num_source) if found else [])
                 for e in run_image(model, image, boxes, paths, source_state, num_source):
                     if e.target in serves[i]:
                         out.by_class.setdefault(e.target, []).append(e)

@@ -33,6 +33,7 @@ from d2_reclass.data.synthetic import make_shapes_dataset
 from d2_reclass.engine.surgery import ClassSpec, reclass_state_dict
 from d2_reclass.new_classes import choose_images
 from d2_reclass.new_classes.examples import image_boxes, plan_images, portable_names
+from d2_reclass.new_classes.scoring import Box, detected_boxes
 
 STAR = THREE.index("star")
 KEPT = [THREE.index("triangle"), THREE.index("square")]
@@ -135,16 +136,20 @@ def test_imprinted_row_is_the_scaled_mean_feature_and_the_bias_calibrated(data):
     competitors = KEPT + [3]
     ref_x, ref_labels = _box_features(model, stars, set(KEPT))
     target = _log_odds(ref_x @ weight.T + bias, ref_labels, competitors).median()
+    # This random model also detects kept classes (score >= 0.5) where no box is labelled: the
+    # bias written is then lowered below that calibration (the test after next checks how far).
+    init = report.classes[0]
+    info = init.imprint["roi_heads.box_predictor"]
     b = entries[PRED + "cls_score.bias"][STAR].double()
+    assert abs(info["bias"] - float(b)) < 1e-5
+    calibrated = torch.tensor(info.get("calibrated_bias", info["bias"]), dtype=torch.float64)
     logits = x @ weight.T + bias
-    star_logit = x @ row.double() + b
+    star_logit = x @ row.double() + calibrated
     star_log_odds = star_logit - torch.logsumexp(logits[:, competitors], dim=1)
     assert abs(float(star_log_odds.median() - target)) < 1e-4
-    init = report.classes[0]
     assert (init.name, init.method, init.images, init.instances) == (
         "star", "imprint", len(stars), len(x))
-    assert init.reason == "calibrated on the kept classes"
-    assert abs(init.imprint["roi_heads.box_predictor"]["bias"] - float(b)) < 1e-5
+    assert init.reason.split("; ")[0] == "calibrated on the kept classes"
 
 
 def test_only_new_class_entries_change_and_the_rest_come_from_the_relative(data):
@@ -557,3 +562,47 @@ def test_portable_names_are_relative_to_the_deepest_root_else_the_common_directo
     # Without roots, everything is named from the directory common to all the files.
     assert portable_names(dicts) == ["data/seq1/000001.png", "data/inner/x.png",
                                      "loose/s/y.png", "loose/z.png"]
+
+
+def test_imprinted_bias_stays_below_the_kept_classes_on_the_objects_the_model_detects(data):
+    """New-only labels: the kept classes' objects are in the images, unlabelled. The model
+    (its triangle row made to win every box) detects them; the star row's logit may not pass
+    triangle's own on any of them, and reaches it exactly on one."""
+    _, _, dicts = data
+    source, model, mapping = _mapped()
+    triangle = THREE.index("triangle")
+    with torch.no_grad():
+        model.state_dict()[PRED + "cls_score.bias"][triangle] += 50.0
+    new_only = [dict(d, annotations=[a for a in d["annotations"] if a["category_id"] == STAR])
+                for d in dicts]
+    entries, report = _init(model, new_only, mapping, source, method="imprint", max_images=16)
+    init = report.classes[0]
+    info = init.imprint["roi_heads.box_predictor"]
+    assert info["negatives"] > 0 and info["bias"] < info["calibrated_bias"]
+    assert f"bias lowered to stay below the kept classes on {info['negatives']} detected " \
+           "objects" in init.reason
+
+    row = entries[PRED + "cls_score.weight"][STAR].double()
+    b = entries[PRED + "cls_score.bias"][STAR].double()
+    weight = model.state_dict()[PRED + "cls_score.weight"].double()
+    bias = model.state_dict()[PRED + "cls_score.bias"].double()
+    roi, gaps = model.roi_heads, []
+    with torch.no_grad():
+        for d in new_only:
+            if not d["annotations"]:
+                continue
+            image = torch.as_tensor(np.ascontiguousarray(
+                read_image(d["file_name"], format="BGR").transpose(2, 0, 1)))
+            labelled = [Box(STAR, (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                   a["bbox"][1] + a["bbox"][3])) for a in d["annotations"]]
+            found = detected_boxes(model, image, labelled, KEPT)
+            if not found:
+                continue
+            features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+            x = roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features],
+                                            [Boxes(torch.tensor([f.xyxy for f in found]))]))
+            x = x.double()
+            own = (x @ weight.T + bias)[torch.arange(len(found)), [f.target for f in found]]
+            gaps.append(x @ row + b - own)
+    gaps = torch.cat(gaps)
+    assert len(gaps) == info["negatives"] and abs(float(gaps.max())) < 1e-4
