@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=0,
                         help="fine-tuning iterations N (default: SOLVER.MAX_ITER of the configs)")
     parser.add_argument("--points", type=int, default=4, help="evaluations after iteration 0")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(demo.DEFAULT_SEEDS),
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(demo.BENCH_SEEDS),
                         help="fine-tuning seeds (SEED and MODEL.RECLASS.SEED); default: "
                         "%(default)s")
     args = parser.parse_args()

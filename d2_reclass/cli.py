@@ -336,13 +336,15 @@ def _init_new_classes(model, cfg, weights: Dict[str, Any], converted: Dict[str, 
     for name, json_file, image_root in coco_datasets:
         register_coco_dataset(name, json_file, image_root)
     t0 = time.perf_counter()
-    dicts, names = NewClassExamples(
+    examples = NewClassExamples(
         datasets=tuple(d[0] for d in coco_datasets),
         augmentations=tuple(build_augmentation(cfg, is_train=False)),
-        image_format=cfg.INPUT.FORMAT).load()
+        image_format=cfg.INPUT.FORMAT)
+    dicts, names = examples.load()
     loaded = time.perf_counter() - t0
     entries, report = init_new_classes(model, dicts, mapping, weights, method=method,
-                                       max_images=max_images, seed=seed, dataset_classes=names)
+                                       max_images=max_images, seed=seed, dataset_classes=names,
+                                       image_roots=examples.roots())
     converted.update(entries)
     report.seconds_dataset, report.seconds = loaded, report.seconds + loaded
     return report

@@ -1,27 +1,37 @@
 #!/usr/bin/env python
-"""The d2_reclass demo: map a trained detector's heads to a new class set, against reinit.
+"""The d2_reclass demo: change a trained detector's classes by name, and add a class while
+keeping the old ones.
 
-    .venv/bin/python tools/demo.py                 # what `make demo` runs
-    .venv/bin/python tools/demo.py --seeds 1 2 3   # the fine-tuning seeds (this is the default)
+    .venv/bin/python tools/demo.py                 # what `make demo` runs (seed 1)
+    .venv/bin/python tools/demo.py --seeds 1 2 3   # more fine-tuning seeds
     .venv/bin/python tools/demo.py --force         # regenerate and retrain everything
 
-1. Writes two synthetic COCO-format tasks under ``data/demo/datasets/``: "source" (square,
-   circle, triangle, diamond, hexagon, cross) and "target" (triangle, square, star: two source
-   classes in another order, plus one the source never saw).
+1. Writes three synthetic COCO-format tasks under ``data/demo/datasets/``: "source" (square,
+   circle, triangle, diamond, hexagon, cross), "target" (triangle, square, star: two source
+   classes in another order, plus one the source never saw) and "add" (scenes of the six
+   source classes and star, whose train json labels only star; ``add/val_old.json`` holds
+   add/val's old-class labels).
 2. Trains the source model with ``tools/train_net.py --config-file configs/shapes_source.yaml``
    into that config's OUTPUT_DIR, ``output/shapes_source/``, whose ``model_final.pth`` is the
-   MODEL.WEIGHTS of both target configs.
-3. For every seed s, fine-tunes it to the target task three times, with
-   ``configs/shapes_target_map.yaml`` (head rows mapped by class name, the new class from the
-   head's init), ``configs/shapes_target_map_imprint.yaml`` (the same with the default
-   NEW_CLASS_INIT, which imprints the new class from its labelled examples) and
-   ``configs/shapes_target_reinit.yaml`` (every class row fresh), all with ``SEED s
-   MODEL.RECLASS.SEED s`` (seed 1 is what the configs hold), into each config's
-   ``OUTPUT_DIR/seed<s>/``; each is evaluated before the first iteration (``--eval-only``, in
-   ``iter0/``) and at the end (``train/``).
-4. Prints box AP, AP50 and per-class AP as the mean and min-max over the seeds, AP per seed,
-   the ``reclass_report.json`` paths, and saves the seed-1 mapped model's predictions on a val
-   image to ``output/demo_predictions.png``.
+   MODEL.WEIGHTS of every other config.
+3. Part 1, changing the class set: fine-tunes it to the target task with
+   ``configs/shapes_target_map_imprint.yaml`` (head rows mapped by class name, the new class
+   imprinted from its labelled examples: the default NEW_CLASS_INIT) and
+   ``configs/shapes_target_reinit.yaml`` (every class row fresh), each evaluated before the
+   first iteration (``--eval-only``, in ``OUTPUT_DIR/seed<s>/iter0/``) and at the end
+   (``train/``); ``--modes`` adds ``map`` (``configs/shapes_target_map.yaml``, the new class
+   from the head's init). Part 2, adding star: fine-tunes it on add/train (star labels only)
+   with ``configs/shapes_add_star.yaml`` (KEEP_SOURCE_CLASSES: the old classes kept by the
+   source model's pseudo-labels) and the same with ``MODEL.RECLASS.PRESERVE none`` (naive),
+   into ``output/shapes_add_star/seed<s>/{keep-old,naive}/``, and evaluates the model they
+   start from (``iter0/``) and the source model on add/val's old-class labels (``source/``).
+   Every run uses ``SEED s MODEL.RECLASS.SEED s`` (seed 1, the default, is what the configs
+   hold). After the source model, ``--jobs`` (2) of these train_net.py processes run at once.
+4. Prints box AP, AP50 and per-class AP of part 1 (mean and min-max when several seeds are
+   given), part 2's old-class AP (against the source's) and star AP, the
+   ``reclass_report.json`` paths, and saves the first mapped model's predictions on a val
+   image to ``output/demo_predictions.png``. The 3-seed tables, with the ``map`` runs, are
+   ``make bench``'s (benchmarks/map_vs_reinit.py; docs/keep_old.md for adding classes).
 
 Reproducibility: every run is seeded, and every process uses the same number of torch threads
 (1 unless OMP_NUM_THREADS is set; see d2_reclass/threads.py). At a given thread count a rerun
@@ -36,10 +46,7 @@ defines the step (dataset settings, config files, command-line options, the code
 tools/train_net.py and d2_reclass, thread count, the source weights), so a rerun takes seconds
 and a change redoes only what depends on it.
 
-Measured on a 2-core x86-64 CPU (no GPU) shared with other processes, with two of the three
-target configs: from nothing 9 minutes at a load average of 1-3 (source model 3 min, each of
-the 6 fine-tunes 51 s, each evaluation 7 s, mostly start-up) and 14-16 minutes at 3-4; 8-10 s
-when everything is cached. The third config adds 3 fine-tunes and 3 evaluations.
+Timings: docs/benchmarks.md, "The demo".
 """
 import argparse
 import contextlib
@@ -56,7 +63,9 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS_DIR = os.path.join(ROOT, "data", "demo", "datasets")
@@ -66,13 +75,26 @@ TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 SOURCE_CLASSES = ["square", "circle", "triangle", "diamond", "hexagon", "cross"]
 TARGET_CLASSES = ["triangle", "square", "star"]
 KEPT = [c for c in TARGET_CLASSES if c in SOURCE_CLASSES]
+#: Part 2 adds this class to the six source classes, from labels of it alone.
+ADD_CLASS = "star"
+ADD_CLASSES = SOURCE_CLASSES + [ADD_CLASS]
 
 # name -> (classes, {split: (number of images, seed)}); registered as shapes_<name>_<split>,
 # the names configs/shapes_*.yaml train and test on.
 TASKS = {
     "source": (SOURCE_CLASSES, {"train": (800, 1), "val": (100, 2)}),
     "target": (TARGET_CLASSES, {"train": (400, 3), "val": (100, 4)}),
+    # Scenes of all seven classes; every train image holds a star (its first object).
+    "add": (ADD_CLASSES, {"train": (160, 5), "val": (100, 6)}),
 }
+#: task -> {split: the only classes its json keeps labels of}: a user's new-only data, whose
+#: old-class objects are in the images, unlabelled (its json lists only star, as a user's would).
+ONLY_LABELS = {"add": {"train": [ADD_CLASS]}}
+#: task -> {name: (split whose images it labels, the classes it keeps)}: extra label files,
+#: registered as shapes_<task>_<name>. add/val_old.json: the six old classes of add/val, on
+#: which the six-class source model is evaluated (old-class AP compares with the 7-class
+#: models' on add/val: per-class AP never reads another class's labels).
+EXTRA_LABELS = {"add": {"val_old": ("val", SOURCE_CLASSES)}}
 
 SOURCE_CONFIG = "configs/shapes_source.yaml"
 #: The fine-tunes compared, each a config file (its own OUTPUT_DIR), by the name the tables use.
@@ -87,9 +109,22 @@ TARGET_LEGEND = {
     "reinit": "every class row fresh (MODE reinit): what stock detectron2 gives at best",
 }
 BASE_CONFIG = "configs/Base-Shapes-RCNN.yaml"
+#: The fine-tunes part 1 of the demo shows (the default init against reinit); the bench
+#: (benchmarks/map_vs_reinit.py) runs every TARGET_CONFIGS entry.
+DEMO_MODES = ("map-imprint", "reinit")
+#: Part 2: adding star while keeping the old classes, and each method's train_net.py opts.
+ADD_CONFIG = "configs/shapes_add_star.yaml"
+ADD_METHODS = {"keep-old": [], "naive": ["MODEL.RECLASS.PRESERVE", "none"]}
+ADD_LEGEND = {
+    "keep-old": "KEEP_SOURCE_CLASSES True (PRESERVE auto: the source model's detections label "
+    "the old objects)",
+    "naive": "the same with PRESERVE none: the unlabelled old objects train as background",
+}
 #: Fine-tuning seeds: each sets SEED (data order, flips, RPN/ROI sampling) and
-#: MODEL.RECLASS.SEED (the fresh class rows). The target configs hold the first.
-DEFAULT_SEEDS = (1, 2, 3)
+#: MODEL.RECLASS.SEED (the fresh class rows). The configs hold the first. The demo runs one;
+#: benchmarks/map_vs_reinit.py the spread over BENCH_SEEDS.
+DEFAULT_SEEDS = (1,)
+BENCH_SEEDS = (1, 2, 3)
 #: Target class names for an --eval-only run of the *source* weights through a target config:
 #: without them, train_net.py takes the six class names stored in the checkpoint.
 TARGET_CLASSES_OPT = ["MODEL.RECLASS.TARGET_CLASSES", json.dumps(TARGET_CLASSES)]
@@ -122,11 +157,12 @@ def digest(*parts) -> str:
 
 def run_key(*parts) -> str:
     """:func:`digest` of ``parts``, of this repository's code that train_net.py runs
-    (tools/train_net.py, d2_reclass/*.py) and of the torch thread count it runs with.
+    (tools/train_net.py, every d2_reclass/**/*.py) and of the torch thread count it runs with.
 
     Call :func:`prepare` (which sets the count) first.
     """
-    code = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "d2_reclass", "*.py")))
+    code = sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "d2_reclass", "**", "*.py"),
+                                            recursive=True))
     return digest(*parts, TRAIN_NET, *code, {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]})
 
 
@@ -205,14 +241,29 @@ def target_dir(mode: str, seed: int) -> str:
 
 # ----------------------------------------------------------------------------- datasets
 def dataset_args(data_dir: str, tasks: Sequence[str] = tuple(TASKS)) -> List[str]:
-    """``--coco-dataset NAME JSON IMAGE_ROOT`` for every split of ``tasks``."""
+    """``--coco-dataset NAME JSON IMAGE_ROOT`` for every split (and extra label file) of
+    ``tasks``."""
     args = []
     for task in tasks:
-        for split in TASKS[task][1]:
-            args += ["--coco-dataset", f"shapes_{task}_{split}",
-                     rel(os.path.join(data_dir, task, f"{split}.json")),
+        files = [(split, split) for split in TASKS[task][1]]
+        files += [(name, split) for name, (split, _) in EXTRA_LABELS.get(task, {}).items()]
+        for name, split in files:
+            args += ["--coco-dataset", f"shapes_{task}_{name}",
+                     rel(os.path.join(data_dir, task, f"{name}.json")),
                      rel(os.path.join(data_dir, task, split))]
     return args
+
+
+def keep_labels(json_in: str, json_out: str, classes: Sequence[str]) -> None:
+    """Write ``json_in`` to ``json_out`` with only the labels and categories of ``classes``
+    (the images and category ids unchanged)."""
+    with open(json_in) as f:
+        data = json.load(f)
+    data["categories"] = [c for c in data["categories"] if c["name"] in classes]
+    ids = {c["id"] for c in data["categories"]}
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in ids]
+    with open(json_out, "w") as f:
+        json.dump(data, f)
 
 
 def register_datasets(data_dir: str) -> None:
@@ -229,14 +280,24 @@ def prepare_datasets(force: bool = False) -> Tuple[str, str]:
     """Write both tasks under data/demo/datasets/ (once); return (that directory, its key)."""
     from d2_reclass.data.synthetic import make_shapes_dataset
 
-    key = digest(TASKS, "d2_reclass/data/synthetic.py")
+    key = digest(TASKS, ONLY_LABELS, EXTRA_LABELS, "d2_reclass/data/synthetic.py")
     if cached(DATASETS_DIR, key, force) is not None:
         print(f"   cached: {rel(DATASETS_DIR)}")
         return DATASETS_DIR, key
     for task, (classes, splits) in TASKS.items():
+        out = os.path.join(DATASETS_DIR, task)
         for split, (n, seed) in splits.items():
-            make_shapes_dataset(os.path.join(DATASETS_DIR, task), split, classes, n, seed=seed)
-            print(f"   {task}/{split}: {n} images of {', '.join(classes)} (seed {seed})")
+            only = ONLY_LABELS.get(task, {}).get(split)
+            json_file = make_shapes_dataset(out, split, classes, n, seed=seed,
+                                            first_class=only[0] if only else None)
+            if only:
+                keep_labels(json_file, json_file, only)
+            print(f"   {task}/{split}: {n} images of {', '.join(classes)} (seed {seed})"
+                  + (f", labels of {', '.join(only)} only" if only else ""))
+        for name, (split, kept) in EXTRA_LABELS.get(task, {}).items():
+            keep_labels(os.path.join(out, f"{split}.json"), os.path.join(out, f"{name}.json"),
+                        kept)
+            print(f"   {task}/{name}: the labels of {', '.join(kept)} in {task}/{split}")
     mark_done(DATASETS_DIR, key, {"tasks": TASKS})
     return DATASETS_DIR, key
 
@@ -245,13 +306,15 @@ def prepare_datasets(force: bool = False) -> Tuple[str, str]:
 _PROGRESS = re.compile(r"eta: (\S+)\s+iter: (\d+)\s+total_loss: (\S+)")
 
 
-def train_net(args: Sequence[str], log_path: str) -> None:
-    """Run tools/train_net.py with ``args``; full output to ``log_path``, progress to stdout.
+def train_net(args: Sequence[str], log_path: str, tag: str = "") -> None:
+    """Run tools/train_net.py with ``args``; full output to ``log_path``, progress to stdout
+    (each line prefixed with ``tag``: runs may go on side by side).
 
     It inherits this process's environment, OMP_NUM_THREADS included (set by :func:`prepare`).
     """
     cmd = [sys.executable, TRAIN_NET, *args]
-    print(f"   $ OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+    tag = f"[{tag}] " if tag else ""
+    print(f"   {tag}$ OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
           + shlex.join([rel(cmd[0]), rel(cmd[1]), *cmd[2:]]), flush=True)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log, subprocess.Popen(
@@ -261,7 +324,7 @@ def train_net(args: Sequence[str], log_path: str) -> None:
             log.write(line)
             m = _PROGRESS.search(line)
             if m:
-                print(f"     iter {int(m.group(2)) + 1:4d}  total_loss {m.group(3):<7} "
+                print(f"     {tag}iter {int(m.group(2)) + 1:4d}  total_loss {m.group(3):<7} "
                       f"eta {m.group(1)}", flush=True)
     if proc.returncode:
         with open(log_path) as f:
@@ -321,12 +384,15 @@ def detectron2_metrics(run_dir: str) -> Dict[str, float]:
     return {"AP": values[0], "AP50": values[1]}
 
 
-def evaluate_run(run_dir: str, data_dir: str, task: str) -> Dict[str, float]:
-    """Metrics of the last evaluation written to ``run_dir/inference``, checked against
-    what detectron2 itself reported for it."""
-    classes = TASKS[task][0]
-    ours = coco_metrics(os.path.join(data_dir, task, "val.json"),
-                        os.path.join(run_dir, "inference", "coco_instances_results.json"), classes)
+def evaluate_run(run_dir: str, data_dir: str, task: str, labels: str = "val"
+                 ) -> Dict[str, float]:
+    """Metrics of the last evaluation written to ``run_dir/inference`` (against
+    ``task/labels.json``), checked against what detectron2 itself reported for it."""
+    gt_json = os.path.join(data_dir, task, f"{labels}.json")
+    with open(gt_json) as f:
+        classes = [c["name"] for c in json.load(f)["categories"]]
+    ours = coco_metrics(gt_json, os.path.join(run_dir, "inference", "coco_instances_results.json"),
+                        classes)
     theirs = detectron2_metrics(run_dir)
     for key in ("AP", "AP50"):
         if abs(ours[key] - theirs[key]) > 0.05:
@@ -362,52 +428,110 @@ def train_source(data_dir: str, data_key: str, force: bool = False) -> dict:
 
 def check_target_weights(source: dict) -> None:
     """Exit unless every target config's MODEL.WEIGHTS is the source model the demo wrote."""
-    for config in TARGET_CONFIGS.values():
+    for config in [*TARGET_CONFIGS.values(), ADD_CONFIG]:
         weights = load_config(config).MODEL.WEIGHTS
         if os.path.normpath(weights) != os.path.normpath(source["weights"]):
             sys.exit(f"{config}: MODEL.WEIGHTS is {weights!r}, but {SOURCE_CONFIG} writes its "
                      f"model to {source['weights']!r}: make them agree.")
 
 
-def eval_iteration0(mode: str, seed: int, data_dir: str, source: dict,
-                    force: bool = False) -> dict:
-    """--eval-only of the source weights through the target config in ``mode`` with ``seed``:
-    the model as fine-tuning starts, heads mapped (or reinitialised) to the target classes."""
-    config = TARGET_CONFIGS[mode]
-    opts = [*seed_opts(seed), *TARGET_CLASSES_OPT]
-    run_dir = os.path.join(target_dir(mode, seed), "iter0")
-    key = run_key(source["weights"], *config_chain(config), opts)
+def eval_only(config: str, opts: List[str], run_dir: str, data_dir: str, source: dict,
+              task: str, labels: str = "val", force: bool = False, tag: str = "") -> dict:
+    """(Once) ``tools/train_net.py --eval-only`` with ``config`` and ``opts`` into ``run_dir``;
+    return its record (metrics against ``task/labels.json``)."""
+    key = run_key(source["weights"], *config_chain(config), opts, labels)
     record = cached(run_dir, key, force)
     if record is None:
-        train_net(["--eval-only", "--config-file", config, *dataset_args(data_dir, ["target"]),
-                   *opts, "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "eval.log"))
+        tasks = ["source", task] if config == SOURCE_CONFIG and task != "source" else [task]
+        train_net(["--eval-only", "--config-file", config, *dataset_args(data_dir, tasks),
+                   *opts, "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "eval.log"), tag)
         record = mark_done(run_dir, key, {
-            "metrics": evaluate_run(run_dir, data_dir, "target")})
+            "metrics": evaluate_run(run_dir, data_dir, task, labels)})
     else:
         print(f"   cached: {rel(run_dir)}")
     return record
 
 
-def fine_tune(mode: str, seed: int, data_dir: str, source: dict, force: bool = False) -> dict:
-    """Fine-tune the source model to the target task in ``mode`` with ``seed``, evaluated at
-    the end; return its record (weights, reclass report, iterations, seconds, metrics)."""
-    config = TARGET_CONFIGS[mode]
-    opts = seed_opts(seed)
-    run_dir = os.path.join(target_dir(mode, seed), "train")
+def train(config: str, opts: List[str], run_dir: str, data_dir: str, source: dict, task: str,
+          force: bool = False, tag: str = "") -> dict:
+    """(Once) fine-tune the source model with ``config`` and ``opts`` into ``run_dir``,
+    evaluated at the end; return its record (weights, reclass report, iterations, seconds,
+    metrics)."""
     key = run_key(source["weights"], *config_chain(config), opts)
     record = cached(run_dir, key, force)
     if record is None:
         t0 = time.time()
-        train_net(["--config-file", config, *dataset_args(data_dir, ["target"]), *opts,
-                   "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "train.log"))
+        train_net(["--config-file", config, *dataset_args(data_dir, [task]), *opts,
+                   "OUTPUT_DIR", rel(run_dir)], os.path.join(run_dir, "train.log"), tag)
         record = mark_done(run_dir, key, {
             "seconds": time.time() - t0, "weights": rel(os.path.join(run_dir, "model_final.pth")),
             "report": rel(os.path.join(run_dir, "reclass_report.json")),
             "max_iter": int(load_config(config).SOLVER.MAX_ITER),
-            "metrics": evaluate_run(run_dir, data_dir, "target")})
+            "metrics": evaluate_run(run_dir, data_dir, task)})
     else:
         print(f"   cached: {rel(run_dir)} (trained in {record['seconds']:.0f} s)")
     return record
+
+
+def eval_iteration0(mode: str, seed: int, data_dir: str, source: dict,
+                    force: bool = False) -> dict:
+    """--eval-only of the source weights through the target config in ``mode`` with ``seed``:
+    the model as fine-tuning starts, heads mapped (or reinitialised) to the target classes."""
+    return eval_only(TARGET_CONFIGS[mode], [*seed_opts(seed), *TARGET_CLASSES_OPT],
+                     os.path.join(target_dir(mode, seed), "iter0"), data_dir, source, "target",
+                     force=force, tag=f"{mode} s{seed} iter0")
+
+
+def fine_tune(mode: str, seed: int, data_dir: str, source: dict, force: bool = False) -> dict:
+    """Fine-tune the source model to the target task in ``mode`` with ``seed`` (see
+    :func:`train`)."""
+    return train(TARGET_CONFIGS[mode], seed_opts(seed),
+                 os.path.join(target_dir(mode, seed), "train"), data_dir, source, "target",
+                 force, tag=f"{mode} s{seed}")
+
+
+def add_dir(name: str) -> str:
+    """Where part 2's run ``name`` lives: under ADD_CONFIG's OUTPUT_DIR."""
+    return os.path.join(ROOT, load_config(ADD_CONFIG).OUTPUT_DIR, name)
+
+
+def add_source(data_dir: str, source: dict, force: bool = False) -> dict:
+    """The six-class source model on add/val's old-class labels: the reference for the old
+    classes' AP after adding star."""
+    return eval_only(SOURCE_CONFIG, ["MODEL.WEIGHTS", source["weights"],
+                                     "DATASETS.TEST", '("shapes_add_val_old",)'],
+                     add_dir("source"), data_dir, source, "add", "val_old", force, "source")
+
+
+def add_iteration0(seed: int, data_dir: str, source: dict, force: bool = False) -> dict:
+    """The model as part 2's fine-tunes start (the source's rows, star imprinted from its
+    labels): an --eval-only with the seven classes named, KEEP_SOURCE_CLASSES's list (which
+    eval-only leaves aside, evaluating the checkpoint's own classes)."""
+    opts = [*seed_opts(seed), "MODEL.RECLASS.KEEP_SOURCE_CLASSES", "False",
+            "MODEL.RECLASS.TARGET_CLASSES", json.dumps(ADD_CLASSES)]
+    return eval_only(ADD_CONFIG, opts, add_dir(f"seed{seed}/iter0"), data_dir, source, "add",
+                     force=force, tag=f"add s{seed} iter0")
+
+
+def add_fine_tune(method: str, seed: int, data_dir: str, source: dict,
+                  force: bool = False) -> dict:
+    """Part 2's fine-tune with ``method`` (ADD_METHODS) and ``seed`` (see :func:`train`)."""
+    return train(ADD_CONFIG, [*seed_opts(seed), *ADD_METHODS[method]],
+                 add_dir(f"seed{seed}/{method}"), data_dir, source, "add", force,
+                 tag=f"{method} s{seed}")
+
+
+def run_side_by_side(jobs: Dict[Tuple, Callable[[], dict]], lanes: int) -> Dict[Tuple, dict]:
+    """Run ``jobs`` (name -> step), at most ``lanes`` at a time, in the order given; return
+    name -> record. Each step is a train_net.py process with its own torch threads, so the
+    records do not depend on ``lanes``; only the wall time does."""
+    def run(name):
+        with timed(" ".join(str(n) for n in name)):
+            return jobs[name]()
+
+    with ThreadPoolExecutor(max(1, lanes)) as pool:
+        futures = {name: pool.submit(run, name) for name in jobs}
+        return {name: f.result() for name, f in futures.items()}
 
 
 # ----------------------------------------------------------------------------- output
@@ -437,6 +561,28 @@ def per_seed_table(rows: Sequence[Tuple[str, Sequence[dict]]], seeds: Sequence[i
     body = [[label, *(m["AP"] for m in runs)] for label, runs in rows]
     return tabulate(body, headers=["model", *(f"AP seed {s}" for s in seeds)],
                     tablefmt="pipe", floatfmt=".1f")
+
+
+def add_table(done: Dict[Tuple, dict], seeds: Sequence[int]) -> str:
+    """Part 2's pipe table: the old classes' mean AP (and as % of the source's) and the added
+    class's AP, for the source, iteration 0 and each method after fine-tuning."""
+    from tabulate import tabulate
+
+    def old(m: dict) -> float:
+        return statistics.mean(m[f"AP-{c}"] for c in SOURCE_CLASSES)
+
+    ref = old(done[("source on add/val_old",)]["metrics"])
+    runs = [(f"+ {ADD_CLASS}, iteration 0", [done[("add", s, "iteration 0")] for s in seeds])]
+    runs += [(f"{method}, iteration {done[(method, seeds[0])]['max_iter']}",
+              [done[(method, s)] for s in seeds]) for method in ADD_METHODS]
+    body = [["source model (6 classes)", f"{ref:.1f}", "100", "-"]]
+    body += [[label, spread([old(r["metrics"]) for r in records]),
+              spread([100 * old(r["metrics"]) / ref for r in records]),
+              spread([r["metrics"][f"AP-{ADD_CLASS}"] for r in records])]
+             for label, records in runs]
+    return tabulate(body, headers=["model", "AP old classes (6)", "% of source",
+                                   f"AP {ADD_CLASS}"], tablefmt="pipe",
+                    colalign=["left", "right", "right", "right"])
 
 
 def pick_val_image(data_dir: str) -> dict:
@@ -533,46 +679,81 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                         help="fine-tuning seeds (SEED and MODEL.RECLASS.SEED); default: "
                         "%(default)s")
+    parser.add_argument("--modes", nargs="+", choices=list(TARGET_CONFIGS),
+                        default=list(DEMO_MODES), help="part 1's fine-tunes; default: "
+                        "%(default)s")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="train_net.py processes at once after the source model (each "
+                        "with its own torch threads; the results do not depend on it); "
+                        "default: %(default)s")
     args = parser.parse_args(argv)
-    t_start = time.time()
+    t_start, load_start = time.time(), os.getloadavg()
 
     data_dir, source = prepare(args.force)
-    starts: Dict[str, List[dict]] = {}
-    finals: Dict[str, List[dict]] = {}
-    for mode in TARGET_CONFIGS:
-        step(f"3. Target model, {mode}: {TARGET_CONFIGS[mode]}, "
-             f"seeds {args.seeds}")
-        starts[mode], finals[mode] = [], []
-        for seed in args.seeds:
-            with timed(f"{mode}, seed {seed}, iteration 0 (--eval-only)"):
-                starts[mode].append(eval_iteration0(mode, seed, data_dir, source, args.force))
-            with timed(f"{mode}, seed {seed}, fine-tune"):
-                finals[mode].append(fine_tune(mode, seed, data_dir, source, args.force))
-    rows = [(f"{mode}, iteration 0", [r["metrics"] for r in starts[mode]])
-            for mode in TARGET_CONFIGS]
-    rows += [(f"{mode}, iteration {finals[mode][0]['max_iter']}",
-              [r["metrics"] for r in finals[mode]]) for mode in TARGET_CONFIGS]
+    step(f"3. Fine-tunes, {args.jobs} at a time: part 1, changing the class set "
+         f"({', '.join(args.modes)}); part 2, adding {ADD_CLASS} ({ADD_CONFIG}: "
+         f"{', '.join(ADD_METHODS)}); seeds {args.seeds}")
+    f = args.force
+    # Longest first, so that the lanes finish together.
+    jobs: Dict[Tuple, Callable[[], dict]] = {}
+    for seed in args.seeds:
+        for method in ADD_METHODS:
+            jobs[(method, seed)] = partial(add_fine_tune, method, seed, data_dir, source, f)
+        for mode in args.modes:
+            jobs[(mode, seed)] = partial(fine_tune, mode, seed, data_dir, source, f)
+    for seed in args.seeds:
+        jobs[("add", seed, "iteration 0")] = partial(add_iteration0, seed, data_dir, source, f)
+        for mode in args.modes:
+            jobs[(mode, seed, "iteration 0")] = partial(eval_iteration0, mode, seed, data_dir,
+                                                        source, f)
+    jobs[("source on add/val_old",)] = partial(add_source, data_dir, source, f)
+    done = run_side_by_side(jobs, args.jobs)
 
-    step("4. Results on the target val set (box AP, %)")
     m = source["metrics"]
+    step("4. Part 1, changing the class set by name: results on the target val set (box AP, %)")
     print(f"source model (one model, {SOURCE_CONFIG}) on the source val set: AP {m['AP']:.1f}, "
           f"AP50 {m['AP50']:.1f}; " + ", ".join(f"{c} AP {m[f'AP-{c}']:.1f}" for c in KEPT))
-    print(f"\nMean and (min-max) over {len(args.seeds)} fine-tuning seeds {args.seeds}, "
-          f"{os.environ['OMP_NUM_THREADS']} torch thread(s) per process:\n")
-    print("\n".join(f"{mode}: {TARGET_LEGEND[mode]}" for mode in TARGET_CONFIGS) + "\n")
+    print(f"\n{'Mean and (min-max) over' if len(args.seeds) > 1 else 'Fine-tuning'} seeds "
+          f"{args.seeds}, {os.environ['OMP_NUM_THREADS']} torch thread(s) per process:\n")
+    print("\n".join(f"{mode}: {TARGET_LEGEND[mode]}" for mode in args.modes) + "\n")
+    finals = {mode: [done[(mode, s)] for s in args.seeds] for mode in args.modes}
+    rows = [(f"{mode}, iteration 0", [done[(mode, s, "iteration 0")]["metrics"]
+                                      for s in args.seeds]) for mode in args.modes]
+    rows += [(f"{mode}, iteration {finals[mode][0]['max_iter']}",
+              [r["metrics"] for r in finals[mode]]) for mode in args.modes]
     print(results_table(rows))
-    print()
-    print(per_seed_table(rows, args.seeds))
-    print(f"\nAt iteration 0, map keeps what the source model knew of {' and '.join(KEPT)}; "
+    if len(args.seeds) > 1:
+        print()
+        print(per_seed_table(rows, args.seeds))
+    print(f"\nAt iteration 0, mapping keeps what the source model knew of {' and '.join(KEPT)}; "
           "reinit is not at 0 AP because its class rows are fresh but near 0, so every box gets "
           "about the same score for each class (the background row and the box head are kept): "
           "a class-agnostic detector, right about one time in three, and which classes it gets "
-          "right depends on the fresh rows' seed.\n")
-    for mode in TARGET_CONFIGS:
+          "right depends on the fresh rows' seed. The spread over seeds 1-3 and the map run "
+          "with the head's init: make bench (benchmarks/map_vs_reinit.py).\n")
+    for mode in args.modes:
         print(f"reclass report ({mode}, seed {args.seeds[0]}): {finals[mode][0]['report']}")
-    save_predictions(os.path.join(ROOT, finals["map"][0]["weights"]), data_dir, PREDICTIONS_PNG)
-    print(f"predictions of the mapped model (seed {args.seeds[0]}): {rel(PREDICTIONS_PNG)}")
-    print(f"\ndemo finished in {time.time() - t_start:.0f} s")
+
+    step(f"5. Part 2, adding {ADD_CLASS} from labels of {ADD_CLASS} only, keeping the six old "
+         "classes: results on add/val (box AP, %)")
+    print("\n".join(f"{method}: {ADD_LEGEND[method]}" for method in ADD_METHODS) + "\n")
+    print(add_table(done, args.seeds))
+    print("\nThe old classes' objects are in the training images, unlabelled: naive "
+          "fine-tuning learns them as background. The 3-seed benchmark (RetinaNet, every "
+          "PRESERVE method, joint training): docs/keep_old.md.\n")
+    for method in ADD_METHODS:
+        print(f"reclass report ({method}, seed {args.seeds[0]}): "
+              f"{done[(method, args.seeds[0])]['report']}")
+
+    mapped = [mode for mode in args.modes if mode != "reinit"]
+    if mapped:
+        save_predictions(os.path.join(ROOT, finals[mapped[0]][0]["weights"]), data_dir,
+                         PREDICTIONS_PNG)
+        print(f"predictions of the {mapped[0]} model (seed {args.seeds[0]}): "
+              f"{rel(PREDICTIONS_PNG)}")
+    load_end = os.getloadavg()
+    print(f"\ndemo finished in {time.time() - t_start:.0f} s (load average at the start "
+          f"{load_start[0]:.1f}, at the end {load_end[0]:.1f}, {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -379,7 +379,8 @@ class ReclassCheckpointer(DetectionCheckpointer):
             method=r.new_class_init, max_images=r.init_images, seed=r.seed,
             # Without target names the model's classes are the datasets' ids, in order.
             dataset_classes=names if r.target_classes else None,
-            augmentations=examples.augmentations, image_format=examples.image_format)
+            augmentations=examples.augmentations, image_format=examples.image_format,
+            image_roots=examples.roots())
         apply_new_class_entries(self.model, entries)
         report.seconds_dataset = seconds_dataset
         report.seconds += seconds_dataset

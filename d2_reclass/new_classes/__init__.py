@@ -34,11 +34,17 @@ Calibration of an imprinted row, per classifier (no constant is chosen by hand):
   The kept-class boxes are those in the images already read; when there are none, up to
   ``max_images`` images with kept classes are read for them, and when no class is kept the
   reference is the source classifier's confidence in its top class on the new examples.
+* Then the bias is lowered, where needed, so that the new row's logit is at most the kept
+  class's own on every kept-class object the model detects (score >= 0.5) in the images read
+  and no box labels (IoU < 0.5 with each labelled box): in new-only data, the old objects a
+  look-alike row would otherwise take from iteration 0 (a star row on diamonds).
 
 Examples are the non-crowd, non-empty boxes of ``DATASETS.TRAIN`` (dataset dicts), at most
 ``max_images`` images per new class, chosen by ranking the images holding that class by
-``sha256(seed, class name, file name)``: the choice depends neither on the order of the
-dataset dicts nor on the global RNG, and an image keeps its rank when the dataset grows. The
+``sha256(seed, class name, image name)``, the image name being its path relative to its
+dataset's image root (``portable_names``): the choice depends neither on the order of the
+dataset dicts, nor on the global RNG, nor on where the dataset lies (detectron2's loaders
+give absolute paths, which would), and an image keeps its rank when the dataset grows. The
 images are read with the test-time transform and the model runs in eval mode without
 gradients; nothing else of the dataset is read. Every step is deterministic, so every rank of
 a distributed run computes the same entries (the trainer also broadcasts them from rank 0, in

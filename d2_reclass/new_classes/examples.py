@@ -4,6 +4,7 @@ them.
 """
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -20,10 +21,10 @@ from torch import nn
 from ..classes import ClassMapping, normalize_class_name, union_classes
 from ..data.mapping import remap_category_ids
 from ..errors import ConfigError, DatasetError
-from .scoring import Box, Example, box_paths, run_image
+from .scoring import Box, Example, box_paths, detected_boxes, run_image
 
 __all__ = ["Collected", "NewClassExamples", "Plan", "choose_images", "class_index", "collect",
-           "image_boxes", "plan_images"]
+           "image_boxes", "plan_images", "portable_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ class NewClassExamples:
     Give registered ``datasets`` (loaded only when a new class needs examples) or the
     ``dataset_dicts`` themselves.
 
+    Which images serve as examples is decided by their names relative to their image roots
+    (see :func:`portable_names`), so that it does not change when the data moves: a
+    registered dataset's root is its metadata's ``image_root`` (``register_coco_instances``
+    sets it); give ``image_roots`` for ``dataset_dicts`` (without, the directory common to
+    all their images is the root).
+
     Attributes:
         datasets (tuple[str]): registered datasets, e.g. DATASETS.TRAIN.
         dataset_dicts (list[dict] or None): detectron2 dataset dicts instead of ``datasets``.
@@ -46,6 +53,8 @@ class NewClassExamples:
             ``datasets``: their ``thing_classes``); None: category ids are target indices.
         augmentations (tuple[Augmentation]): the test-time transform.
         image_format (str): as INPUT.FORMAT.
+        image_roots (tuple[str]): the directories the ``dataset_dicts``' file names are
+            under (added to the registered datasets' own).
     """
 
     datasets: Tuple[str, ...] = ()
@@ -53,10 +62,12 @@ class NewClassExamples:
     class_names: Optional[Tuple[str, ...]] = None
     augmentations: Tuple[Any, ...] = ()
     image_format: str = "BGR"
+    image_roots: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "augmentations", tuple(self.augmentations))
+        object.__setattr__(self, "image_roots", tuple(self.image_roots))
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
         if bool(self.datasets) == (self.dataset_dicts is not None):
@@ -69,6 +80,11 @@ class NewClassExamples:
         return cls(datasets=tuple(cfg.DATASETS.TRAIN),
                    augmentations=tuple(build_augmentation(cfg, is_train=False)),
                    image_format=cfg.INPUT.FORMAT)
+
+    def roots(self) -> Tuple[str, ...]:
+        """The image roots: ``image_roots`` and each registered dataset's ``image_root``."""
+        registered = (MetadataCatalog.get(name).get("image_root") for name in self.datasets)
+        return self.image_roots + tuple(r for r in registered if r)
 
     def load(self) -> Tuple[List[dict], Optional[List[str]]]:
         """The dataset dicts and the names of their category ids.
@@ -141,14 +157,49 @@ def image_boxes(dataset_dicts: Sequence[dict], class_index: Callable[[int], Opti
     return per_image, counts
 
 
-def choose_images(file_names: Sequence[str], key: str, seed: int, max_images: int) -> List[int]:
-    """Indices of up to ``max_images`` of ``file_names``, the lowest ranks by
-    ``sha256(seed, key, file name)``: fixed by the seed and the key alone, whatever the order
-    of the list, and unchanged for the images already chosen when the list grows."""
-    def rank(i: int) -> bytes:
-        return hashlib.sha256(f"{int(seed)}:{key}:{file_names[i]}".encode()).digest()
+def choose_images(names: Sequence[str], key: str, seed: int, max_images: int) -> List[int]:
+    """Indices of up to ``max_images`` of ``names``, the lowest ranks by
+    ``sha256(seed, key, name)``: fixed by the seed, the key and the names alone, whatever the
+    order of the list and whatever the global RNG, unchanged for the images already chosen
+    when the list grows, and the same in every process (no broadcast needed).
 
-    return sorted(range(len(file_names)), key=rank)[:max_images]
+    ``names`` should travel with the data, as :func:`portable_names` gives them: ranked by
+    absolute paths, the choice would change when the dataset moves.
+    """
+    def rank(i: int) -> bytes:
+        return hashlib.sha256(f"{int(seed)}:{key}:{names[i]}".encode()).digest()
+
+    return sorted(range(len(names)), key=rank)[:max_images]
+
+
+def portable_names(dataset_dicts: Sequence[dict], image_roots: Sequence[str] = ()) -> List[str]:
+    """Per dict, its ``file_name`` relative to its image root, with ``/`` separators: a name
+    that travels with the data.
+
+    The root of a file is the deepest of ``image_roots`` that holds it; files under none of
+    them take the deepest directory common to all such files of ``dataset_dicts``. Moving
+    the whole dataset (or each image root) elsewhere keeps every name; a file under a given
+    root keeps its name when the dataset grows (without roots, only while the images added
+    lie under the same common directory).
+
+    Why the relative path: detectron2's loaders join the image root into ``file_name``, so
+    the absolute path names the machine's directory, not the image. The basename alone would
+    collide where datasets reuse names in subdirectories (``seq1/000001.jpg``,
+    ``seq2/000001.jpg``), and a content hash would read every candidate image of a class
+    (all of COCO's persons) where only ``max_images`` are needed.
+    """
+    files = [os.path.abspath(str(d["file_name"])) if "file_name" in d else None
+             for d in dataset_dicts]
+    roots = sorted({os.path.abspath(r) for r in image_roots}, key=len, reverse=True)
+
+    def root_of(f: str) -> Optional[str]:
+        return next((r for r in roots if os.path.commonpath([r, f]) == r), None)
+
+    own = [root_of(f) if f is not None else None for f in files]
+    loose = [os.path.dirname(f) for f, r in zip(files, own) if f is not None and r is None]
+    common = os.path.commonpath(loose) if loose else ""
+    return [f"#{i}" if f is None else os.path.relpath(f, r or common).replace(os.sep, "/")
+            for i, (f, r) in enumerate(zip(files, own))]
 
 
 def class_index(mapping: ClassMapping,
@@ -184,10 +235,11 @@ class Plan:
 
 def plan_images(dataset_dicts: Sequence[dict], per_image: List[List[Box]], counts, mapping,
           new: List[int], kept: List[int], imprint: bool, seed: int, max_images: int,
-          dataset_classes: Optional[Sequence[str]]) -> Plan:
-    """The images each new class reads (at most ``max_images``, by :func:`choose_images`), and
-    for imprint, when those hold no kept-class box, up to ``max_images`` images that do."""
-    files = [str(d.get("file_name", i)) for i, d in enumerate(dataset_dicts)]
+          dataset_classes: Optional[Sequence[str]], image_roots: Sequence[str] = ()) -> Plan:
+    """The images each new class reads (at most ``max_images``, by :func:`choose_images` on
+    their :func:`portable_names` under ``image_roots``), and for imprint, when those hold no
+    kept-class box, up to ``max_images`` images that do."""
+    files = portable_names(dataset_dicts, image_roots)
     chosen: Dict[int, List[int]] = {}
     notes: Dict[int, str] = {}
     for t in new:
@@ -223,6 +275,7 @@ def _no_examples_reason(name: str, count: Dict[str, int],
 class Collected(NamedTuple):
     by_class: Dict[int, List[Example]]  # new class -> its examples
     reference: List[Example]  # kept-class examples, for calibration
+    negatives: List[Example]  # kept-class objects the model detects, unlabelled (imprint only)
     unreadable: Dict[int, str]  # dataset index -> what failed
     read: List[int]  # dataset indices read
     seconds: float  # reading, transforming and running them
@@ -232,7 +285,10 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
              plan: Plan, kept: List[int], want_reference: bool,
              source_state: Mapping[str, torch.Tensor], num_source: int, augmentations,
              image_format: str) -> Collected:
-    """Read each planned image once and run the model on its boxes of interest."""
+    """Read each planned image once and run the model on its boxes of interest; with
+    ``want_reference`` (imprint), also on the kept-class objects it detects there that no box
+    labels (:func:`~d2_reclass.new_classes.scoring.detected_boxes`): the objects an imprinted
+    row must not fire on, in new-only data the only kept-class boxes there are."""
     serves: Dict[int, set] = {}
     for t, picks in plan.chosen.items():
         for i in picks:
@@ -240,18 +296,16 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
     for i in plan.reference:
         serves.setdefault(i, set())
     paths = box_paths(model)
-    out = Collected({}, [], {}, [], 0.0)
+    out = Collected({}, [], [], {}, [], 0.0)
     modes = {m: m.training for m in model.modules()}
     t0 = time.perf_counter()
     model.eval()
     try:
         with torch.no_grad():
             for i in sorted(serves):
-                boxes = [b for b in per_image[i] if b.target in serves[i]
-                         or (want_reference and b.target in kept)]
                 try:
-                    image, boxes = _read_image(dataset_dicts[i], boxes, augmentations,
-                                               image_format)
+                    image, labelled = _read_image(dataset_dicts[i], per_image[i],
+                                                  augmentations, image_format)
                 except _UNREADABLE as e:
                     out.unreadable[i] = f"{dataset_dicts[i].get('file_name')}: " \
                                         f"{type(e).__name__}: {e}"
@@ -259,6 +313,13 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
                                    f"{out.unreadable[i]}")
                     continue
                 out.read.append(i)
+                boxes = [b for b in labelled if b.target in serves[i]
+                         or (want_reference and b.target in kept)]
+                if want_reference and kept:
+                    # Every labelled box is known, whichever class it serves.
+                    found = detected_boxes(model, image, labelled, kept)
+                    out.negatives.extend(run_image(model, image, found, paths, source_state,
+                                                   num_source) if found else [])
                 for e in run_image(model, image, boxes, paths, source_state, num_source):
                     if e.target in serves[i]:
                         out.by_class.setdefault(e.target, []).append(e)

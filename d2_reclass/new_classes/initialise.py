@@ -62,6 +62,7 @@ def init_new_classes(
     dataset_classes: Optional[Sequence[str]] = None,
     augmentations: Sequence[Any] = (),
     image_format: str = "BGR",
+    image_roots: Sequence[str] = (),
 ) -> Tuple[Dict[str, torch.Tensor], NewClassReport]:
     """Entries for the new classes of ``model`` from labelled examples (see the module doc).
 
@@ -75,11 +76,15 @@ def init_new_classes(
             class-dependent ones are read (a relative may be a class the target dropped).
         method: one of :data:`NEW_CLASS_INITS` (``auto`` is ``imprint``: examples are given).
         max_images: at most this many images are read per new class.
-        seed: with each class name, decides which images are chosen.
+        seed: with each class name and each image's name relative to its image root,
+            decides which images are chosen (the same wherever the data lies).
         dataset_classes: the names of the dicts' ``category_id`` values; None: they are
             target class indices.
         augmentations: the test-time transform (e.g. ``build_augmentation(cfg, False)``).
         image_format: as INPUT.FORMAT.
+        image_roots: the directories the dicts' file names are under (a registered dataset's
+            ``image_root``); without, the directory common to all of them (see
+            :func:`~d2_reclass.new_classes.examples.portable_names`).
 
     Returns:
         The changed tensors (state-dict key -> full tensor, only new-class entries differing
@@ -115,7 +120,7 @@ def init_new_classes(
                                      new + kept)
     imprint = method == "imprint"
     plan = plan_images(dataset_dicts, per_image, counts, mapping, new, kept, imprint, seed,
-                 max_images, dataset_classes)
+                       max_images, dataset_classes, image_roots)
     collected = collect(model, dataset_dicts, per_image, plan, kept, imprint, source_state,
                          mapping.num_source, augmentations, image_format)
 

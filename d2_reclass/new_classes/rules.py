@@ -52,7 +52,7 @@ def init_one(t: int, mapping: ClassMapping, plan: Plan, collected: Collected,
     for path in paths:
         feats = torch.stack([e.features[path.prefix] for e in examples])
         row, bias, info, note = _imprint(path, feats, collected.reference, kept, source_state,
-                                         mapping.num_source, model_state)
+                                         mapping.num_source, model_state, collected.negatives)
         if row is None:
             notes.append(f"{path.prefix[:-1]}: {note}; its row from the relative")
             continue
@@ -81,8 +81,9 @@ def _log_odds(logits: torch.Tensor, classes: torch.Tensor, competitors: List[int
 
 def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
              kept: List[int], source_state: Mapping[str, torch.Tensor], num_source: int,
-             model_state: Mapping[str, torch.Tensor]):
-    """One new class's imprinted row in one classifier (see the module docstring).
+             model_state: Mapping[str, torch.Tensor], negatives: List[Example] = ()):
+    """One new class's imprinted row in one classifier (see the module docstring), its bias
+    capped by ``negatives`` (:func:`_negative_cap`).
 
     Returns:
         (row (D,) or None, bias or None, numbers for the report, note): None when the row
@@ -121,7 +122,32 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
     # b, so the b that puts its median at the reference is exact.
     b = target - float((scale * (x @ direction) - rest).median())
     info = {"scale": scale, "bias": b, "reference_log_odds": target, "mean_feature_norm": norm}
+    cap = _negative_cap(path.prefix, scale * direction, negatives, weight, bias)
+    if cap is not None and cap[0] < b:
+        info.update(bias=cap[0], calibrated_bias=b, negatives=cap[1])
+        b = cap[0]
+        note += f"; bias lowered to stay below the kept classes on {cap[1]} detected objects"
     return scale * direction, b, info, note
+
+
+def _negative_cap(prefix: str, row: torch.Tensor, negatives: List[Example],
+                  weight: torch.Tensor, bias: torch.Tensor) -> Optional[Tuple[float, int]]:
+    """(the highest bias, number of negatives): the bias at which the new row's logit,
+    ``row . x + b``, is below the kept class's own logit on every negative x (an unlabelled
+    object the model detects as that class), or None without negatives.
+
+    An imprinted row copies what its examples look like, and a kept class that looks alike
+    (star and diamond) then loses its objects to it from iteration 0; its own objects in
+    the same images say how far the new row may reach. On every one, not a median: one object
+    lost is one detection less.
+    """
+    neg = [e for e in negatives if prefix in e.features]
+    if not neg:
+        return None
+    x = torch.stack([e.features[prefix] for e in neg]).double()
+    labels = torch.tensor([e.target for e in neg])
+    own = (x @ weight.T + bias).gather(1, labels[:, None])[:, 0]
+    return float((own - x @ row).min()), len(neg)
 
 
 def relative_entries(model_state: Mapping[str, torch.Tensor],

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, StandardROIHeads
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import nn
 
-__all__ = ["Box", "BoxPath", "Example", "box_paths", "run_image", "source_rows",
-           "unsupported_reason"]
+__all__ = ["Box", "BoxPath", "Example", "box_paths", "detected_boxes", "run_image",
+           "source_rows", "unsupported_reason"]
 
 
 class Box(NamedTuple):
@@ -146,6 +146,27 @@ def run_image(model: nn.Module, image: torch.Tensor, boxes: List[Box], paths: Li
     return [Example(b.target, {p: x[i] for p, x in per_path.items()},
                      None if mean is None or not bool(torch.isfinite(mean[i]).all()) else mean[i])
             for i, b in enumerate(boxes)]
+
+
+def detected_boxes(model: nn.Module, image: torch.Tensor, labelled: List[Box],
+                   classes: List[int], score: float = 0.5, overlap: float = 0.5) -> List[Box]:
+    """The model's own detections of ``classes`` in ``image`` (transformed, as
+    :func:`run_image` takes it) with at least ``score`` that overlap no ``labelled`` box
+    (IoU < ``overlap``): the objects the model already knows there, as the pseudo-labels of
+    :mod:`d2_reclass.preserve` take them (same defaults). Empty for a model whose output has no
+    ``instances``."""
+    height, width = image.shape[1:]
+    out = model([{"image": image, "height": height, "width": width}])[0]
+    if "instances" not in out:
+        return []
+    found = out["instances"].to("cpu")
+    found = found[(found.scores >= score) & torch.isin(found.pred_classes,
+                                                       torch.tensor(classes, dtype=torch.long))]
+    if labelled and len(found):
+        known = Boxes(torch.tensor([b.xyxy for b in labelled], dtype=torch.float32))
+        found = found[pairwise_iou(found.pred_boxes, known).max(dim=1).values < overlap]
+    return [Box(int(c), tuple(float(v) for v in xyxy)) for c, xyxy in
+            zip(found.pred_classes.tolist(), found.pred_boxes.tensor.tolist())]
 
 
 def _dense_source_probs(model, dense, features, gt: torch.Tensor, image_size,

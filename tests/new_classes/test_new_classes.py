@@ -32,6 +32,8 @@ from d2_reclass import (
 from d2_reclass.data.synthetic import make_shapes_dataset
 from d2_reclass.engine.surgery import ClassSpec, reclass_state_dict
 from d2_reclass.new_classes import choose_images
+from d2_reclass.new_classes.examples import image_boxes, plan_images, portable_names
+from d2_reclass.new_classes.scoring import Box, detected_boxes
 
 STAR = THREE.index("star")
 KEPT = [THREE.index("triangle"), THREE.index("square")]
@@ -134,16 +136,20 @@ def test_imprinted_row_is_the_scaled_mean_feature_and_the_bias_calibrated(data):
     competitors = KEPT + [3]
     ref_x, ref_labels = _box_features(model, stars, set(KEPT))
     target = _log_odds(ref_x @ weight.T + bias, ref_labels, competitors).median()
+    # This random model also detects kept classes (score >= 0.5) where no box is labelled: the
+    # bias written is then lowered below that calibration (the test after next checks how far).
+    init = report.classes[0]
+    info = init.imprint["roi_heads.box_predictor"]
     b = entries[PRED + "cls_score.bias"][STAR].double()
+    assert abs(info["bias"] - float(b)) < 1e-5
+    calibrated = torch.tensor(info.get("calibrated_bias", info["bias"]), dtype=torch.float64)
     logits = x @ weight.T + bias
-    star_logit = x @ row.double() + b
+    star_logit = x @ row.double() + calibrated
     star_log_odds = star_logit - torch.logsumexp(logits[:, competitors], dim=1)
     assert abs(float(star_log_odds.median() - target)) < 1e-4
-    init = report.classes[0]
     assert (init.name, init.method, init.images, init.instances) == (
         "star", "imprint", len(stars), len(x))
-    assert init.reason == "calibrated on the kept classes"
-    assert abs(init.imprint["roi_heads.box_predictor"]["bias"] - float(b)) < 1e-5
+    assert init.reason.split("; ")[0] == "calibrated on the kept classes"
 
 
 def test_only_new_class_entries_change_and_the_rest_come_from_the_relative(data):
@@ -514,3 +520,89 @@ def test_cli_convert_initialises_new_classes_like_the_checkpointer(data, tmp_pat
             dataset_dicts=dicts, class_names=THREE)).load(path)
     for key, value in model.state_dict().items():
         assert torch.equal(saved[key], value), key
+
+
+def test_the_choice_and_the_entries_travel_with_the_data(tmp_path):
+    """The same COCO dataset written under two directories (of different depth) and registered
+    under two names: the same images are chosen and the entries are bit-identical."""
+    from d2_reclass import register_coco_dataset
+
+    path, _ = _six_checkpoint(tmp_path)
+    plans, states, files = [], [], []
+    for name, where in (("moved_a", tmp_path / "a"), ("moved_b", tmp_path / "b" / "deeper")):
+        json_file = make_shapes_dataset(str(where), "train", THREE, 12, seed=5)
+        register_coco_dataset(name, json_file, str(where / "train"))
+        examples = NewClassExamples(datasets=(name,), class_names=THREE)
+        dicts, _ = examples.load()
+        assert portable_names(dicts, examples.roots()) == [
+            f"{i:05d}.png" for i in range(1, 13)]
+        files.append([d["file_name"] for d in dicts])
+        _, _, mapping = _mapped()
+        per_image, counts = image_boxes(dicts, lambda c: c, [STAR] + KEPT)
+        plans.append(plan_images(dicts, per_image, counts, mapping, [STAR], KEPT, True, 3, 3,
+                                 THREE, examples.roots()))
+        model = small_model(3, seed=2)
+        ReclassCheckpointer(model, reclass=ReclassOptions(
+            mode="map", target_classes=THREE, new_class_init="imprint", init_images=3, seed=3),
+            examples=examples).load(path)
+        states.append(params(model))
+    assert files[0] != files[1]  # absolute paths, which the choice must not depend on
+    assert plans[0].chosen == plans[1].chosen and len(plans[0].chosen[STAR]) == 3
+    assert_same_state(states[0], states[1])
+
+
+def test_portable_names_are_relative_to_the_deepest_root_else_the_common_directory(tmp_path):
+    root, inner = tmp_path / "data", tmp_path / "data" / "inner"
+    dicts = [{"file_name": str(root / "seq1" / "000001.png")},
+             {"file_name": str(inner / "x.png")},
+             {"file_name": str(tmp_path / "loose" / "s" / "y.png")},
+             {"file_name": str(tmp_path / "loose" / "z.png")}]
+    assert portable_names(dicts, [str(root), str(inner)]) == [
+        "seq1/000001.png", "x.png", "s/y.png", "z.png"]
+    # Without roots, everything is named from the directory common to all the files.
+    assert portable_names(dicts) == ["data/seq1/000001.png", "data/inner/x.png",
+                                     "loose/s/y.png", "loose/z.png"]
+
+
+def test_imprinted_bias_stays_below_the_kept_classes_on_the_objects_the_model_detects(data):
+    """New-only labels: the kept classes' objects are in the images, unlabelled. The model
+    (its triangle row made to win every box) detects them; the star row's logit may not pass
+    triangle's own on any of them, and reaches it exactly on one."""
+    _, _, dicts = data
+    source, model, mapping = _mapped()
+    triangle = THREE.index("triangle")
+    with torch.no_grad():
+        model.state_dict()[PRED + "cls_score.bias"][triangle] += 50.0
+    new_only = [dict(d, annotations=[a for a in d["annotations"] if a["category_id"] == STAR])
+                for d in dicts]
+    entries, report = _init(model, new_only, mapping, source, method="imprint", max_images=16)
+    init = report.classes[0]
+    info = init.imprint["roi_heads.box_predictor"]
+    assert info["negatives"] > 0 and info["bias"] < info["calibrated_bias"]
+    assert f"bias lowered to stay below the kept classes on {info['negatives']} detected " \
+           "objects" in init.reason
+
+    row = entries[PRED + "cls_score.weight"][STAR].double()
+    b = entries[PRED + "cls_score.bias"][STAR].double()
+    weight = model.state_dict()[PRED + "cls_score.weight"].double()
+    bias = model.state_dict()[PRED + "cls_score.bias"].double()
+    roi, gaps = model.roi_heads, []
+    with torch.no_grad():
+        for d in new_only:
+            if not d["annotations"]:
+                continue
+            image = torch.as_tensor(np.ascontiguousarray(
+                read_image(d["file_name"], format="BGR").transpose(2, 0, 1)))
+            labelled = [Box(STAR, (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                   a["bbox"][1] + a["bbox"][3])) for a in d["annotations"]]
+            found = detected_boxes(model, image, labelled, KEPT)
+            if not found:
+                continue
+            features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+            x = roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features],
+                                            [Boxes(torch.tensor([f.xyxy for f in found]))]))
+            x = x.double()
+            own = (x @ weight.T + bias)[torch.arange(len(found)), [f.target for f in found]]
+            gaps.append(x @ row + b - own)
+    gaps = torch.cat(gaps)
+    assert len(gaps) == info["negatives"] and abs(float(gaps.max())) < 1e-4
