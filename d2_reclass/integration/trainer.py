@@ -146,6 +146,8 @@ class ReclassTrainerMixin:
         old = self.checkpointer
         self.checkpointer = ReclassCheckpointer.from_config(
             self.cfg, old.model, old.save_dir, **old.checkpointables)
+        # resume_or_load writes the report there: the load's log names it for the full mapping.
+        self.checkpointer.report_file = os.path.join(self.cfg.OUTPUT_DIR, REPORT_FILE)
         # First, so that what preservation did is logged before the final evaluation.
         return [hooks.CallbackHook(after_train=lambda trainer: self._log_preservation()),
                 *super().build_hooks()]
