@@ -191,17 +191,19 @@ class ClassMapping:
 
     def unused(self, checkpoint: int) -> List[str]:
         """Classes of ``checkpoint`` that no target class takes entries from."""
-        used = {i for j, (_, p) in enumerate(self._targets()) for i in p
-                if self.checkpoint_of(j) == checkpoint}
-        return [self.source_name(i, checkpoint) for i in range(self.num_classes_of(checkpoint))
-                if i not in used]
+        checkpoints = self.checkpoint or (0,) * len(self.target)
+        used = {i for c, index in zip(checkpoints, self.source_index) if c == checkpoint
+                for i in source_parts(index)}
+        names = self.more[checkpoint - 1] if checkpoint else self.source
+        return [names[i] if names is not None else f"#{i}"
+                for i in range(self.num_classes_of(checkpoint)) if i not in used]
 
     @property
     def is_identity(self) -> bool:
         return self.source_index == tuple(range(self.num_source)) and not self.more
 
     def _targets(self) -> List[Tuple[str, Tuple[int, ...]]]:
-        return [(t, self.parts(j)) for j, t in enumerate(self.target)]
+        return [(t, source_parts(index)) for t, index in zip(self.target, self.source_index)]
 
     def to_dict(self) -> dict:
         out = {

@@ -168,14 +168,14 @@ class ReclassReport:
         rows = self._mapping_rows()
         if len(rows) <= FULL_TABLE_ROWS:
             return _pipe_table(self._format_rows(rows), _MAPPING_HEADERS)
-        counts, table = [], []
+        counts, table, splits = [], [], {}
         for space in dict.fromkeys(r.space.space for r in rows):
             by_kind = {kind: [r for r in rows if r.space.space == space and r.kind == kind]
                        for kind in ROW_KINDS}
             counts.append(f"{space}: " + ", ".join(
                 f"{sum(r.classes for r in of_kind)} {kind}" for kind, of_kind in by_kind.items()))
             for kind, of_kind in by_kind.items():
-                table += self._format_rows(of_kind[:FIRST_ROWS])
+                table += self._format_rows(of_kind[:FIRST_ROWS], splits)
                 if len(of_kind) > FIRST_ROWS:
                     table.append((space, "...", f"{len(of_kind) - FIRST_ROWS} more {kind}"))
         where = (f"every row is in {full_report}" if full_report else
@@ -202,10 +202,13 @@ class ReclassReport:
                     rows.append(_MappingRow(DROPPED, space, c, dropped))
         return rows
 
-    def _format_rows(self, rows: Sequence[_MappingRow]) -> List[Tuple[str, str, str]]:
-        """(space, target class, from source) of each of ``rows``."""
-        new_inits = {c.name: c for c in self.new_classes.classes} if self.new_classes else {}
-        splits: Dict[str, Counter] = {}
+    def _format_rows(self, rows: Sequence[_MappingRow], splits: Optional[Dict[str, Counter]] = None
+                     ) -> List[Tuple[str, str, str]]:
+        """(space, target class, from source) of each of ``rows``; ``splits`` keeps, per
+        space, how many target classes copy each source class, across calls."""
+        new_inits = {c.name: c for c in self.new_classes.classes if c.method != "head"} \
+            if self.new_classes else {}
+        splits = {} if splits is None else splits
         out = []
         for row in rows:
             m = row.space.mapping
