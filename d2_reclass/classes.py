@@ -7,8 +7,8 @@ over name matches, and ``"target=a+b"`` merges. When several checkpoints are com
 target class takes its rows from the first checkpoint that knows it.
 """
 import difflib
+import functools
 import logging
-import re
 from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -39,6 +39,10 @@ _TYPO_RATIO = 0.85
 _CLOSE_RATIO = 0.75
 
 
+#: ``_`` and ``-`` as spaces, for :func:`normalize_class_name`.
+_SEPARATORS = str.maketrans("_-", "  ")
+
+
 def normalize_class_name(name: str) -> str:
     """The form used to compare class names: lower case, ``_``/``-`` as spaces, single spaces.
 
@@ -48,7 +52,16 @@ def normalize_class_name(name: str) -> str:
     """
     if not isinstance(name, str):
         raise ClassListError(f"Class name {name!r} is not a string; {_NAMES_ARE_STRINGS}")
-    return " ".join(re.sub(r"[_\-]", " ", name).lower().split())
+    return _normalized(name)
+
+
+# Cached: one load compares each name of a class list about ten times (checks, matching, the
+# report), which at LVIS's 1,203 classes made the normalising a tenth of the load's own cost.
+# Behind the type check: an unhashable "name" (a list in a damaged json) is our error, not
+# the cache's TypeError.
+@functools.lru_cache(maxsize=16384)
+def _normalized(name: str) -> str:
+    return " ".join(name.translate(_SEPARATORS).lower().split())
 
 
 _NAMES_ARE_STRINGS = "class names are non-empty strings."
@@ -103,14 +116,21 @@ def shown_classes(classes: Sequence[object], most: int = 8, noun: str = "classes
 
 def close_names(name: str, choices: Iterable[str], cutoff: float) -> List[str]:
     """Up to 3 of ``choices`` whose normalised names are at least ``cutoff`` alike, best first."""
-    by_norm = {normalize_class_name(c): c for c in choices}
+    return _close_names(name, {normalize_class_name(c): c for c in choices}, cutoff)
+
+
+def _close_names(name: str, by_norm: Dict[str, str], cutoff: float) -> List[str]:
+    """:func:`close_names` among choices given as ``{normalised name: name}``."""
     close = difflib.get_close_matches(normalize_class_name(name), list(by_norm), n=3, cutoff=cutoff)
     return [by_norm[c] for c in close]
 
 
 def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """' Did you mean ...?' naming the closest of ``choices``, or '' if none is close."""
-    close = close_names(name, choices, cutoff)
+    return _did_you_mean(close_names(name, choices, cutoff))
+
+
+def _did_you_mean(close: Sequence[str]) -> str:
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
@@ -211,17 +231,19 @@ class ClassMapping:
 
     def unused(self, checkpoint: int) -> List[str]:
         """Classes of ``checkpoint`` that no target class takes entries from."""
-        used = {i for j, (_, p) in enumerate(self._targets()) for i in p
-                if self.checkpoint_of(j) == checkpoint}
-        return [self.source_name(i, checkpoint) for i in range(self.num_classes_of(checkpoint))
-                if i not in used]
+        checkpoints = self.checkpoint or (0,) * len(self.target)
+        used = {i for c, index in zip(checkpoints, self.source_index) if c == checkpoint
+                for i in source_parts(index)}
+        names = self.more[checkpoint - 1] if checkpoint else self.source
+        return [names[i] if names is not None else f"#{i}"
+                for i in range(self.num_classes_of(checkpoint)) if i not in used]
 
     @property
     def is_identity(self) -> bool:
         return self.source_index == tuple(range(self.num_source)) and not self.more
 
     def _targets(self) -> List[Tuple[str, Tuple[int, ...]]]:
-        return [(t, self.parts(j)) for j, t in enumerate(self.target)]
+        return [(t, source_parts(index)) for t, index in zip(self.target, self.source_index)]
 
     def to_dict(self) -> dict:
         out = {
@@ -265,7 +287,11 @@ class _SourceLists:
 
     def find(self, name: str) -> Optional[Tuple[int, int]]:
         """(checkpoint, index) of ``name`` in the first checkpoint that knows it."""
-        found = self.knowing(name)
+        key = normalize_class_name(name)
+        for c, idx in enumerate(self.index):  # the first that knows it: no dict per class
+            if key in idx:
+                return c, idx[key]
+        found = self.knowing(name)  # a checkpoint without names: the index as a name
         return min(found.items()) if found else None
 
     def described(self) -> str:
@@ -424,17 +450,20 @@ def _check_new_classes(
         ClassListError: a new class is one typo away from an unused source class, or about
             two edits away and not in ``known``.
     """
-    close = []
+    close: List[Tuple[str, str]] = []
+    if not unused:  # nothing dropped: no new class can be a misspelt one
+        return ()
+    by_norm = {normalize_class_name(c): c for c in unused}  # once, not once per new class
     for ti, (tname, si) in enumerate(zip(target, index)):
         if si is not None or ti in declared_new:
             continue
-        hint = did_you_mean(tname, unused, cutoff=_TYPO_RATIO)
+        hint = _did_you_mean(_close_names(tname, by_norm, _TYPO_RATIO))
         if hint:
             raise ClassListError(
                 f"{target_what} names {tname!r}, which is not in {source_what}.{hint} "
                 f"Fix the name, or declare it new on purpose with CLASS_MAP '{tname}='."
             )
-        near = close_names(tname, unused, _CLOSE_RATIO)
+        near = _close_names(tname, by_norm, _CLOSE_RATIO)
         if near and normalize_class_name(tname) not in known:
             raise ClassListError(
                 f"{target_what} names {tname!r}, which is in neither {source_what} nor the "

@@ -14,6 +14,7 @@ checkpoint's tensor, plus a constant::
 Shape shorthand: E = entries on the target axis, R = the size of the largest set.
 """
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -57,18 +58,20 @@ class EntrySources:
     def __len__(self) -> int:
         return self.index.shape[1]
 
-    @property
+    # Cached: the engine asks each plan several times (at 1,000 classes and more, each a pass
+    # over the axis); the fields are never modified.
+    @cached_property
     def fresh(self) -> torch.Tensor:
         """Entries with an empty set: drawn from the head's init."""
         return self.index[0] < 0
 
-    @property
+    @cached_property
     def copies(self) -> torch.Tensor:
         """Entries that are one source entry, unchanged."""
         single = (self.index[1:] < 0).all(dim=0)
         return ~self.fresh & single & (self.weight[0] == 1) & (self.shift == 0)
 
-    @property
+    @cached_property
     def merged(self) -> torch.Tensor:
         """Entries computed from their set (several source entries, or a weight or shift)."""
         return ~self.fresh & ~self.copies

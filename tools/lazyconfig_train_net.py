@@ -79,6 +79,7 @@ def do_train(args, cfg):
     checkpointer = ReclassCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                        reclass=lazy_reclass_options(cfg),
                                        examples=lazy_new_class_examples(cfg))
+    checkpointer.report_file = os.path.join(cfg.train.output_dir, REPORT_FILE)  # written below
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),

@@ -102,5 +102,5 @@ def reclass_model(
             m.output_shape = (len(target),) + shape[1:]
         if getattr(m, "class_names", None):
             m.class_names = tuple(target)
-    logger.info(f"[reclass_model] {len(source or [])} -> {len(target)} classes:\n{report}")
+    logger.info("[reclass_model] %d -> %d classes:\n%s", len(source or []), len(target), report)
     return report

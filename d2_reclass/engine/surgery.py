@@ -604,11 +604,13 @@ def _refit_head(
             layout=lay0.kind)
     if head.readings[0] is None or (space.resolution == "unchanged" and ckpt.shape == model.shape):
         return None
-    generator = seeded_generator(seed, lay0.seed_key or head.key)
+    # Heads that share one tensor under two names (seed_key) draw the same fresh entries.
+    seed_key = lay0.seed_key or head.key
     if lay0.opaque:
         # Which entry is which class's is unknown (found by the probe, no layout registered):
         # never loaded as it is, never guessed; the head's init throughout.
-        fresh = lay0.init.draw(model.shape, generator).to(dtype=ckpt.dtype, device=ckpt.device)
+        fresh = lay0.init.draw(model.shape, seeded_generator(seed, seed_key)).to(
+            dtype=ckpt.dtype, device=ckpt.device)
         return fresh, TensorAction(head.key, lay0.space, tuple(ckpt.shape), tuple(model.shape),
                                    "fresh", 0, model.shape[lay0.axis], lay0.describe())
     plans = {lay.axis: _entry_plan(head, i, space.mapping) for i, lay in enumerate(head.layouts)}
@@ -617,7 +619,7 @@ def _refit_head(
         return None
     tensors = [state[head.key] if reads is not None else None
                for state, reads in zip(states, head.readings)]
-    new = _assemble(plans, tensors, model.shape, lay0.init, generator)
+    new = _assemble(plans, tensors, model.shape, lay0.init, seed, seed_key)
     return new, _tensor_action(head, plans[lay0.axis], ckpt, model)
 
 
@@ -644,10 +646,12 @@ def _assemble(
     tensors: Sequence[Optional[torch.Tensor]],
     shape: torch.Size,
     init,
-    generator: torch.Generator,
+    seed: int,
+    key: str,
 ) -> torch.Tensor:
     """A tensor of ``shape`` whose class axes are ``plans``' entries, taken from ``tensors``
-    (one per checkpoint; the first's gives the dtype and device).
+    (one per checkpoint; the first's gives the dtype and device); entries from no checkpoint
+    are those of the whole tensor drawn from ``init`` with ``seeded_generator(seed, key)``.
 
     An entry on several class axes (a point head's class row x coarse-logit column) exists in
     a checkpoint only if every axis takes it from that checkpoint; otherwise, like every entry
@@ -657,16 +661,33 @@ def _assemble(
     axes = sorted(plans)
     chosen = {c: [torch.nonzero(~plans[a].fresh & (plans[a].checkpoint == c)).flatten()
                   for a in axes] for c, t in enumerate(tensors) if t is not None}
+    for c, sel in chosen.items():
+        if all(len(s) == shape[a] for a, s in zip(axes, sel)):
+            # One checkpoint gives every entry (a reorder, a subset): its gather, a new tensor,
+            # is the result, with no scatter into a second one.
+            values = _gather(tensors[c], {a: plans[a].select(s) for a, s in zip(axes, sel)})
+            return values.to(dtype=ref.dtype, device=ref.device)
     filled = sum(math.prod(len(s) for s in sel) for sel in chosen.values())
     if filled < math.prod(len(plans[a]) for a in axes):
-        out = init.draw(shape, generator).to(dtype=ref.dtype, device=ref.device)
+        out = init.draw(shape, seeded_generator(seed, key)).to(dtype=ref.dtype, device=ref.device)
     else:
         out = torch.empty(shape, dtype=ref.dtype, device=ref.device)
     for c, sel in chosen.items():
         if all(len(s) for s in sel):
             values = _gather(tensors[c], {a: plans[a].select(s) for a, s in zip(axes, sel)})
-            out[_grid(dict(zip(axes, sel)), shape)] = values
+            _put(out, dict(zip(axes, sel)), values)
     return out
+
+
+def _put(out: torch.Tensor, selected: Mapping[int, torch.Tensor], values: torch.Tensor) -> None:
+    """``out``'s entries at the outer product of ``selected`` (per class axis) set to
+    ``values``: one ``index_copy_`` along a single class axis (an advanced index of a
+    broadcast grid costs several times more at 1,000 classes), the grid over several axes."""
+    if len(selected) > 1:
+        out[_grid(selected, out.shape)] = values
+        return
+    (axis, entries), = selected.items()
+    out.index_copy_(axis, entries.to(out.device), values.to(out))
 
 
 def _gather(source: torch.Tensor, plans: Mapping[int, EntrySources]) -> torch.Tensor:

@@ -108,7 +108,7 @@ class ReclassFastRCNNOutputLayers(FastRCNNOutputLayers):
                 classes={THING: spec}, mode=self.reclass_mode, seed=self.reclass_seed,
                 source="the loaded state dict")
             state_dict.update(new)
-            logger.info(f"[ReclassFastRCNNOutputLayers] {prefix[:-1]}:\n{report}")
+            logger.info("[ReclassFastRCNNOutputLayers] %s:\n%s", prefix[:-1], report)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 

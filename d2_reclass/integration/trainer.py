@@ -162,7 +162,13 @@ class ReclassTrainerMixin:
 
     @checkpointer.setter
     def checkpointer(self, value) -> None:
-        self.__dict__[_CHECKPOINTER] = self._reclass_checkpointer(value, "self.checkpointer")
+        checkpointer = self._reclass_checkpointer(value, "self.checkpointer")
+        cfg = self.__dict__.get(_PREPARED_CFG)
+        if isinstance(checkpointer, ReclassCheckpointer) and cfg is not None:
+            # resume_or_load writes the report there: the load's log names it for the full
+            # mapping.
+            checkpointer.report_file = os.path.join(cfg.OUTPUT_DIR, REPORT_FILE)
+        self.__dict__[_CHECKPOINTER] = checkpointer
 
     def _reclass_checkpointer(self, value, where: str):
         """``value`` as a ReclassCheckpointer: itself when it is one, or anything but a

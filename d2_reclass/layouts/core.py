@@ -30,6 +30,7 @@ A layout also says how its entries of several source classes merge into one targ
 
 Shape shorthand: K = number of classes.
 """
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -273,6 +274,17 @@ def _plain_run(start: int, length: int) -> EntrySources:
         torch.zeros(length, dtype=torch.long), torch.full((length,), NON_CLASS))
 
 
+@functools.lru_cache(maxsize=8)
+def _single_sources(source_index: Tuple[SourceIndex, ...]) -> Optional[torch.Tensor]:
+    """Each target class's one source class (-1: none), or None when a class merges several.
+
+    Cached: every class tensor of a model reads the same mapping (8 of them in a cascade), and
+    this is the one pass of Python over its classes; callers never modify the tensor.
+    """
+    flat = [-1 if i is None else i if isinstance(i, int) else -2 for i in source_index]
+    return None if -2 in flat else torch.tensor(flat, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class _ClassSlots:
     """The blocks of one repeat of a segment, at class level: for each target block (the
@@ -292,28 +304,58 @@ class _ClassSlots:
            sources: Sequence[Optional[SourceAxis]], checkpoint: Sequence[int],
            target_agnostic: bool) -> "_ClassSlots":
         first = sources[0]
-        slots: List[Tuple[Tuple[int, ...], int, int]] = []  # (blocks, checkpoint, kind)
+        background = not target_agnostic and any(seg.background
+                                                  for seg in layout.all_segments())
+        single = None
+        if not target_agnostic and not checkpoint and not first.agnostic:
+            single = _single_sources(tuple(source_index))
+        if single is not None:
+            # One checkpoint and no merge (the common case): each class is one source block of
+            # weight 1, or none; tensor work, whatever the number of classes.
+            index = torch.cat([single, torch.tensor([first.num_classes] if background else [],
+                                                    dtype=torch.long)]).view(1, -1)
+            kind = torch.full((index.shape[1],), CLASS, dtype=torch.long)
+            kind[len(single):] = BACKGROUND
+            return _ClassSlots(index, (index >= 0).to(torch.float64),
+                               torch.zeros(index.shape[1], dtype=torch.float64),
+                               torch.zeros(index.shape[1], dtype=torch.long), kind)
         if target_agnostic:
-            slots.append(((0,) if first.agnostic else (), 0, CLASS))
+            parts: List[Tuple[int, ...]] = [(0,) if first.agnostic else ()]
+            cps: List[int] = [0]
         else:
+            parts, cps = [], []
             for j, index in enumerate(source_index):
                 c = checkpoint[j] if checkpoint else 0
                 source = sources[c]
-                parts = () if source is None else (0,) if source.agnostic else source_parts(index)
-                slots.append((parts, c, CLASS))
-            if any(seg.background for seg in layout.all_segments()):
-                slots.append(((() if first.agnostic else (first.num_classes,)), 0, BACKGROUND))
-        depth = max(1, max(len(parts) for parts, _, _ in slots))
-        rules = [merge_weights(layout.merge, len(parts)) if parts else (0.0, 0.0)
-                 for parts, _, _ in slots]
-        index = torch.tensor([[parts[r] if r < len(parts) else -1 for parts, _, _ in slots]
-                              for r in range(depth)], dtype=torch.long)
-        weight = torch.tensor([[w if r < len(parts) else 0.0 for (parts, _, _), (w, _) in
-                                zip(slots, rules)] for r in range(depth)], dtype=torch.float64)
-        return _ClassSlots(index, weight, torch.tensor([shift for _, shift in rules],
-                                                       dtype=torch.float64),
-                           torch.tensor([c for _, c, _ in slots]),
-                           torch.tensor([k for _, _, k in slots]))
+                parts.append(() if source is None else (0,) if source.agnostic
+                             else source_parts(index))
+                cps.append(c)
+        kinds = [CLASS] * len(parts)
+        if background:
+            parts.append(() if first.agnostic else (first.num_classes,))
+            cps.append(0)
+            kinds.append(BACKGROUND)
+        return _ClassSlots._of_parts(layout.merge, parts, cps, kinds)
+
+    @staticmethod
+    def _of_parts(merge: str, parts: List[Tuple[int, ...]], checkpoint: List[int],
+                  kinds: List[int]) -> "_ClassSlots":
+        """The slots of blocks ``parts`` (per target block, its source blocks), merged by
+        ``merge``."""
+        lengths = [len(p) for p in parts]
+        depth = max(1, max(lengths))
+        rules = {n: merge_weights(merge, n) if n else (0.0, 0.0) for n in set(lengths)}
+        if depth == 1:
+            index = torch.tensor([[p[0] if p else -1 for p in parts]], dtype=torch.long)
+        else:
+            index = torch.tensor([[p[r] if r < len(p) else -1 for p in parts]
+                                  for r in range(depth)], dtype=torch.long)
+        weight = torch.tensor([rules[n][0] for n in lengths], dtype=torch.float64)
+        used = torch.arange(depth).view(-1, 1) < torch.tensor(lengths).view(1, -1)
+        return _ClassSlots(index, torch.where(used, weight, 0.0),
+                           torch.tensor([rules[n][1] for n in lengths], dtype=torch.float64),
+                           torch.tensor(checkpoint, dtype=torch.long),
+                           torch.tensor(kinds, dtype=torch.long))
 
     def blocks(self, bases: torch.Tensor, block: int, background: bool) -> EntrySources:
         """The entries of one repeat: ``bases[c]`` is where it starts in checkpoint c."""

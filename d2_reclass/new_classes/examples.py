@@ -242,9 +242,14 @@ def plan_images(dataset_dicts: Sequence[dict], per_image: List[List[Box]], count
     files = portable_names(dataset_dicts, image_roots)
     chosen: Dict[int, List[int]] = {}
     notes: Dict[int, str] = {}
+    holding_of: Dict[int, List[int]] = {t: [] for t in new}  # one pass, not one per class
+    for i, boxes in enumerate(per_image):
+        for t in dict.fromkeys(b.target for b in boxes):
+            if t in holding_of:
+                holding_of[t].append(i)
     for t in new:
         name = mapping.target[t]
-        holding = [i for i, boxes in enumerate(per_image) if any(b.target == t for b in boxes)]
+        holding = holding_of[t]
         if not holding:
             notes[t] = _no_examples_reason(name, counts[t], dataset_classes)
             continue

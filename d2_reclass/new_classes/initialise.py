@@ -13,7 +13,7 @@ from ..layouts import THING, find_layouts
 from ..options import check_option_values
 from .examples import class_index, collect, image_boxes, plan_images
 from .report import NewClassInit, NewClassReport
-from .rules import init_one, learned_class_rows, relative_entries
+from .rules import init_one, learned_class_rows, read_classifiers, relative_entries
 from .scoring import box_paths, unsupported_reason
 
 __all__ = ["apply_new_class_entries", "broadcast_thing_heads", "init_new_classes"]
@@ -126,11 +126,13 @@ def init_new_classes(
 
     paths = box_paths(model)
     model_state = model.state_dict()
+    classifiers = read_classifiers(paths, collected.reference, kept, model_state,
+                                   collected.negatives) if imprint else {}
     relatives: Dict[int, int] = {}
     imprinted: Dict[Tuple[str, int], Tuple[torch.Tensor, float]] = {}
     for t in new:
-        init, rows = init_one(t, mapping, plan, collected, paths, kept, source_state,
-                               model_state, method)
+        init, rows = init_one(t, mapping, plan, collected, paths, classifiers, source_state,
+                               method)
         report.classes.append(init)
         if init.relative_index is not None:
             relatives[t] = init.relative_index

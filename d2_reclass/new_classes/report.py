@@ -4,6 +4,8 @@ from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
+from ..engine.report import FIRST_ROWS, FULL_TABLE_ROWS
+
 __all__ = ["NewClassInit", "NewClassReport"]
 
 
@@ -64,16 +66,33 @@ class NewClassReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def table(self) -> str:
+    def table(self, classes: Optional[List[NewClassInit]] = None) -> str:
+        """One row per new class (of ``classes``; default: every one)."""
         rows = [(c.name, c.method, "" if c.relative is None else c.relative,
                  "" if c.score is None else f"{c.score:.3f}", c.images, c.instances, c.reason)
-                for c in self.classes]
+                for c in (self.classes if classes is None else classes)]
         return tabulate(rows, headers=["new class", "init", "relative", "score", "images",
                                        "boxes", "note"], tablefmt="pipe")
 
     def __str__(self) -> str:
+        return self.log_text()
+
+    def log_text(self, full_report: str = "") -> str:
+        """The cost line and the table of the new classes; past ``FULL_TABLE_ROWS`` classes,
+        how many got each init and the first ``FIRST_ROWS`` of each, the rest in
+        ``full_report`` (the ``new_classes`` of ``reclass_report.json``) when named."""
         count = len(self.classes)
-        return (f"NEW_CLASS_INIT {self.method}: {count} new class{'es' if count != 1 else ''}, "
+        head = (f"NEW_CLASS_INIT {self.method}: {count} new class{'es' if count != 1 else ''}, "
                 f"{self.images_read} images read in {self.seconds:.2f} s "
                 f"({self.seconds_per_image:.3f} s per image, {self.seconds_dataset:.2f} s "
-                f"loading the dataset dicts)\n{self.table()}")
+                f"loading the dataset dicts)")
+        if count <= FULL_TABLE_ROWS:
+            return f"{head}\n{self.table()}"
+        by_method: Dict[str, List[NewClassInit]] = {}
+        for c in self.classes:
+            by_method.setdefault(c.method, []).append(c)
+        where = (f"every class in {full_report} (new_classes)" if full_report
+                 else "every class: NewClassReport.table()")
+        return (f"{head}; " + ", ".join(f"{len(cs)} {m}" for m, cs in by_method.items())
+                + f"\nThe first {FIRST_ROWS} classes of each init ({where}):\n"
+                + self.table([c for cs in by_method.values() for c in cs[:FIRST_ROWS]]))

@@ -2,7 +2,7 @@
 examples), its imprinted classifier rows and their calibration, and the relative's entries
 copied into every thing head. See :mod:`d2_reclass.new_classes` for the rules in words.
 """
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -13,13 +13,62 @@ from .examples import Collected, Plan
 from .report import NewClassInit
 from .scoring import BoxPath, Example, source_rows
 
-__all__ = ["init_one", "learned_class_rows", "relative_entries"]
+__all__ = ["Classifier", "init_one", "learned_class_rows", "read_classifiers",
+           "relative_entries"]
+
+
+class Classifier(NamedTuple):
+    """One box classifier as imprinting reads it, the same for every new class (read once per
+    load, not once per class: with the kept-class calibration, that was a pass over every
+    reference box per class, quadratic in the examples read)."""
+
+    weight: torch.Tensor  # (K + 1, D) float64, the model's rows
+    bias: torch.Tensor  # (K + 1,) float64
+    sigmoid: bool
+    competitors: List[int]  # the kept classes and background
+    scale: Optional[float]  # the kept classes' mean row norm, when there are reference boxes
+    target: Optional[float]  # their median log-odds against the competitors
+    # The negatives' box features (N, D) and the kept class's own logit on each (N,), where
+    # there are any: what caps an imprinted row's bias (_negative_cap).
+    negatives: Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[int],
+                     model_state: Mapping[str, torch.Tensor],
+                     negatives: Sequence[Example] = ()) -> Dict[str, Classifier]:
+    """Per box path (prefix), its :class:`Classifier`, calibrated on ``reference`` (the
+    kept-class examples) where it has any, with ``negatives`` (kept-class objects the model
+    detects, unlabelled) where it has any."""
+    out = {}
+    for path in paths:
+        weight = model_state[path.prefix + "cls_score.weight"].double().cpu()
+        bias = model_state[path.prefix + "cls_score.bias"].double().cpu()
+        sigmoid = bool(getattr(path.predictor, "use_sigmoid_ce", False))
+        competitors = kept + [weight.shape[0] - 1]
+        ref = [e for e in reference if path.prefix in e.features]
+        scale = target = None
+        if ref:
+            scale = float(weight[kept].norm(dim=1).mean())
+            ref_x = torch.stack([e.features[path.prefix] for e in ref]).double()
+            labels = torch.tensor([e.target for e in ref])
+            target = float(_log_odds(ref_x @ weight.T + bias, labels, competitors,
+                                     sigmoid).median())
+        neg = [e for e in negatives if path.prefix in e.features]
+        neg_values = None
+        if neg:
+            neg_x = torch.stack([e.features[path.prefix] for e in neg]).double()
+            labels = torch.tensor([e.target for e in neg])
+            neg_values = (neg_x, (neg_x @ weight.T + bias).gather(1, labels[:, None])[:, 0])
+        out[path.prefix] = Classifier(weight, bias, sigmoid, competitors, scale, target,
+                                      neg_values)
+    return out
 
 
 def init_one(t: int, mapping: ClassMapping, plan: Plan, collected: Collected,
-              paths: List[BoxPath], kept: List[int], source_state, model_state,
+              paths: List[BoxPath], classifiers: Mapping[str, Classifier], source_state,
               method: str) -> Tuple[NewClassInit, Dict[str, Tuple[torch.Tensor, float]]]:
-    """How new class ``t`` is initialised, and its imprinted (row, bias) per classifier."""
+    """How new class ``t`` is initialised, and its imprinted (row, bias) per classifier
+    (``classifiers``: :func:`read_classifiers` of ``paths``)."""
     name = mapping.target[t]
     if t in plan.notes:
         return NewClassInit(name, t, "head", reason=plan.notes[t]), {}
@@ -51,8 +100,8 @@ def init_one(t: int, mapping: ClassMapping, plan: Plan, collected: Collected,
     notes = []
     for path in paths:
         feats = torch.stack([e.features[path.prefix] for e in examples])
-        row, bias, info, note = _imprint(path, feats, collected.reference, kept, source_state,
-                                         mapping.num_source, model_state, collected.negatives)
+        row, bias, info, note = _imprint(path, feats, classifiers[path.prefix], source_state,
+                                         mapping.num_source)
         if row is None:
             notes.append(f"{path.prefix[:-1]}: {note}; its row from the relative")
             continue
@@ -73,17 +122,15 @@ def _log_odds(logits: torch.Tensor, classes: torch.Tensor, competitors: List[int
     own = logits.gather(1, classes[:, None])[:, 0]
     if sigmoid:
         return own
-    others = logits[:, competitors].clone()
-    for col, c in enumerate(competitors):
-        others[classes == c, col] = float("-inf")
+    itself = classes[:, None] == torch.tensor(competitors, device=classes.device)[None, :]
+    others = logits[:, competitors].masked_fill(itself, float("-inf"))
     return own - torch.logsumexp(others, dim=1)
 
 
-def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
-             kept: List[int], source_state: Mapping[str, torch.Tensor], num_source: int,
-             model_state: Mapping[str, torch.Tensor], negatives: List[Example] = ()):
+def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
+             source_state: Mapping[str, torch.Tensor], num_source: int):
     """One new class's imprinted row in one classifier (see the module docstring), its bias
-    capped by ``negatives`` (:func:`_negative_cap`).
+    capped by the classifier's negatives (:func:`_negative_cap`).
 
     Returns:
         (row (D,) or None, bias or None, numbers for the report, note): None when the row
@@ -95,16 +142,10 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
     if not norm > 0:
         return None, None, {}, "its box features are all zero"
     direction = mean / norm
-    weight = model_state[path.prefix + "cls_score.weight"].double().cpu()
-    bias = model_state[path.prefix + "cls_score.bias"].double().cpu()
-    sigmoid = bool(getattr(path.predictor, "use_sigmoid_ce", False))
-    competitors = kept + [weight.shape[0] - 1]  # the kept classes and background
-    ref = [e for e in reference if path.prefix in e.features]
-    if ref:
-        scale = float(weight[kept].norm(dim=1).mean())
-        ref_x = torch.stack([e.features[path.prefix] for e in ref]).double()
-        labels = torch.tensor([e.target for e in ref])
-        target = float(_log_odds(ref_x @ weight.T + bias, labels, competitors, sigmoid).median())
+    weight, bias, sigmoid = classifier.weight, classifier.bias, classifier.sigmoid
+    competitors = classifier.competitors
+    if classifier.target is not None:
+        scale, target = classifier.scale, classifier.target
         note = "calibrated on the kept classes"
     else:
         rows = source_rows(source_state, path.prefix, num_source + 1, x.shape[1])
@@ -122,7 +163,7 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
     # b, so the b that puts its median at the reference is exact.
     b = target - float((scale * (x @ direction) - rest).median())
     info = {"scale": scale, "bias": b, "reference_log_odds": target, "mean_feature_norm": norm}
-    cap = _negative_cap(path.prefix, scale * direction, negatives, weight, bias)
+    cap = _negative_cap(scale * direction, classifier)
     if cap is not None and cap[0] < b:
         info.update(bias=cap[0], calibrated_bias=b, negatives=cap[1])
         b = cap[0]
@@ -130,8 +171,7 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, reference: List[Example],
     return scale * direction, b, info, note
 
 
-def _negative_cap(prefix: str, row: torch.Tensor, negatives: List[Example],
-                  weight: torch.Tensor, bias: torch.Tensor) -> Optional[Tuple[float, int]]:
+def _negative_cap(row: torch.Tensor, classifier: Classifier) -> Optional[Tuple[float, int]]:
     """(the highest bias, number of negatives): the bias at which the new row's logit,
     ``row . x + b``, is below the kept class's own logit on every negative x (an unlabelled
     object the model detects as that class), or None without negatives.
@@ -141,13 +181,10 @@ def _negative_cap(prefix: str, row: torch.Tensor, negatives: List[Example],
     the same images say how far the new row may reach. On every one, not a median: one object
     lost is one detection less.
     """
-    neg = [e for e in negatives if prefix in e.features]
-    if not neg:
+    if classifier.negatives is None:
         return None
-    x = torch.stack([e.features[prefix] for e in neg]).double()
-    labels = torch.tensor([e.target for e in neg])
-    own = (x @ weight.T + bias).gather(1, labels[:, None])[:, 0]
-    return float((own - x @ row).min()), len(neg)
+    x, own = classifier.negatives
+    return float((own - x @ row).min()), len(x)
 
 
 def relative_entries(model_state: Mapping[str, torch.Tensor],

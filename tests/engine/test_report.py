@@ -6,12 +6,14 @@ import pytest
 import torch
 from conftest import COCO_CLASSES, TARGET, thing
 from d2_fixtures import SIX, captured_logs
+from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from torch import nn
 
+from d2_reclass.classes import normalize_class_name
 from d2_reclass.engine.surgery import ClassSpec, reclass_state_dict
 from d2_reclass.layouts import find_layouts
 
@@ -202,3 +204,97 @@ def test_close_names_and_dropped_classes_are_reported():
                     ["thing", "(4 dropped)", "circle, diamond, hexagon, cross"]]
     assert str(rep).splitlines()[1] == "thing source class names: --source-classes"
     assert any("the close source class 'hexagon' maps to nothing" in m for m in logs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The log at LVIS scale: one screen, whatever the number of classes
+# ---------------------------------------------------------------------------------------------
+LVIS = list(MetadataCatalog.get("lvis_v1_train").thing_classes)
+
+
+def _box_report(source, target, class_map=None):
+    def predictor(k):
+        torch.manual_seed(k)
+        return FastRCNNOutputLayers(ShapeSpec(channels=4), num_classes=k,
+                                    box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
+
+    model = predictor(len(target))
+    _, rep = reclass_state_dict(predictor(len(source)).state_dict(), model.state_dict(),
+                                find_layouts(model), classes=thing(source, target, class_map),
+                                mode="map", source="lvis.pth")
+    return rep
+
+
+def _rows(table: str):
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+
+
+def test_a_1203_class_reorder_logs_counts_and_the_first_rows_of_each_kind():
+    rep = _box_report(LVIS, LVIS[::-1])
+    text = rep.log_text("output/reclass_report.json")
+    mapping = rep.mapping_summary("output/reclass_report.json")
+    assert mapping in text and rep.table() in text
+    lines = mapping.splitlines()
+    # LVIS's middle class (601 of 0..1202) keeps its place; every other one moves.
+    assert lines[0] == "thing: 1 kept, 1202 reordered, 0 merged, 0 new, 0 dropped"
+    assert lines[1] == ("The first 5 rows of each kind (1203 rows in all; every row is in "
+                        "output/reclass_report.json):")
+    assert _rows("\n".join(lines[2:])) == [
+        ["thing", LVIS[601], f"{LVIS[601]} [601]"],
+        *[["thing", LVIS[1202 - j], f"{LVIS[1202 - j]} [{1202 - j}]"] for j in range(5)],
+        ["thing", "...", "1197 more reordered"]]
+    assert len(text.splitlines()) < 30  # one screen, with the tensor table
+    assert len(rep.mapping_table().splitlines()) == 2 + 1203  # every row, when asked for
+
+
+def test_an_expansion_to_1203_classes_logs_new_and_moved_classes():
+    coco = {normalize_class_name(c) for c in COCO_CLASSES}
+    new = [c for c in LVIS if normalize_class_name(c) not in coco][:1123]
+    target = sorted(COCO_CLASSES + new)
+    rep = _box_report(COCO_CLASSES, target)
+    lines = rep.mapping_summary().splitlines()
+    assert lines[0] == "thing: 0 kept, 80 reordered, 0 merged, 1123 new, 0 dropped"
+    assert lines[1].endswith("(1203 rows in all; every row: ReclassReport.mapping_table(), or "
+                             "to_json()):")
+    rows = _rows("\n".join(lines[2:]))
+    assert rows[5] == ["thing", "...", "75 more reordered"]
+    assert rows[6:] == [["thing", t, "fresh"] for t in sorted(new)[:5]] + [
+        ["thing", "...", "1118 more new"]]
+
+
+def test_dropped_and_merged_rows_are_counted_as_classes():
+    rep = _box_report(LVIS, LVIS[:600] + ["both", "newthing"],
+                      [f"both={LVIS[700]}+{LVIS[701]}", "newthing="])
+    lines = rep.mapping_summary().splitlines()
+    assert lines[0] == "thing: 600 kept, 0 reordered, 1 merged, 1 new, 601 dropped"
+    rows = _rows("\n".join(lines[2:]))
+    assert rows[5:] == [
+        ["thing", "...", "595 more kept"],
+        ["thing", "both", f"{LVIS[700]} [700] + {LVIS[701]} [701] (merged)"],
+        ["thing", "newthing", "fresh"],
+        ["thing", "(601 dropped)", ", ".join(LVIS[600:608]) + ", ..."]]
+
+
+def test_up_to_30_rows_the_log_shows_the_whole_table(report):
+    assert report.mapping_summary("x.json") == report.mapping_table()
+    assert str(report) == report.log_text() == "\n".join([
+        report.summary(), "thing source class names: MODEL.RECLASS.SOURCE_CLASSES",
+        report.mapping_table(), report.table()])
+
+
+def test_the_new_class_table_is_bounded_too():
+    from d2_reclass.new_classes import NewClassInit, NewClassReport
+
+    classes = [NewClassInit(f"c{i}", i, "imprint" if i % 4 else "head", relative="dog",
+                            reason="r") for i in range(40)]
+    rep = NewClassReport("imprint", 2, 0, classes=classes, images_read=80)
+    text = rep.log_text("out/reclass_report.json")
+    lines = text.splitlines()
+    assert lines[0].endswith("loading the dataset dicts); 10 head, 30 imprint")
+    assert lines[1] == ("The first 5 classes of each init (every class in "
+                        "out/reclass_report.json (new_classes)):")
+    assert [r[0] for r in _rows("\n".join(lines[2:]))] == \
+        ["c0", "c4", "c8", "c12", "c16", "c1", "c2", "c3", "c5", "c6"]
+    small = NewClassReport("imprint", 2, 0, classes=classes[:3])
+    assert str(small) == small.log_text() == small.log_text("x") and \
+        len(_rows(str(small).split("\n", 1)[1])) == 3

@@ -4,7 +4,9 @@ Sources are freshly built COCO-sized models (random weights are enough: the engi
 and the tests check which rows land where). The standard target is ``["dog", "person",
 "gadget"]``: two COCO classes in a new order, and one that COCO never had.
 """
+import hashlib
 import math
+import random
 
 import pytest
 import torch
@@ -38,17 +40,27 @@ from conftest import (
     thing,
 )
 from d2_fixtures import captured_logs
+from detectron2.data import MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
+from d2_reclass.classes import normalize_class_name
+from d2_reclass.engine.combine import combine_state_dicts
 from d2_reclass.engine.report import NOT_RECOGNISED
-from d2_reclass.engine.surgery import ClassSpec, class_map_by_space, reclass_state_dict
+from d2_reclass.engine.surgery import (
+    ClassSpec,
+    SourceCheckpoint,
+    class_map_by_space,
+    reclass_state_dict,
+)
 from d2_reclass.errors import CheckpointError, ClassListError, ClassMismatchError
-from d2_reclass.fresh import ZERO, torch_default_init
+from d2_reclass.fresh import NORMAL_001, ZERO, seeded_generator, torch_default_init
 from d2_reclass.layouts import (
     STUFF,
     THING,
@@ -974,3 +986,117 @@ def test_layouts_with_no_tensor_in_the_checkpoint_are_ignored(head80):
                                      classes=thing(), mode="map")
     assert set(new) == set(partial)
     assert [t.key for t in report.tensors] == ["cls_score.weight", "cls_score.bias"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LVIS scale: the per-tensor engine gives what the per-class one gave, bit for bit
+# ---------------------------------------------------------------------------------------------
+LVIS_CLASSES = list(MetadataCatalog.get("lvis_v1_train").thing_classes)
+
+
+class _LvisHeads(nn.Module):
+    """Every kind of class tensor an LVIS model has, tiny: a box predictor (1,204 logits,
+    class-specific boxes), a class-agnostic one (as a cascade stage's), a mask predictor and a
+    RetinaNet head (anchor-major channels)."""
+
+    def __init__(self, num_classes: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        box = Box2BoxTransform((10.0, 10.0, 5.0, 5.0))
+        self.box_predictor = FastRCNNOutputLayers(ShapeSpec(channels=4), box2box_transform=box,
+                                                  num_classes=num_classes)
+        self.agnostic = FastRCNNOutputLayers(ShapeSpec(channels=4), box2box_transform=box,
+                                             num_classes=num_classes,
+                                             cls_agnostic_bbox_reg=True)
+        self.mask_head = MaskRCNNConvUpsampleHead(ShapeSpec(channels=2, height=4, width=4),
+                                                  num_classes=num_classes, conv_dims=[2])
+        self.retina = RetinaNetHead(input_shape=[ShapeSpec(channels=2)], num_classes=num_classes,
+                                    num_anchors=2, conv_dims=[2])
+
+
+def _lvis_expansion() -> list:
+    """The 80 COCO classes and the first 1,123 LVIS classes COCO lacks, sorted by name."""
+    have = {normalize_class_name(c) for c in COCO_CLASSES}
+    extra = [c for c in LVIS_CLASSES if normalize_class_name(c) not in have][:1123]
+    return sorted(COCO_CLASSES + extra)
+
+
+def _lvis_case(name: str):
+    shuffled = LVIS_CLASSES[:]
+    random.Random(0).shuffle(shuffled)
+    lvis = LVIS_CLASSES
+    merged = [c for c in shuffled if c not in (lvis[1], lvis[2])] + ["copy", "brand new"]
+    return {  # name: (source classes, target classes, options)
+        "reorder": (lvis, lvis[::-1], {}),
+        "shuffle": (lvis, shuffled, {}),
+        "subset": (lvis, [lvis[1], lvis[0], "gadget"], {}),
+        "expansion": (COCO_CLASSES, _lvis_expansion(), {}),
+        "merge_split": (lvis, merged, {"class_map": [f"{lvis[0]}={lvis[0]}+{lvis[1]}+{lvis[2]}",
+                                                     f"copy={lvis[20]}"]}),
+        "reinit": (lvis, shuffled, {"mode": "reinit"}),
+        "combine": (COCO_CLASSES, _lvis_expansion()[:500] + lvis[-40:], {"more": lvis}),
+    }[name]
+
+
+def _lvis_reclass(name: str):
+    source, target, options = _lvis_case(name)
+    model = _LvisHeads(len(target), seed=1)
+    classes = {THING: ClassSpec(source, target, options.get("class_map"))}
+    state = _LvisHeads(len(source)).state_dict()
+    mode = options.get("mode", "map")
+    if "more" in options:
+        more = [SourceCheckpoint(_LvisHeads(len(options["more"]), seed=2).state_dict(),
+                                 {THING: options["more"]}, "lvis.pth")]
+        return combine_state_dicts(state, more, model.state_dict(), find_layouts(model),
+                                   classes=classes, mode=mode, seed=3, source="coco.pth",
+                                   allow_different_weights=True)
+    return reclass_state_dict(state, model.state_dict(), find_layouts(model), classes=classes,
+                              mode=mode, seed=3, source="x.pth")
+
+
+#: sha256 (first 16 hex digits) of every output tensor (name, dtype, shape, bytes, in key order)
+#: and of the report's JSON, as the per-class engine of commit 6c286a1 computed them; torch
+#: 2.14.1 on x86-64 (the weights and fresh rows come from torch's CPU generator).
+_LVIS_DIGESTS = {
+    "reorder": ("c8d2cdded0536c33", "750d18ef9bc1a379"),
+    "shuffle": ("19a123faae5d3f0a", "fd7d6ef546d64e13"),
+    "subset": ("a3afffc8cafdcafa", "d3339146c62e14d3"),
+    "expansion": ("a31664208d285b84", "ef057c0b3e1dda8f"),
+    "merge_split": ("732a5ae8dd6b8863", "ccb168dfef5f22a8"),
+    "reinit": ("8e19bb2990476e95", "86001c0099c61a2c"),
+    "combine": ("ffdcb9f4aada4832", "38efa80b8f9afb18"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LVIS_DIGESTS))
+def test_lvis_scale_outputs_are_bit_identical_to_the_per_class_engine(name):
+    new, report = _lvis_reclass(name)
+    h = hashlib.sha256()
+    for key in sorted(new):
+        value = new[key]
+        h.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+        h.update(value.contiguous().numpy().tobytes())
+    digests = (h.hexdigest()[:16], hashlib.sha256(report.to_json().encode()).hexdigest()[:16])
+    assert digests == _LVIS_DIGESTS[name]
+
+
+def test_lvis_scale_rows_are_the_sources_and_the_keyed_draw():
+    """What the digests stand for, checked row by row: a reorder gathers every row of the
+    source; an expansion's fresh rows are the keyed draw of the whole tensor, at their rows."""
+    new, _ = _lvis_reclass("reorder")
+    source = _LvisHeads(len(LVIS_CLASSES)).state_dict()
+    weight = "box_predictor.cls_score.weight"
+    order = list(range(len(LVIS_CLASSES)))[::-1] + [len(LVIS_CLASSES)]  # background stays last
+    assert torch.equal(new[weight], source[weight][order])
+    boxes = "box_predictor.bbox_pred.weight"
+    assert torch.equal(new[boxes].view(-1, 4, 4), source[boxes].view(-1, 4, 4)[order[:-1]])
+    new, report = _lvis_reclass("expansion")
+    target = _lvis_expansion()
+    fresh = [j for j, c in enumerate(target) if c not in COCO_CLASSES]
+    assert len(fresh) == 1123 and report.tensor(weight).fresh == 1123
+    drawn = NORMAL_001.draw(new[weight].shape, seeded_generator(3, weight))
+    assert torch.equal(new[weight][fresh], drawn[fresh])
+    kept = [j for j, c in enumerate(target) if c in COCO_CLASSES]
+    source = _LvisHeads(len(COCO_CLASSES)).state_dict()
+    assert torch.equal(new[weight][kept],
+                       source[weight][[COCO_CLASSES.index(target[j]) for j in kept]])

@@ -1,6 +1,7 @@
 """ReclassCheckpointer: everything DetectionCheckpointer does still holds, plus class surgery."""
 import copy
 import io
+import logging
 import math
 import os
 import pickle
@@ -26,6 +27,7 @@ from d2_fixtures import (
     small_model,
 )
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
 from d2_reclass import (
@@ -40,6 +42,7 @@ from d2_reclass import (
     ResumeClassMismatchError,
     check_resume,
 )
+from d2_reclass.engine.report import ReclassReport
 
 CLS = "roi_heads.box_predictor.cls_score.weight"
 BBOX = "roi_heads.box_predictor.bbox_pred.weight"
@@ -694,3 +697,42 @@ def test_many_damaged_bytes_load_or_are_one_reclass_error(six, three, tmp_path):
     counts = run_byte_mutations(six, three, tmp_path, seed=1, flips=600, cuts=200, inserts=200)
     assert sum(counts.values()) == 2000
     assert counts["CheckpointError"] >= 500 and counts["loaded"] >= 100, counts
+
+
+def test_a_1203_class_load_logs_one_screen_that_names_the_report_file(tmp_path):
+    lvis = list(MetadataCatalog.get("lvis_v1_train").thing_classes)
+    source = small_model(1203, seed=1)
+    path = tmp_path / "lvis.pth"
+    torch.save({"model": source.state_dict()}, path)
+    target = small_model(1203, seed=2)
+    ckpt = ReclassCheckpointer(target, reclass=ReclassOptions(source_classes=lvis,
+                                                              target_classes=lvis[::-1]))
+    ckpt.report_file = str(tmp_path / "out" / "reclass_report.json")
+    with captured_logs(*LOGGERS) as logs:
+        ckpt.load(str(path))
+    [text] = [m for m in logs if m.startswith("[ReclassCheckpointer]")]
+    assert "\nthing: 1 kept, 1202 reordered, 0 merged, 0 new, 0 dropped\n" in text
+    assert f"(1203 rows in all; every row is in {ckpt.report_file}):" in text
+    assert f"| {lvis[1202]} " in text and f"| {lvis[1196]} " not in text
+    assert len(text.splitlines()) < 30
+    order = list(range(1203))[::-1] + [1203]
+    assert torch.equal(target.state_dict()[CLS], source.state_dict()[CLS][order])
+
+
+def test_the_report_is_formatted_only_when_the_log_shows_it(six_pth, monkeypatch):
+    def refuse(self, full_report=""):
+        raise AssertionError("the report was formatted")
+
+    monkeypatch.setattr(ReclassReport, "log_text", refuse)
+    package = logging.getLogger("d2_reclass")
+    level = package.level
+    try:
+        package.setLevel(logging.WARNING)
+        target = small_model(3, seed=4)
+        ReclassCheckpointer(target, reclass=SIX_TO_THREE).load(six_pth)
+        assert target.state_dict()[CLS].shape[0] == 4  # loaded, mapped, nothing formatted
+        package.setLevel(logging.INFO)
+        with pytest.raises(AssertionError, match="the report was formatted"):
+            ReclassCheckpointer(small_model(3, seed=4), reclass=SIX_TO_THREE).load(six_pth)
+    finally:
+        package.setLevel(level)

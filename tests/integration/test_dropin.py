@@ -295,6 +295,8 @@ def test_trainer_on_a_plain_config_trains_and_saves_like_default_trainer(tmp_pat
 
     trainer = ReclassTrainer(plain_cfg(tmp_path / "ours", max_iter=2))
     assert trainer.model is trainer._trainer.model
+    # The load's log names the file resume_or_load writes the full report to.
+    assert trainer.checkpointer.report_file == str(tmp_path / "ours" / "reclass_report.json")
     predictor = trainer.model.roi_heads.box_predictor
     assert isinstance(predictor, ReclassFastRCNNOutputLayers)
     assert predictor.class_names == tuple(DATASET_CLASSES)
