@@ -66,6 +66,7 @@ __all__ = [
     "layouts_for_module",
     "prefixed_layouts",
     "merge_weights",
+    "no_object_weights",
     "retarget",
     "THING",
     "STUFF",
@@ -505,6 +506,16 @@ def retarget(
         shape[lay.axis] = lay.length(num_classes, agnostic=lay.agnostic)
         targets[lay.key] = torch.empty(shape, device="meta")
     return new, targets
+
+
+def no_object_weights(num_classes: int, config_key: str) -> ClassLayout:
+    """The layout of a DETR-style set criterion's ``empty_weight``: K + 1 cross-entropy class
+    weights, the no-object weight (``eos_coef``) last. Set from the config, never learnt, so
+    always the model's own (DETR, Mask2Former, SparseR-CNN, DiffusionDet and detrex write it
+    alike)."""
+    return ClassLayout("empty_weight", THING, num_classes, ZERO, background=True,
+                       keep_model=True, kind="loss weights + no object (config)",
+                       config_key=config_key)
 
 
 def class_rows(layer: nn.Module, name: str, weight_init: InitSpec, bias_init: InitSpec = ZERO,

@@ -13,8 +13,8 @@ from typing import List, Optional
 
 from torch import nn
 
-from ..fresh import ZERO, linear_default_init
-from .core import THING, ClassLayout, class_rows, register_layout
+from ..fresh import linear_default_init
+from .core import THING, ClassLayout, class_rows, no_object_weights, register_layout
 from .num_classes import register_num_classes_keys
 
 __all__ = ["DETR_KEY"]
@@ -39,9 +39,7 @@ def _detr(m: nn.Module) -> List[ClassLayout]:
 def _criterion(m: nn.Module) -> List[ClassLayout]:
     # models/detr.py, SetCriterion.__init__: empty_weight = ones(K + 1) with eos_coef
     # (MODEL.DETR.NO_OBJECT_WEIGHT) last: set from the config, never learnt.
-    return [ClassLayout("empty_weight", THING, m.num_classes, ZERO, background=True,
-                        keep_model=True, kind="loss weights + no object (config)",
-                        config_key=DETR_KEY)]
+    return [no_object_weights(m.num_classes, DETR_KEY)]
 
 
 @register_num_classes_keys

@@ -21,12 +21,13 @@ from typing import Dict, List
 
 from torch import nn
 
-from ..fresh import ZERO, InitSpec, linear_default_init, prior_bias_init
+from ..fresh import InitSpec, linear_default_init, prior_bias_init
 from .core import (
     THING,
     ClassLayout,
     class_rows,
     layouts_for_module,
+    no_object_weights,
     prefixed_layouts,
     register_layout,
 )
@@ -91,6 +92,4 @@ def _criterion(m: nn.Module) -> List[ClassLayout]:
     # with loss_class_type "ce_loss"; set from the config, never learnt.
     if not hasattr(m, "empty_weight"):
         return []
-    return [ClassLayout("empty_weight", THING, m.num_classes, ZERO, background=True,
-                        keep_model=True, kind="loss weights + no object (config)",
-                        config_key=DETREX_KEY)]
+    return [no_object_weights(m.num_classes, DETREX_KEY)]

@@ -25,13 +25,14 @@ from typing import Any, List, Optional
 from torch import nn
 
 from ..data.class_lists import dataset_classes
-from ..fresh import ZERO, torch_default_init
+from ..fresh import torch_default_init
 from .core import (
     STUFF,
     THING,
     ClassLayout,
     class_rows,
     layouts_for_module,
+    no_object_weights,
     prefixed_layouts,
     register_layout,
 )
@@ -102,9 +103,7 @@ def _criterion(m: nn.Module) -> List[ClassLayout]:
     # criterion.py, SetCriterion.__init__: empty_weight = ones(K + 1) with NO_OBJECT_WEIGHT
     # last, loss_labels' cross-entropy class weights: set from the config, never learnt, so the
     # model's own whenever the classes change.
-    return [ClassLayout("empty_weight", THING, m.num_classes, ZERO, background=True,
-                        keep_model=True, kind="loss weights + no object (config)",
-                        config_key=SEM_SEG_KEY)]
+    return [no_object_weights(m.num_classes, SEM_SEG_KEY)]
 
 
 @register_num_classes_keys

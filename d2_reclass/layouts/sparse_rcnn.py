@@ -15,7 +15,7 @@ from typing import List, Optional
 from torch import nn
 
 from ..fresh import ZERO, InitSpec, linear_default_init, xavier_uniform_init
-from .core import THING, ClassLayout, class_rows, register_layout
+from .core import THING, ClassLayout, class_rows, no_object_weights, register_layout
 from .num_classes import register_num_classes_keys
 
 __all__ = ["DIFFUSIONDET_KEY", "SPARSE_RCNN_KEY"]
@@ -57,9 +57,7 @@ def _criterion(m: nn.Module) -> List[ClassLayout]:
     # set from the config and data, never learnt.
     out = []
     if hasattr(m, "empty_weight"):
-        out.append(ClassLayout("empty_weight", THING, m.num_classes, ZERO, background=True,
-                               keep_model=True, kind="loss weights + no object (config)",
-                               config_key=_key(m)))
+        out.append(no_object_weights(m.num_classes, _key(m)))
     if hasattr(m, "fed_loss_cls_weights"):
         out.append(ClassLayout("fed_loss_cls_weights", THING, m.num_classes, ZERO,
                                keep_model=True, kind="fed-loss class weights (data)",
