@@ -15,12 +15,22 @@ measured on a few of the user's own labelled images:
   relative may be a class the target dropped: its entries come from the checkpoint.
 * ``imprint``: for each box classifier that reads a feature vector (every
   ``FastRCNNOutputLayers``; each cascade stage through its own box head), the new class's
-  ``cls_score`` row is ``scale * mean / |mean|``, the normalised mean box-head feature of its
-  ground-truth boxes (pooled by the model's own box pooler), and its bias is calibrated
+  ``cls_score`` row is ``scale * w / |w|``, where ``w`` is Fisher's discriminant of the
+  box-head features of its ground-truth boxes (pooled by the model's own box pooler) against
+  those of the kept-class objects in the images read (below), and its bias is calibrated
   (below). Every other entry comes from the relative: a box regressor row maps features to
-  box *deltas*, which the mean feature says nothing about; mask rows, RetinaNet/FCOS
+  box *deltas*, which the features' means say nothing about; mask rows, RetinaNet/FCOS
   channels and PointRend rows read per-pixel or per-location features, not the box feature
-  whose mean is imprinted.
+  whose discriminant is imprinted.
+
+The kept-class objects are those in the images read: the labelled ones, and those the model
+itself detects (score >= 0.5) where no box is labelled (IoU < 0.5 with each labelled box); in
+new-only data, the old objects that a look-alike row would take (a star row on diamonds).
+The discriminant is ``S^-1 (mean of the new class - mean of the kept objects)``, ``S`` the two
+groups' pooled covariance shrunk towards a multiple of the identity by the Ledoit-Wolf
+estimate: box-head features share a large "some object here" component, and a row along the
+new class's mean alone scores a look-alike kept object almost as high as the new class's own.
+With no kept-class object read, the row is along the new class's mean feature.
 
 Calibration of an imprinted row, per classifier (no constant is chosen by hand):
 
@@ -34,10 +44,10 @@ Calibration of an imprinted row, per classifier (no constant is chosen by hand):
   The kept-class boxes are those in the images already read; when there are none, up to
   ``max_images`` images with kept classes are read for them, and when no class is kept the
   reference is the source classifier's confidence in its top class on the new examples.
-* Then the bias is lowered, where needed, so that the new row's logit is at most the kept
-  class's own on every kept-class object the model detects (score >= 0.5) in the images read
-  and no box labels (IoU < 0.5 with each labelled box): in new-only data, the old objects a
-  look-alike row would otherwise take from iteration 0 (a star row on diamonds).
+* Then the bias is lowered, where needed, so that on every kept-class object read the new
+  row's logit is at most the runner-up's there (the highest logit among the kept classes and
+  background but the object's own class): the kept classes' scores, and their order, hardly
+  move from iteration 0.
 
 Examples are the non-crowd, non-empty boxes of ``DATASETS.TRAIN`` (dataset dicts), at most
 ``max_images`` images per new class, chosen by ranking the images holding that class by

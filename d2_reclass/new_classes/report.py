@@ -22,7 +22,9 @@ class NewClassInit:
         images (int): images read for it; instances (int): its boxes used.
         unreadable (list[str]): chosen images that could not be read (skipped).
         reason (str): why it fell back, or how it was calibrated.
-        imprint (dict): per classifier (state-dict prefix): scale, bias, reference log-odds.
+        imprint (dict): per classifier (state-dict prefix): scale, bias, reference log-odds,
+            mean feature norm; where the bias was lowered below the runner-up on the kept-class
+            objects, also calibrated_bias and kept_objects (how many).
     """
 
     name: str

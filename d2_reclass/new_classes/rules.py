@@ -28,17 +28,19 @@ class Classifier(NamedTuple):
     competitors: List[int]  # the kept classes and background
     scale: Optional[float]  # the kept classes' mean row norm, when there are reference boxes
     target: Optional[float]  # their median log-odds against the competitors
-    # The negatives' box features (N, D) and the kept class's own logit on each (N,), where
-    # there are any: what caps an imprinted row's bias (_negative_cap).
-    negatives: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    # The kept-class objects read (reference boxes and negatives): their box features (N, D)
+    # and the highest logit among the competitors other than each one's own class (N,), where
+    # there are any: what an imprinted row's direction is contrasted with (_direction) and
+    # what caps its bias (_object_cap).
+    objects: Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[int],
                      model_state: Mapping[str, torch.Tensor],
                      negatives: Sequence[Example] = ()) -> Dict[str, Classifier]:
     """Per box path (prefix), its :class:`Classifier`, calibrated on ``reference`` (the
-    kept-class examples) where it has any, with ``negatives`` (kept-class objects the model
-    detects, unlabelled) where it has any."""
+    kept-class examples) where it has any; ``reference`` and ``negatives`` (kept-class objects
+    the model detects, unlabelled) are the kept-class objects its rows are contrasted with."""
     out = {}
     for path in paths:
         weight = model_state[path.prefix + "cls_score.weight"].double().cpu()
@@ -53,14 +55,16 @@ def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[
             labels = torch.tensor([e.target for e in ref])
             target = float(_log_odds(ref_x @ weight.T + bias, labels, competitors,
                                      sigmoid).median())
-        neg = [e for e in negatives if path.prefix in e.features]
-        neg_values = None
-        if neg:
-            neg_x = torch.stack([e.features[path.prefix] for e in neg]).double()
-            labels = torch.tensor([e.target for e in neg])
-            neg_values = (neg_x, (neg_x @ weight.T + bias).gather(1, labels[:, None])[:, 0])
+        objects = None
+        kept_objects = ref + [e for e in negatives if path.prefix in e.features]
+        if kept_objects:
+            x = torch.stack([e.features[path.prefix] for e in kept_objects]).double()
+            own = torch.tensor([e.target for e in kept_objects])[:, None] == torch.tensor(
+                competitors)[None, :]
+            logits = (x @ weight.T + bias)[:, competitors]
+            objects = (x, logits.masked_fill(own, float("-inf")).max(dim=1).values)
         out[path.prefix] = Classifier(weight, bias, sigmoid, competitors, scale, target,
-                                      neg_values)
+                                      objects)
     return out
 
 
@@ -141,7 +145,7 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
     norm = float(mean.norm())
     if not norm > 0:
         return None, None, {}, "its box features are all zero"
-    direction = mean / norm
+    direction = _direction(x, None if classifier.objects is None else classifier.objects[0])
     weight, bias, sigmoid = classifier.weight, classifier.bias, classifier.sigmoid
     competitors = classifier.competitors
     if classifier.target is not None:
@@ -163,28 +167,76 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
     # b, so the b that puts its median at the reference is exact.
     b = target - float((scale * (x @ direction) - rest).median())
     info = {"scale": scale, "bias": b, "reference_log_odds": target, "mean_feature_norm": norm}
-    cap = _negative_cap(scale * direction, classifier)
-    if cap is not None and cap[0] < b:
-        info.update(bias=cap[0], calibrated_bias=b, negatives=cap[1])
-        b = cap[0]
-        note += f"; bias lowered to stay below the kept classes on {cap[1]} detected objects"
+    if classifier.objects is not None:
+        n = len(classifier.objects[0])
+        note += f"; its direction contrasted with {n} kept-class objects"
+        cap = _object_cap(scale * direction, classifier.objects)
+        if cap < b:
+            info.update(bias=cap, calibrated_bias=b, kept_objects=n)
+            b = cap
+            note += "; bias lowered to rank below the runner-up on each of them"
     return scale * direction, b, info, note
 
 
-def _negative_cap(row: torch.Tensor, classifier: Classifier) -> Optional[Tuple[float, int]]:
-    """(the highest bias, number of negatives): the bias at which the new row's logit,
-    ``row . x + b``, is below the kept class's own logit on every negative x (an unlabelled
-    object the model detects as that class), or None without negatives.
+def _direction(new: torch.Tensor, kept: Optional[torch.Tensor]) -> torch.Tensor:
+    """The unit direction of an imprinted row: Fisher's discriminant of the new class's box
+    features ``new`` (R, D) against the kept-class objects' ``kept`` (N, D), with the
+    covariance shrunk as Ledoit and Wolf estimate it; the new class's mean feature itself when
+    there is nothing to contrast with.
 
-    An imprinted row copies what its examples look like, and a kept class that looks alike
-    (star and diamond) then loses its objects to it from iteration 0; its own objects in
-    the same images say how far the new row may reach. On every one, not a median: one object
-    lost is one detection less.
+    Box-head features share a large component among all objects (post-ReLU activations of
+    "some object here"): a row along the new class's mean scores a look-alike kept object
+    (a diamond for a star) almost as high as the new class's own, and takes its detections
+    from iteration 0. The discriminant is the direction that separates the two groups
+    relative to how they spread; a few dozen examples cannot estimate a D x D covariance, so
+    it is shrunk towards a multiple of the identity by the amount the data's own variability
+    calls for (no constant is chosen here).
     """
-    if classifier.negatives is None:
+    mean = new.mean(dim=0)
+    if kept is not None:
+        diff = mean - kept.mean(dim=0)
+        centred = torch.cat([new - mean, kept - kept.mean(dim=0)])
+        w = _shrunk_solve(centred, diff)
+        norm = float(w.norm()) if w is not None else 0.0
+        if norm > 0 and torch.isfinite(w).all():
+            return w / norm
+    return mean / float(mean.norm())
+
+
+def _shrunk_solve(x: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """``S^-1 v`` for the Ledoit-Wolf shrunk covariance ``S = (1 - a) X'X / n + a m I`` of the
+    centred rows ``x`` (n, D) (m: the mean variance, a: the estimated shrinkage), or None when
+    it is singular (all rows equal). Through the n x n Gram matrix (Woodbury): the cost does
+    not grow with D squared."""
+    n, d = x.shape
+    gram = x @ x.T
+    m = float(gram.trace()) / (n * d)
+    s_sq = float((gram ** 2).sum()) / n ** 2  # |S|_F^2 of S = X'X / n
+    d2 = s_sq - m * m * d  # |S - m I|_F^2
+    # The mean over rows of |x_k x_k' - S|_F^2, divided by n (Ledoit and Wolf's b^2).
+    b2 = float((gram.diagonal() ** 2 - 2 * (gram ** 2).sum(dim=1) / n + s_sq).sum()) / n ** 2
+    if not (m > 0 and d2 > 0):
         return None
-    x, own = classifier.negatives
-    return float((own - x @ row).min()), len(x)
+    a = min(b2, d2) / d2
+    c, beta = a * m, (1 - a) / n
+    if not c > 0:
+        return None
+    inner = torch.linalg.solve(c * torch.eye(n, dtype=x.dtype) + beta * gram, x @ v)
+    return (v - beta * (x.T @ inner)) / c
+
+
+def _object_cap(row: torch.Tensor, objects: Tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The highest bias at which the new row's logit, ``row . x + b``, stays at most the
+    runner-up's (the highest competitor but the object's own class) on every kept-class
+    object x read.
+
+    A new row that reaches a kept object's own logit halves that class's probability there;
+    below the runner-up, it takes no more than the classes the model already weighs against
+    it, so the kept classes' scores, and their order, hardly move from iteration 0. On every
+    object, not a median: one object lost is one detection less.
+    """
+    x, runner_up = objects
+    return float((runner_up - x @ row).min())
 
 
 def relative_entries(model_state: Mapping[str, torch.Tensor],

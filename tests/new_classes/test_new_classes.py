@@ -105,6 +105,56 @@ def _box_features(model, dicts, classes, head=None, predictor_prefix=PRED):
     return torch.cat(feats).double(), torch.tensor(labels)
 
 
+def _detected_features(model, dicts, head=None):
+    """Directly: box-head features and classes of the kept-class objects ``model`` detects
+    (score >= 0.5) where no box of the image is labelled (IoU < 0.5), in dataset order."""
+    roi = model.roi_heads
+    head = head or roi.box_head
+    feats, labels = [], []
+    with torch.no_grad():
+        for d in dicts:
+            image = torch.as_tensor(np.ascontiguousarray(
+                read_image(d["file_name"], format="BGR").transpose(2, 0, 1)))
+            labelled = [Box(a["category_id"], (a["bbox"][0], a["bbox"][1],
+                                               a["bbox"][0] + a["bbox"][2],
+                                               a["bbox"][1] + a["bbox"][3]))
+                        for a in d["annotations"]]
+            found = detected_boxes(model, image, labelled, KEPT)
+            if not found:
+                continue
+            features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+            x = roi.box_pooler([features[f] for f in roi.box_in_features],
+                               [Boxes(torch.tensor([f.xyxy for f in found]))])
+            feats.append(head(x))
+            labels += [f.target for f in found]
+    if not feats:
+        return torch.zeros(0, roi.box_head.output_shape.channels, dtype=torch.float64), \
+            torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats).double(), torch.tensor(labels)
+
+
+def _discriminant(new, kept):
+    """Restated from the docs with the D x D covariance: Fisher's direction of ``new`` against
+    ``kept`` (rows: box features), the pooled covariance shrunk as Ledoit and Wolf estimate
+    it; unit length."""
+    x = torch.cat([new - new.mean(dim=0), kept - kept.mean(dim=0)])
+    n, d = x.shape
+    s = x.T @ x / n
+    m = s.trace() / d
+    eye = torch.eye(d, dtype=x.dtype)
+    d2 = ((s - m * eye) ** 2).sum()
+    b2 = sum(((xk[:, None] * xk[None, :] - s) ** 2).sum() for xk in x) / n ** 2
+    a = min(b2, d2) / d2
+    w = torch.linalg.solve((1 - a) * s + a * m * eye, new.mean(dim=0) - kept.mean(dim=0))
+    return w / w.norm()
+
+
+def _runner_up(logits, labels, competitors):
+    """Per row, the highest logit among ``competitors`` other than the row's own class."""
+    return torch.stack([max(row[c] for c in competitors if c != k)
+                        for row, k in zip(logits, labels.tolist())])
+
+
 def _log_odds(logits, labels, competitors):
     """Restated from the docs: z_k - logsumexp over the other competitors."""
     out = []
@@ -114,7 +164,8 @@ def _log_odds(logits, labels, competitors):
     return torch.stack(out)
 
 
-def test_imprinted_row_is_the_scaled_mean_feature_and_the_bias_calibrated(data):
+def test_imprinted_row_is_the_discriminant_against_the_kept_objects_and_the_bias_calibrated(
+        data):
     _, _, dicts = data
     source, model, mapping = _mapped()
     before = params(model)
@@ -123,33 +174,41 @@ def test_imprinted_row_is_the_scaled_mean_feature_and_the_bias_calibrated(data):
 
     stars = [d for d in dicts if any(a["category_id"] == STAR for a in d["annotations"])]
     x, _ = _box_features(model, stars, {STAR})
-    mean = x.mean(dim=0)
+    # The kept-class objects of the same images: the labelled ones, then those the model
+    # detects where nothing is labelled.
+    ref_x, ref_labels = _box_features(model, stars, set(KEPT))
+    det_x, det_labels = _detected_features(model, stars)
+    kept_x, kept_labels = torch.cat([ref_x, det_x]), torch.cat([ref_labels, det_labels])
     weight = before[PRED + "cls_score.weight"].double()
     bias = before[PRED + "cls_score.bias"].double()
     scale = weight[KEPT].norm(dim=1).mean()
-    row = entries[PRED + "cls_score.weight"][STAR]
-    assert torch.allclose(row.double(), scale * mean / mean.norm(), atol=1e-6)
+    row = entries[PRED + "cls_score.weight"][STAR].double()
+    assert torch.allclose(row, scale * _discriminant(x, kept_x), atol=1e-6)
     assert abs(float(row.norm()) - float(scale)) < 1e-5
+    # Not the mean feature's direction: the kept objects' shared component is taken out.
+    mean = x.mean(dim=0)
+    assert float(row @ mean / (row.norm() * mean.norm())) < 0.99
 
     # Bias: the median log-odds of star on its boxes equals that of the kept classes on theirs
-    # (the kept boxes of the same images), against the kept classes and background.
+    # (the labelled kept boxes of the same images), against the kept classes and background;
+    # then lowered, where needed, to the runner-up's logit on every kept-class object.
     competitors = KEPT + [3]
-    ref_x, ref_labels = _box_features(model, stars, set(KEPT))
     target = _log_odds(ref_x @ weight.T + bias, ref_labels, competitors).median()
-    # This random model also detects kept classes (score >= 0.5) where no box is labelled: the
-    # bias written is then lowered below that calibration (the test after next checks how far).
     init = report.classes[0]
     info = init.imprint["roi_heads.box_predictor"]
     b = entries[PRED + "cls_score.bias"][STAR].double()
     assert abs(info["bias"] - float(b)) < 1e-5
     calibrated = torch.tensor(info.get("calibrated_bias", info["bias"]), dtype=torch.float64)
     logits = x @ weight.T + bias
-    star_logit = x @ row.double() + calibrated
-    star_log_odds = star_logit - torch.logsumexp(logits[:, competitors], dim=1)
+    star_log_odds = x @ row + calibrated - torch.logsumexp(logits[:, competitors], dim=1)
     assert abs(float(star_log_odds.median() - target)) < 1e-4
+    cap = (_runner_up(kept_x @ weight.T + bias, kept_labels, competitors) - kept_x @ row).min()
+    assert abs(float(b - torch.minimum(calibrated, cap))) < 1e-4
     assert (init.name, init.method, init.images, init.instances) == (
         "star", "imprint", len(stars), len(x))
-    assert init.reason.split("; ")[0] == "calibrated on the kept classes"
+    assert init.reason.split("; ")[:2] == [
+        "calibrated on the kept classes",
+        f"its direction contrasted with {len(kept_x)} kept-class objects"]
 
 
 def test_only_new_class_entries_change_and_the_rest_come_from_the_relative(data):
@@ -201,10 +260,12 @@ def test_cascade_stages_imprint_each_through_its_own_box_head(data):
     rows = []
     for stage in range(3):
         prefix = f"roi_heads.box_predictor.{stage}."
-        x, _ = _box_features(model, stars, {STAR}, head=model.roi_heads.box_head[stage])
-        mean = x.mean(dim=0)
+        head = model.roi_heads.box_head[stage]
+        x, _ = _box_features(model, stars, {STAR}, head=head)
+        kept_x = torch.cat([_box_features(model, stars, set(KEPT), head=head)[0],
+                            _detected_features(model, stars, head=head)[0]])
         row = entries[prefix + "cls_score.weight"][STAR].double()
-        assert torch.allclose(row / row.norm(), mean / mean.norm(), atol=1e-6), stage
+        assert torch.allclose(row / row.norm(), _discriminant(x, kept_x), atol=1e-6), stage
         rows.append(row)
     assert not torch.allclose(rows[0], rows[1])  # three heads, three rows
     assert set(report.classes[0].imprint) == {f"roi_heads.box_predictor.{s}" for s in range(3)}
@@ -564,10 +625,11 @@ def test_portable_names_are_relative_to_the_deepest_root_else_the_common_directo
                                      "loose/s/y.png", "loose/z.png"]
 
 
-def test_imprinted_bias_stays_below_the_kept_classes_on_the_objects_the_model_detects(data):
+def test_imprinted_bias_stays_below_the_runner_up_on_the_objects_the_model_detects(data):
     """New-only labels: the kept classes' objects are in the images, unlabelled. The model
-    (its triangle row made to win every box) detects them; the star row's logit may not pass
-    triangle's own on any of them, and reaches it exactly on one."""
+    (its triangle row made to win every box) detects them; on each, the star row's logit may
+    not pass the runner-up's (the highest competitor but triangle), and reaches it exactly on
+    one."""
     _, _, dicts = data
     source, model, mapping = _mapped()
     triangle = THREE.index("triangle")
@@ -578,31 +640,21 @@ def test_imprinted_bias_stays_below_the_kept_classes_on_the_objects_the_model_de
     entries, report = _init(model, new_only, mapping, source, method="imprint", max_images=16)
     init = report.classes[0]
     info = init.imprint["roi_heads.box_predictor"]
-    assert info["negatives"] > 0 and info["bias"] < info["calibrated_bias"]
-    assert f"bias lowered to stay below the kept classes on {info['negatives']} detected " \
-           "objects" in init.reason
+    assert info["kept_objects"] > 0 and info["bias"] < info["calibrated_bias"]
+    assert init.reason.endswith(
+        f"its direction contrasted with {info['kept_objects']} kept-class objects; bias "
+        "lowered to rank below the runner-up on each of them")
 
     row = entries[PRED + "cls_score.weight"][STAR].double()
     b = entries[PRED + "cls_score.bias"][STAR].double()
     weight = model.state_dict()[PRED + "cls_score.weight"].double()
     bias = model.state_dict()[PRED + "cls_score.bias"].double()
-    roi, gaps = model.roi_heads, []
-    with torch.no_grad():
-        for d in new_only:
-            if not d["annotations"]:
-                continue
-            image = torch.as_tensor(np.ascontiguousarray(
-                read_image(d["file_name"], format="BGR").transpose(2, 0, 1)))
-            labelled = [Box(STAR, (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                                   a["bbox"][1] + a["bbox"][3])) for a in d["annotations"]]
-            found = detected_boxes(model, image, labelled, KEPT)
-            if not found:
-                continue
-            features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
-            x = roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features],
-                                            [Boxes(torch.tensor([f.xyxy for f in found]))]))
-            x = x.double()
-            own = (x @ weight.T + bias)[torch.arange(len(found)), [f.target for f in found]]
-            gaps.append(x @ row + b - own)
-    gaps = torch.cat(gaps)
-    assert len(gaps) == info["negatives"] and abs(float(gaps.max())) < 1e-4
+    x, labels = _detected_features(model, [d for d in new_only if d["annotations"]])
+    assert set(labels.tolist()) == {triangle} and len(x) == info["kept_objects"]
+    logits = x @ weight.T + bias
+    runner_up = logits[:, [KEPT[1], 3]].max(dim=1).values  # square or background
+    assert torch.equal(runner_up, _runner_up(logits, labels, KEPT + [3]))
+    gaps = x @ row + b - runner_up
+    assert abs(float(gaps.max())) < 1e-4
+    # The kept class itself stays far ahead: its probability on its objects hardly moves.
+    assert bool((logits[:, triangle] - (x @ row + b) > 10).all())
