@@ -16,13 +16,15 @@ __all__ = ["build_teacher", "preservation_from_config"]
 
 def build_teacher(cfg, source_classes: Sequence[str], *, score: float) -> Teacher:
     """The source model of a yacs config: built as the config builds the student, but for
-    ``source_classes``, with MODEL.WEIGHTS loaded unchanged; detections from ``score`` up."""
+    ``source_classes``, with MODEL.WEIGHTS loaded unchanged; detections from the config's own
+    test threshold up (at most ``score``: the pseudo-labels' threshold), since those below
+    ``score`` are the unsure objects the pseudo-labels ignore."""
     t = cfg.clone()
     t.defrost()
     r = t.MODEL.RECLASS
     apply_num_classes(t, source_classes)
-    t.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score
-    t.MODEL.RETINANET.SCORE_THRESH_TEST = score
+    for heads in (t.MODEL.ROI_HEADS, t.MODEL.RETINANET):
+        heads.SCORE_THRESH_TEST = min(heads.SCORE_THRESH_TEST, score)
     model = attach_probe(build_model(t), t)  # a project no layout knows: probed
     options = ReclassOptions(
         mode="map", source_classes=r.SOURCE_CLASSES or None, source_dataset=r.SOURCE_DATASET,

@@ -19,17 +19,19 @@ from typing import List, Optional
 
 from .distill import OutputDistiller
 from .frozen_rows import FrozenEntries
-from .pseudo_labels import PseudoLabeledLoader, add_pseudo_labels
+from .pseudo_labels import IGNORE, PseudoLabeledLoader, add_pseudo_labels, ignores_unsure
 from .teacher import Teacher, teacher_class_index
 
 __all__ = [
     "FrozenEntries",
+    "IGNORE",
     "OutputDistiller",
     "Preservation",
     "PseudoLabeledLoader",
     "Teacher",
     "add_pseudo_labels",
     "attach_preservation",
+    "ignores_unsure",
     "preservation_summary",
     "teacher_class_index",
 ]
@@ -79,7 +81,8 @@ def attach_preservation(trainer, preservation: Preservation) -> Preservation:
             raise RuntimeError("attach_preservation: the trainer's data loader is already "
                                "being iterated; attach before training starts.")
         trainer.data_loader = PseudoLabeledLoader(trainer.data_loader, p.teacher, p.class_index,
-                                                  score=p.score)
+                                                  score=p.score,
+                                                  ignore_unsure=ignores_unsure(trainer.model))
         p.attached.append(trainer.data_loader)
     elif p.method == "distill":
         p.attached.append(OutputDistiller(trainer.model, p.teacher, p.class_index,
@@ -104,7 +107,9 @@ def preservation_summary(preservation: Preservation) -> Optional[str]:
     parts = [f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}"]
     for attached in p.attached:
         if isinstance(attached, PseudoLabeledLoader):
-            parts.append(f"{attached.added} pseudo-labels of old classes added")
+            parts.append(f"{attached.added} pseudo-labels of old classes added"
+                         + (f", {attached.ignored} unsure objects ignored"
+                            if attached.ignore_unsure else ""))
     t = p.teacher
     if t is not None and t.images:
         parts.append(f"teacher: {t.images} images, {t.runs} run in {t.calls} forward passes, "

@@ -9,7 +9,13 @@ their coordinates), gets the teacher's detections of the old classes added to it
 * except those overlapping a labelled box (IoU >= ``overlap``): that object is labelled, and
   the source model's name for it is wrong whenever it is a new class (it calls stars
   "diamond");
-* with masks when the instances carry masks (mask heads), pasted at the image's size.
+* with masks when the instances carry masks (mask heads), pasted at the image's size;
+* where the model can ignore a box (:func:`ignores_unsure`), the teacher's other old-class
+  detections (below ``score``, down to its own test threshold) that overlap no label are
+  added with class -1: detectron2's ROI-head sampling and RetinaNet's anchor labelling leave
+  out whatever matches such a box, so an object the teacher is unsure of is trained neither as
+  its class nor as background. A weak source scores few objects >= ``score``; without this,
+  the rest of them, unlabelled, would be trained as background and forgotten.
 
 Shape shorthand: G = labelled instances of an image, P = its pseudo-labels, H x W = its size.
 """
@@ -17,12 +23,20 @@ import logging
 from typing import Iterator, List, Optional, Sequence
 
 import torch
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.roi_heads import CascadeROIHeads, ROIHeads
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
+from torch import nn
 
 from ..errors import ConfigError
 from .teacher import Teacher
 
-__all__ = ["PseudoLabeledLoader", "add_pseudo_labels"]
+__all__ = ["IGNORE", "PseudoLabeledLoader", "add_pseudo_labels", "ignores_unsure"]
+
+#: The class of an unsure detection's box: matched proposals and anchors are left out of the
+#: losses (detectron2's subsample_labels and RetinaNet's losses skip label -1).
+IGNORE = -1
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +57,10 @@ def add_pseudo_labels(
     score: float = 0.5,
     overlap: float = 0.5,
     masks: Optional[torch.Tensor] = None,
+    ignore_unsure: bool = False,
 ) -> Instances:
-    """``instances`` (the labels of one image) followed by the pseudo-labels of ``detections``.
+    """``instances`` (the labels of one image) followed by the pseudo-labels of ``detections``
+    and, with ``ignore_unsure``, the boxes of its unsure detections with class :data:`IGNORE`.
 
     Pure: neither input is modified. Labelled instances come first and unchanged (their masks
     become :class:`BitMasks` when pseudo-labels with masks are added to polygons).
@@ -57,9 +73,11 @@ def add_pseudo_labels(
         score: the lowest score that becomes a label.
         overlap: a detection whose IoU with a labelled box reaches this is dropped.
         masks: bool (N, H, W) masks of ``detections``, needed when ``instances`` has masks.
+        ignore_unsure: also add the old-class detections below ``score`` that overlap no
+            label (IoU < ``overlap`` with every labelled box and pseudo-label), as IGNORE.
 
     Returns:
-        Instances with G + P entries; P may be 0.
+        Instances with G + P entries (P: pseudo-labels, then unsure boxes); P may be 0.
 
     Raises:
         ConfigError: the instances carry masks the detections lack, or another per-instance
@@ -68,16 +86,26 @@ def add_pseudo_labels(
     mapped = torch.tensor([-1 if i is None else i for i in class_index], dtype=torch.long)
     classes = mapped[detections.pred_classes.long()] if len(detections) else \
         torch.zeros(0, dtype=torch.long)
-    keep = (detections.scores >= score) & (classes >= 0)
+    old = classes >= 0
+    sure = detections.scores >= score
+    keep = sure & old
     boxes = detections.pred_boxes.tensor.to(instances.gt_boxes.tensor)
     if len(instances) and keep.any():
         iou = pairwise_iou(Boxes(boxes), instances.gt_boxes)  # N x G
         keep &= iou.max(dim=1).values < overlap
     idx = keep.nonzero().flatten()
+    labels = classes[idx]
+    if ignore_unsure:
+        unsure = ~sure & old
+        known = torch.cat([instances.gt_boxes.tensor, boxes[idx]])
+        if len(known) and unsure.any():
+            unsure &= pairwise_iou(Boxes(boxes), Boxes(known)).max(dim=1).values < overlap
+        unsure_idx = unsure.nonzero().flatten()
+        idx = torch.cat([idx, unsure_idx])
+        labels = torch.cat([labels, torch.full_like(unsure_idx, IGNORE)])
     out = Instances(instances.image_size)
     out.gt_boxes = Boxes(torch.cat([instances.gt_boxes.tensor, boxes[idx]]))
-    out.gt_classes = torch.cat([instances.gt_classes,
-                                classes[idx].to(instances.gt_classes)])
+    out.gt_classes = torch.cat([instances.gt_classes, labels.to(instances.gt_classes)])
     if instances.has("gt_masks"):
         if masks is None:
             raise ConfigError("MODEL.RECLASS.PRESERVE pseudo_labels: the training instances have "
@@ -103,12 +131,13 @@ class PseudoLabeledLoader:
     """
 
     def __init__(self, loader, teacher: Teacher, class_index: Sequence[Optional[int]], *,
-                 score: float = 0.5, overlap: float = 0.5):
+                 score: float = 0.5, overlap: float = 0.5, ignore_unsure: bool = False):
         self.loader = loader
         self.teacher = teacher
         self.class_index = list(class_index)
-        self.score, self.overlap = score, overlap
+        self.score, self.overlap, self.ignore_unsure = score, overlap, ignore_unsure
         self.added = 0  # pseudo-labels added so far
+        self.ignored = 0  # unsure boxes added as IGNORE so far
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["loader"], name)
@@ -122,11 +151,33 @@ class PseudoLabeledLoader:
             inst = d["instances"]
             masks = Teacher.masks(det) if inst.has("gt_masks") else None
             d["instances"] = add_pseudo_labels(inst, det, self.class_index, score=self.score,
-                                               overlap=self.overlap, masks=masks)
-            self.added += len(d["instances"]) - len(inst)
+                                               overlap=self.overlap, masks=masks,
+                                               ignore_unsure=self.ignore_unsure)
+            ignored = int((d["instances"].gt_classes[len(inst):] == IGNORE).sum())
+            self.added += len(d["instances"]) - len(inst) - ignored
+            self.ignored += ignored
             out.append(d)
         return out
 
     def __iter__(self) -> Iterator[List[dict]]:
         for batch in self.loader:
             yield self.label(batch)
+
+
+def ignores_unsure(model: nn.Module) -> bool:
+    """Whether ``model``'s losses leave out what matches a box of class :data:`IGNORE`:
+    detectron2's R-CNNs whose ROI heads sample proposals (standard and Res5 ROI heads: a
+    proposal matched to it is labelled -1, which ``subsample_labels`` never samples; the RPN
+    sees the box as an object) and RetinaNet (its matched anchors are labelled -1, which the
+    losses skip). Cascade R-CNN labels every stage's proposals without sampling and FCOS
+    one-hot encodes its labels: a class -1 would reach their losses, so they get no such box.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if isinstance(model, RetinaNet):
+        return True
+    heads = getattr(model, "roi_heads", None)
+    return isinstance(model, GeneralizedRCNN) and isinstance(heads, ROIHeads) \
+        and not isinstance(heads, CascadeROIHeads) \
+        and type(heads).label_and_sample_proposals is ROIHeads.label_and_sample_proposals
+
