@@ -104,8 +104,9 @@ TARGET_SOLVER = ["SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 20,
                  "SOLVER.STEPS", (), "SOLVER.CHECKPOINT_PERIOD", 100000,
                  "MODEL.RESNETS.NORM", "FrozenBN"]
 TARGET_LR = {"faster": 0.001, "retinanet": 0.0005}
-#: Bump when the fine-tuning (this file's fine_tune, or d2_reclass's code it runs) changes.
-RUNS_VERSION = 5
+#: Per architecture: bump when its fine-tuning (this file's fine_tune, or d2_reclass's code it
+#: runs) changes.
+RUNS_VERSION = {"faster": 6, "retinanet": 5}
 SEEDS = (1, 2, 3)
 #: method -> (training datasets, MODEL.RECLASS.PRESERVE)
 METHODS = {
@@ -390,7 +391,7 @@ CHAIN_IMAGES = 150  # training images per step, all 9 classes drawn, one labelle
 #: split -> (classes drawn, images, generator seed); apart from SPLITS, whose digest keys the
 #: cached source models.
 CHAIN_SPLITS = {"chain_train": (CHAIN_CLASSES, CHAIN_IMAGES * len(CHAIN_NEW), 34),
-                "chain_val": (CHAIN_CLASSES, 100, 35)}
+                "chain_val": (CHAIN_CLASSES, 250, 35)}
 CHAIN_METHODS = ("auto", "naive")
 CHAIN_GOAL = 95.0
 
@@ -437,7 +438,7 @@ def chain(source: dict, seeds: Sequence[int], force: bool) -> Dict[str, List[Lis
             # Keyed by the source's bytes: the source's cache directory is named after every
             # split, the chain's not among them.
             with open(source["weights"], "rb") as f:
-                key = digest(RUNS_VERSION, hashlib.sha256(f.read()).hexdigest())
+                key = digest(RUNS_VERSION["faster"], hashlib.sha256(f.read()).hexdigest())
             weights, steps = source["weights"], []
             for k, name in enumerate(CHAIN_NEW):
                 key = digest(key, method, seed, k, CHAIN_SPLITS, CHAIN_IMAGES, TARGET_SOLVER,
@@ -469,7 +470,8 @@ def chain(source: dict, seeds: Sequence[int], force: bool) -> Dict[str, List[Lis
 
 def chain_source_ap(source: dict) -> float:
     """The source's original-class AP on the chain's val set (evaluated once, cached)."""
-    path = os.path.join(os.path.dirname(source["weights"]), "chain_val.json")
+    path = os.path.join(os.path.dirname(source["weights"]),
+                        f"chain_val-{digest(CHAIN_SPLITS, SCENE)}.json")
     if not os.path.exists(path):
         from d2_reclass import ReclassCheckpointer, ReclassTrainer
 
@@ -805,9 +807,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                           "by-name mapping of dataset ids (d2_reclass.data.mapping)")
                     continue
                 eval_at = list(EVAL_AT) if iterations == LONG else [SHORT]
-                key = digest(RUNS_VERSION, SPLITS, source["weights"], arch, method, iterations,
-                             cache, seed, eval_at, TARGET_SOLVER, TARGET_LR, SIZE_OPTS,
-                             METHODS[method])
+                key = digest(RUNS_VERSION[arch], SPLITS, source["weights"], arch, method,
+                             iterations, cache, seed, eval_at, TARGET_SOLVER, TARGET_LR,
+                             SIZE_OPTS, METHODS[method])
                 path = os.path.join(CACHE, f"run-{arch}-{kind}-{method}-{iterations}-"
                                     f"{'cache' if cache else 'nocache'}-{seed}-{key}.json")
                 if os.path.exists(path) and not args.force:

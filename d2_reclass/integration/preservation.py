@@ -2,11 +2,11 @@
 source model built as the config builds the student and loaded from MODEL.WEIGHTS."""
 from typing import Sequence
 
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
 from ..data.class_lists import checkpoint_thing_classes, target_classes
 from ..options import ReclassOptions, preserve_method
-from ..preserve import Preservation, Teacher, teacher_class_index
+from ..preserve import Preservation, Teacher, ignores_unsure, teacher_class_index
 from .checkpoint import ReclassCheckpointer
 from .config import apply_num_classes
 from .probe import attach_probe
@@ -16,15 +16,16 @@ __all__ = ["build_teacher", "preservation_from_config"]
 
 def build_teacher(cfg, source_classes: Sequence[str], *, score: float) -> Teacher:
     """The source model of a yacs config: built as the config builds the student, but for
-    ``source_classes``, with MODEL.WEIGHTS loaded unchanged; detections from the config's own
-    test threshold up (at most ``score``: the pseudo-labels' threshold), since those below
-    ``score`` are the unsure objects the pseudo-labels ignore."""
+    ``source_classes``, with MODEL.WEIGHTS loaded unchanged; detections from ``score`` up, or,
+    for a model that ignores the unsure ones (:func:`ignores_unsure`), from the config's own
+    test threshold up."""
     t = cfg.clone()
     t.defrost()
     r = t.MODEL.RECLASS
     apply_num_classes(t, source_classes)
+    unsure = ignores_unsure(META_ARCH_REGISTRY.get(t.MODEL.META_ARCHITECTURE))
     for heads in (t.MODEL.ROI_HEADS, t.MODEL.RETINANET):
-        heads.SCORE_THRESH_TEST = min(heads.SCORE_THRESH_TEST, score)
+        heads.SCORE_THRESH_TEST = min(heads.SCORE_THRESH_TEST, score) if unsure else score
     model = attach_probe(build_model(t), t)  # a project no layout knows: probed
     options = ReclassOptions(
         mode="map", source_classes=r.SOURCE_CLASSES or None, source_dataset=r.SOURCE_DATASET,

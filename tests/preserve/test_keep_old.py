@@ -56,8 +56,8 @@ def _new_only(root, split: str, n: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A 6-class checkpoint storing its names, the same without names, a "biased" one whose
-    box classifier calls every box a square with score ~1 (so its detections are known), an
-    "unsure" one scoring every box below 0.5, and a registered new-only dataset (``ko_new``)."""
+    box classifier calls every box a square with score ~1 (so its detections are known), and
+    a registered new-only dataset (``ko_new``)."""
     root = tmp_path_factory.mktemp("keep_old")
     source = small_model(6, seed=1)
     named = ReclassCheckpointer(source, str(root), reclass=ReclassOptions(target_classes=SIX))
@@ -68,11 +68,6 @@ def task(tmp_path_factory):
         source.roi_heads.box_predictor.bbox_pred.weight.zero_()
         source.roi_heads.box_predictor.bbox_pred.bias.zero_()
     named.save("biased")
-    with torch.no_grad():  # every box: square 0.30, each other class 0.11, background 0.15
-        source.roi_heads.box_predictor.cls_score.weight.zero_()
-        source.roi_heads.box_predictor.cls_score.bias.copy_(
-            torch.tensor([1.0, 0, 0, 0, 0, 0, 0.29]))
-    named.save("unsure")
     json_file = _new_only(root, "train", 6, seed=3)
     if "ko_new" not in DatasetCatalog.list():
         register_coco_dataset("ko_new", json_file, str(root / "train"))
@@ -274,8 +269,7 @@ def test_old_objects_never_reach_the_loss_as_background(task):
     assert (teacher.images, teacher.calls) == (images, len(batches))
     assert re.fullmatch(
         rf"\[Preservation\] MODEL.RECLASS.PRESERVE pseudo_labels; "
-        rf"{trainer.preservation.attached[0].added} pseudo-labels of old classes added, "
-        rf"0 unsure objects ignored; "
+        rf"{trainer.preservation.attached[0].added} pseudo-labels of old classes added; "
         rf"teacher: {images} images, {teacher.runs} run in {len(batches)} forward passes, "
         rf"{teacher.cached} from its cache, [0-9.]+ s\.",
         preservation_summary(trainer.preservation))
@@ -314,56 +308,68 @@ def test_old_objects_never_reach_the_loss_as_background(task):
     assert as_background > 0
 
 
-def test_unsure_old_objects_reach_the_loss_neither_as_their_class_nor_as_background(task):
-    """The "unsure" source scores every detection below 0.5. Their boxes go in as IGNORE, and
-    no proposal the box predictor's loss sees is one whose best match is such a box."""
-    from detectron2.structures import pairwise_iou
-
-    trainer, batches, seen = _train_capturing(_cfg(task, "OUTPUT_DIR", str(task / "unsure"),
-                                                   weights="unsure.pth"))
-    loader = trainer.preservation.attached[0]
-    assert loader.ignore_unsure and loader.ignored > 0
-    assert re.match(rf"\[Preservation\] MODEL.RECLASS.PRESERVE pseudo_labels; {loader.added} "
-                    rf"pseudo-labels of old classes added, {loader.ignored} unsure objects "
-                    "ignored; teacher: ", preservation_summary(trainer.preservation))
-    ignored = 0
-    for batch, per_image in zip(batches, seen):
-        for d, (boxes, classes) in zip(batch, per_image):
-            labels = d["instances"]
-            unsure = labels.gt_classes == IGNORE
-            ignored += int(unsure.sum())
-            assert (classes >= 0).all()
-            # Among the candidates were the unsure boxes themselves (detectron2 appends the
-            # instances' boxes to the proposals): none of them, nor anything matched to one.
-            best, match = pairwise_iou(Boxes(boxes), labels.gt_boxes).max(dim=1)
-            assert not ((best >= 0.5) & unsure[match]).any()
-    assert ignored == loader.ignored
+RETINANET = ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.BACKBONE.NAME",
+             "build_retinanet_resnet_fpn_backbone", "MODEL.RESNETS.OUT_FEATURES",
+             ["res3", "res4", "res5"], "MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]]
 
 
-def test_only_models_whose_losses_skip_class_minus_one_get_unsure_boxes():
+def test_a_retinanets_unsure_old_objects_reach_the_loss_neither_as_class_nor_background(task):
+    """A RetinaNet source scoring every anchor 0.2 for every class: all its detections are
+    unsure. Their boxes go in as IGNORE, and every anchor whose best match is one of them
+    (IoU >= 0.5) is labelled -1, which RetinaNet's losses skip."""
     from detectron2.modeling import build_model
     from detectron2.structures import pairwise_iou
-    from detectron2.utils.events import EventStorage
 
-    assert ignores_unsure(small_model(6))
+    torch.manual_seed(0)
+    source = build_model(small_cfg(6, opts=RETINANET))
+    with torch.no_grad():
+        source.head.cls_score.weight.zero_()
+        source.head.cls_score.bias.fill_(-1.3863)  # sigmoid: 0.2
+    ReclassCheckpointer(source, str(task), reclass=ReclassOptions(target_classes=SIX)).save(
+        "retinanet_unsure")
+    trainer = ReclassTrainer(_cfg(task, *RETINANET, "OUTPUT_DIR", str(task / "unsure"),
+                                  weights="retinanet_unsure.pth"))
+    trainer.resume_or_load(resume=False)
+    model, seen = trainer.model, []
+    label_anchors = model.label_anchors
+
+    def recording(anchors, instances):
+        labels, boxes = label_anchors(anchors, instances)
+        seen.append((Boxes.cat(anchors), instances, labels))
+        return labels, boxes
+
+    model.label_anchors = recording
+    trainer.train()
+    loader = trainer.preservation.attached[0]
+    assert loader.ignore_unsure and loader.added == 0 and loader.ignored > 0
+    assert re.match(rf"\[Preservation\] MODEL.RECLASS.PRESERVE pseudo_labels; 0 pseudo-labels "
+                    rf"of old classes added, {loader.ignored} unsure objects ignored; teacher: ",
+                    preservation_summary(trainer.preservation))
+    ignored = on_unsure = 0
+    for anchors, instances, labels in seen:
+        for inst, label in zip(instances, labels):
+            unsure = inst.gt_classes == IGNORE
+            ignored += int(unsure.sum())
+            assert set(inst.gt_classes.tolist()) <= {STAR, IGNORE}
+            best, match = pairwise_iou(inst.gt_boxes, anchors).max(dim=0)
+            hit = (best >= 0.5) & unsure[match]
+            on_unsure += int(hit.sum())
+            assert (label[hit] == IGNORE).all()
+    assert ignored == loader.ignored and on_unsure > 0
+
+
+def test_only_a_retinanet_gets_unsure_boxes():
+    """A softmax R-CNN's unsure detections are mostly what it should keep suppressing; FCOS
+    and Cascade R-CNN losses would see a -1."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+    from detectron2.modeling.meta_arch.fcos import FCOS
+
+    assert ignores_unsure(META_ARCH_REGISTRY.get("RetinaNet"))
+    assert not ignores_unsure(FCOS)
+    assert not ignores_unsure(small_model(6))
     assert not ignores_unsure(small_model(6, opts=[
         "MODEL.ROI_HEADS.NAME", "CascadeROIHeads",
         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True]))
-    retinanet = build_model(small_cfg(6, opts=[
-        "MODEL.META_ARCHITECTURE", "RetinaNet",
-        "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"]))
-    assert ignores_unsure(retinanet)
-    # What the claim rests on in detectron2: the anchors matched to an IGNORE box are
-    # labelled -1, which RetinaNet's losses leave out.
-    features = retinanet.backbone(torch.zeros(1, 3, 64, 64))
-    anchors = retinanet.anchor_generator([features[f] for f in retinanet.head_in_features])
-    inst = _instances([[4.0, 4.0, 28.0, 28.0], [34.0, 34.0, 60.0, 60.0]], [SQUARE, IGNORE])
-    with EventStorage(0):
-        labels, _ = retinanet.label_anchors(anchors, [inst])
-    best, match = pairwise_iou(inst.gt_boxes, Boxes.cat(anchors)).max(dim=0)
-    on_square, on_unsure = (best >= 0.5) & (match == 0), (best >= 0.5) & (match == 1)
-    assert on_square.any() and on_unsure.any()
-    assert (labels[0][on_square] == SQUARE).all() and (labels[0][on_unsure] == IGNORE).all()
 
 
 def test_a_project_that_trains_without_resume_or_load_still_gets_pseudo_labels(task):
@@ -530,8 +536,7 @@ def test_train_net_takes_the_key_with_a_dataset_listing_only_the_new_class(task,
         "while 1 new class trains." in log
     # What it did, logged once at the end of training.
     assert len(re.findall(r"\[Preservation\] MODEL.RECLASS.PRESERVE pseudo_labels; [0-9]+ "
-                          r"pseudo-labels of old classes added, [0-9]+ unsure objects "
-                          r"ignored; teacher: 4 images, 4 run in 2 "
+                          r"pseudo-labels of old classes added; teacher: 4 images, 4 run in 2 "
                           r"forward passes, 0 from its cache", log)) == 1
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["d2_reclass"] == {"thing_classes": SEVEN}
