@@ -17,23 +17,20 @@ measured on a few of the user's own labelled images:
   ``FastRCNNOutputLayers``; each cascade stage through its own box head), the new class's
   ``cls_score`` row is ``scale * w / |w|``, where ``w`` is Fisher's discriminant of the
   box-head features of its ground-truth boxes (pooled by the model's own box pooler) against
-  those of the known objects in the images read (below), and its bias is calibrated
+  those of the kept-class objects in the images read (below), and its bias is calibrated
   (below). Every other entry comes from the relative: a box regressor row maps features to
   box *deltas*, which the features' means say nothing about; mask rows, RetinaNet/FCOS
   channels and PointRend rows read per-pixel or per-location features, not the box feature
   whose discriminant is imprinted.
 
-The known objects are those in the images read: the kept classes' labelled boxes; the
-kept-class objects the model itself detects (score >= 0.5) where no box is labelled (IoU < 0.5
-with each labelled box), in new-only data the old objects that a look-alike row would take (a
-star row on diamonds); and background: as many of the RPN's top proposals that the ROI heads'
-matcher would call background (IoU below its lowest threshold with every box so far) as
-there are boxes so far. The discriminant is ``S^-1 (mean of the new class - mean of the known
-objects)``, ``S`` the two groups' pooled covariance shrunk towards a multiple of the identity
-by the Ledoit-Wolf estimate: box-head features share a large "some object here" component,
-and a row along the new class's mean alone scores a look-alike kept object almost as high as
-the new class's own; contrasted with the kept objects alone, it loses what tells an object
-from background. With nothing read to contrast with, the row is along the mean feature.
+The kept-class objects are those in the images read: the labelled ones, and those the model
+itself detects (score >= 0.5) where no box is labelled (IoU < 0.5 with each labelled box); in
+new-only data, the old objects that a look-alike row would take (a star row on diamonds).
+The discriminant is ``S^-1 (mean of the new class - mean of the kept objects)``, ``S`` the two
+groups' pooled covariance shrunk towards a multiple of the identity by the Ledoit-Wolf
+estimate: box-head features share a large "some object here" component, and a row along the
+new class's mean alone scores a look-alike kept object almost as high as the new class's own.
+With no kept-class object read, the row is along the new class's mean feature.
 
 Calibration of an imprinted row, per classifier (no constant is chosen by hand):
 
@@ -47,10 +44,10 @@ Calibration of an imprinted row, per classifier (no constant is chosen by hand):
   The kept-class boxes are those in the images already read; when there are none, up to
   ``max_images`` images with kept classes are read for them, and when no class is kept the
   reference is the source classifier's confidence in its top class on the new examples.
-* Then the bias is lowered, where needed, so that on every known object read the new row's
-  logit is at most the runner-up's there (the highest logit among the kept classes and
+* Then the bias is lowered, where needed, so that on every kept-class object read the new
+  row's logit is at most the runner-up's there (the highest logit among the kept classes and
   background but the object's own class): the kept classes' scores, and their order, hardly
-  move from iteration 0, nor does background become the new class.
+  move from iteration 0.
 
 Examples are the non-crowd, non-empty boxes of ``DATASETS.TRAIN`` (dataset dicts), at most
 ``max_images`` images per new class, chosen by ranking the images holding that class by

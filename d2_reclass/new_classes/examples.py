@@ -21,7 +21,7 @@ from torch import nn
 from ..classes import ClassMapping, normalize_class_name, union_classes
 from ..data.mapping import remap_category_ids
 from ..errors import ConfigError, DatasetError
-from .scoring import Box, Example, background_boxes, box_paths, detected_boxes, run_image
+from .scoring import Box, Example, box_paths, detected_boxes, run_image
 
 __all__ = ["Collected", "NewClassExamples", "Plan", "choose_images", "class_index", "collect",
            "image_boxes", "plan_images", "portable_names"]
@@ -280,8 +280,7 @@ def _no_examples_reason(name: str, count: Dict[str, int],
 class Collected(NamedTuple):
     by_class: Dict[int, List[Example]]  # new class -> its examples
     reference: List[Example]  # kept-class examples, for calibration
-    # Kept-class objects the model detects, unlabelled, and background boxes (imprint only).
-    negatives: List[Example]
+    negatives: List[Example]  # kept-class objects the model detects, unlabelled (imprint only)
     unreadable: Dict[int, str]  # dataset index -> what failed
     read: List[int]  # dataset indices read
     seconds: float  # reading, transforming and running them
@@ -324,7 +323,6 @@ def collect(model: nn.Module, dataset_dicts: Sequence[dict], per_image: List[Lis
                 if want_reference and kept:
                     # Every labelled box is known, whichever class it serves.
                     found = detected_boxes(model, image, labelled, kept)
-                    found += background_boxes(model, image, labelled + found)
                     out.negatives.extend(run_image(model, image, found, paths, source_state,
                                                    num_source) if found else [])
                 for e in run_image(model, image, boxes, paths, source_state, num_source):

@@ -28,8 +28,7 @@ class Classifier(NamedTuple):
     competitors: List[int]  # the kept classes and background
     scale: Optional[float]  # the kept classes' mean row norm, when there are reference boxes
     target: Optional[float]  # their median log-odds against the competitors
-    # The known objects read (reference boxes and negatives: detected kept-class objects and
-    # background boxes): their box features (N, D)
+    # The kept-class objects read (reference boxes and negatives): their box features (N, D)
     # and the highest logit among the competitors other than each one's own class (N,), where
     # there are any: what an imprinted row's direction is contrasted with (_direction) and
     # what caps its bias (_object_cap).
@@ -41,8 +40,7 @@ def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[
                      negatives: Sequence[Example] = ()) -> Dict[str, Classifier]:
     """Per box path (prefix), its :class:`Classifier`, calibrated on ``reference`` (the
     kept-class examples) where it has any; ``reference`` and ``negatives`` (kept-class objects
-    the model detects, unlabelled, and background boxes) are the known objects its rows are
-    contrasted with."""
+    the model detects, unlabelled) are the kept-class objects its rows are contrasted with."""
     out = {}
     for path in paths:
         weight = model_state[path.prefix + "cls_score.weight"].double().cpu()
@@ -171,7 +169,7 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
     info = {"scale": scale, "bias": b, "reference_log_odds": target, "mean_feature_norm": norm}
     if classifier.objects is not None:
         n = len(classifier.objects[0])
-        note += f"; its direction contrasted with {n} kept-class objects and background boxes"
+        note += f"; its direction contrasted with {n} kept-class objects"
         cap = _object_cap(scale * direction, classifier.objects)
         if cap < b:
             info.update(bias=cap, calibrated_bias=b, kept_objects=n)
@@ -182,7 +180,7 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
 
 def _direction(new: torch.Tensor, kept: Optional[torch.Tensor]) -> torch.Tensor:
     """The unit direction of an imprinted row: Fisher's discriminant of the new class's box
-    features ``new`` (R, D) against the known objects' ``kept`` (N, D), with the
+    features ``new`` (R, D) against the kept-class objects' ``kept`` (N, D), with the
     covariance shrunk as Ledoit and Wolf estimate it; the new class's mean feature itself when
     there is nothing to contrast with.
 

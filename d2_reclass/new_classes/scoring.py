@@ -13,8 +13,8 @@ from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, Standar
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import nn
 
-__all__ = ["Box", "BoxPath", "Example", "background_boxes", "box_paths", "detected_boxes",
-           "run_image", "source_rows", "unsupported_reason"]
+__all__ = ["Box", "BoxPath", "Example", "box_paths", "detected_boxes", "run_image",
+           "source_rows", "unsupported_reason"]
 
 
 class Box(NamedTuple):
@@ -167,32 +167,6 @@ def detected_boxes(model: nn.Module, image: torch.Tensor, labelled: List[Box],
         found = found[pairwise_iou(found.pred_boxes, known).max(dim=1).values < overlap]
     return [Box(int(c), tuple(float(v) for v in xyxy)) for c, xyxy in
             zip(found.pred_classes.tolist(), found.pred_boxes.tensor.tolist())]
-
-
-def background_boxes(model: nn.Module, image: torch.Tensor, known: List[Box]) -> List[Box]:
-    """The RPN's highest-scoring proposals on ``image`` (transformed, as :func:`run_image`
-    takes it) that the ROI heads' own matcher would call background (IoU below its lowest
-    threshold with every ``known`` box), as many as there are known boxes (at least one),
-    classed as the model's background. Empty for a model without an RPN and ROI heads.
-
-    An imprinted row contrasted with the kept objects alone loses what tells any object from
-    background, and fires on the background the model proposes; these boxes are the hardest
-    of it, in the same images.
-    """
-    heads = getattr(model, "roi_heads", None)
-    rpn = getattr(model, "proposal_generator", None)
-    matcher = getattr(heads, "proposal_matcher", None) or (
-        heads.proposal_matchers[0] if hasattr(heads, "proposal_matchers") else None)
-    if rpn is None or matcher is None:
-        return []
-    images = model.preprocess_image([{"image": image}])
-    proposals, _ = rpn(images, model.backbone(images.tensor), None)
-    boxes = proposals[0].proposal_boxes.tensor.cpu()  # by objectness, highest first
-    if known:
-        iou = pairwise_iou(Boxes(boxes), Boxes(torch.tensor([b.xyxy for b in known])))
-        boxes = boxes[iou.max(dim=1).values < matcher.thresholds[1]]
-    return [Box(heads.num_classes, tuple(float(v) for v in xyxy))
-            for xyxy in boxes[:max(len(known), 1)].tolist()]
 
 
 def _dense_source_probs(model, dense, features, gt: torch.Tensor, image_size,

@@ -18,7 +18,7 @@ from d2_fixtures import REPO, SIX, THREE, assert_same_state, params, small_cfg, 
 from detectron2.data import transforms as T
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.detection_utils import read_image
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import Boxes
 
 from d2_reclass import (
     ConfigError,
@@ -107,9 +107,7 @@ def _box_features(model, dicts, classes, head=None, predictor_prefix=PRED):
 
 def _detected_features(model, dicts, head=None):
     """Directly: box-head features and classes of the kept-class objects ``model`` detects
-    (score >= 0.5) where no box of the image is labelled (IoU < 0.5), then of as many of the
-    RPN's top proposals that overlap no known box (IoU < 0.5) as the image has known boxes,
-    as background (class 3), in dataset order."""
+    (score >= 0.5) where no box of the image is labelled (IoU < 0.5), in dataset order."""
     roi = model.roi_heads
     head = head or roi.box_head
     feats, labels = [], []
@@ -122,14 +120,8 @@ def _detected_features(model, dicts, head=None):
                                                a["bbox"][1] + a["bbox"][3]))
                         for a in d["annotations"]]
             found = detected_boxes(model, image, labelled, KEPT)
-            images = model.preprocess_image([{"image": image}])
-            proposals = model.proposal_generator(images, model.backbone(images.tensor), None)[0]
-            candidates = proposals[0].proposal_boxes
-            known = Boxes(torch.tensor([b.xyxy for b in labelled + found]).reshape(-1, 4))
-            if len(known):
-                candidates = candidates[pairwise_iou(candidates, known).max(dim=1).values < 0.5]
-            found = found + [Box(3, tuple(xyxy)) for xyxy in
-                             candidates.tensor[:max(len(known), 1)].tolist()]
+            if not found:
+                continue
             features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
             x = roi.box_pooler([features[f] for f in roi.box_in_features],
                                [Boxes(torch.tensor([f.xyxy for f in found]))])
@@ -216,7 +208,7 @@ def test_imprinted_row_is_the_discriminant_against_the_kept_objects_and_the_bias
         "star", "imprint", len(stars), len(x))
     assert init.reason.split("; ")[:2] == [
         "calibrated on the kept classes",
-        f"its direction contrasted with {len(kept_x)} kept-class objects and background boxes"]
+        f"its direction contrasted with {len(kept_x)} kept-class objects"]
 
 
 def test_only_new_class_entries_change_and_the_rest_come_from_the_relative(data):
@@ -650,8 +642,7 @@ def test_imprinted_bias_stays_below_the_runner_up_on_the_objects_the_model_detec
     info = init.imprint["roi_heads.box_predictor"]
     assert info["kept_objects"] > 0 and info["bias"] < info["calibrated_bias"]
     assert init.reason.endswith(
-        f"its direction contrasted with {info['kept_objects']} kept-class objects and background "
-        "boxes; bias "
+        f"its direction contrasted with {info['kept_objects']} kept-class objects; bias "
         "lowered to rank below the runner-up on each of them")
 
     row = entries[PRED + "cls_score.weight"][STAR].double()
@@ -659,13 +650,11 @@ def test_imprinted_bias_stays_below_the_runner_up_on_the_objects_the_model_detec
     weight = model.state_dict()[PRED + "cls_score.weight"].double()
     bias = model.state_dict()[PRED + "cls_score.bias"].double()
     x, labels = _detected_features(model, [d for d in new_only if d["annotations"]])
-    assert set(labels.tolist()) == {triangle, 3} and len(x) == info["kept_objects"]
+    assert set(labels.tolist()) == {triangle} and len(x) == info["kept_objects"]
     logits = x @ weight.T + bias
-    on_triangle = labels == triangle
-    # Triangles: the runner-up is square or background; background boxes: the best class.
-    assert torch.equal(_runner_up(logits, labels, KEPT + [3])[on_triangle],
-                       logits[on_triangle][:, [KEPT[1], 3]].max(dim=1).values)
-    gaps = x @ row + b - _runner_up(logits, labels, KEPT + [3])
+    runner_up = logits[:, [KEPT[1], 3]].max(dim=1).values  # square or background
+    assert torch.equal(runner_up, _runner_up(logits, labels, KEPT + [3]))
+    gaps = x @ row + b - runner_up
     assert abs(float(gaps.max())) < 1e-4
     # The kept class itself stays far ahead: its probability on its objects hardly moves.
-    assert bool((logits[on_triangle, triangle] - (x[on_triangle] @ row + b) > 10).all())
+    assert bool((logits[:, triangle] - (x @ row + b) > 10).all())
