@@ -59,10 +59,8 @@ def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[
         kept_objects = ref + [e for e in negatives if path.prefix in e.features]
         if kept_objects:
             x = torch.stack([e.features[path.prefix] for e in kept_objects]).double()
-            own = torch.tensor([e.target for e in kept_objects])[:, None] == torch.tensor(
-                competitors)[None, :]
-            logits = (x @ weight.T + bias)[:, competitors]
-            objects = (x, logits.masked_fill(own, float("-inf")).max(dim=1).values)
+            labels = torch.tensor([e.target for e in kept_objects])
+            objects = (x, _others(x @ weight.T + bias, labels, competitors).max(dim=1).values)
         out[path.prefix] = Classifier(weight, bias, sigmoid, competitors, scale, target,
                                       objects)
     return out
@@ -126,9 +124,14 @@ def _log_odds(logits: torch.Tensor, classes: torch.Tensor, competitors: List[int
     own = logits.gather(1, classes[:, None])[:, 0]
     if sigmoid:
         return own
+    return own - torch.logsumexp(_others(logits, classes, competitors), dim=1)
+
+
+def _others(logits: torch.Tensor, classes: torch.Tensor, competitors: List[int]) -> torch.Tensor:
+    """(R, len(competitors)): each row's logits of ``competitors``, -inf at its own class
+    ``classes[i]``."""
     itself = classes[:, None] == torch.tensor(competitors, device=classes.device)[None, :]
-    others = logits[:, competitors].masked_fill(itself, float("-inf"))
-    return own - torch.logsumexp(others, dim=1)
+    return logits[:, competitors].masked_fill(itself, float("-inf"))
 
 
 def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
