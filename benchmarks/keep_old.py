@@ -49,7 +49,7 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -158,19 +158,29 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------- data
+def _shapes_data(prefix: str, splits: dict, derived, derive: Callable[[str], None],
+                 force: bool) -> str:
+    """The directory of ``splits`` (split -> (classes drawn, images, generator seed)) and the
+    jsons ``derive`` writes from them, made once: keyed by the splits, the scene, ``derived``
+    (what else ``derive`` reads) and the generator's code."""
+    from d2_reclass.data.synthetic import make_shapes_dataset
+
+    data_dir = os.path.join(CACHE, prefix + digest(splits, SCENE, derived,
+                                                   "d2_reclass/data/synthetic.py"))
+    if force or not os.path.exists(os.path.join(data_dir, "done")):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        for split, (classes, n, seed) in splits.items():
+            make_shapes_dataset(data_dir, split, classes, n, seed=seed, **SCENE)
+        derive(data_dir)
+        open(os.path.join(data_dir, "done"), "w").close()
+    return data_dir
+
+
 def make_data(force: bool) -> str:
     """Write the splits (once) and the derived jsons; register them; return the directory."""
     from d2_reclass import register_coco_dataset
-    from d2_reclass.data.synthetic import make_shapes_dataset
 
-    data_dir = os.path.join(CACHE, "data-" + digest(SPLITS, SCENE, REHEARSAL_IMAGES,
-                                                     "d2_reclass/data/synthetic.py"))
-    if force or not os.path.exists(os.path.join(data_dir, "done")):
-        shutil.rmtree(data_dir, ignore_errors=True)
-        for split, (classes, n, seed) in SPLITS.items():
-            make_shapes_dataset(data_dir, split, classes, n, seed=seed, **SCENE)
-        _derive(data_dir)
-        open(os.path.join(data_dir, "done"), "w").close()
+    data_dir = _shapes_data("data-", SPLITS, REHEARSAL_IMAGES, _derive, force)
     for name, split in (("source_train", "source_train"), ("target_val", "target_val"),
                         ("target_full", "target_train"), ("target_new", "target_train"),
                         ("source_rehearsal", "source_train")):
@@ -400,32 +410,30 @@ def make_chain_data(force: bool) -> None:
     """Write the chain's images (once) and one json per step (its images, its class only);
     register them as ko_chain_step{1,2,3} and ko_chain_val."""
     from d2_reclass import register_coco_dataset
-    from d2_reclass.data.synthetic import make_shapes_dataset
 
-    data_dir = os.path.join(CACHE, "chain-data-" + digest(CHAIN_SPLITS, SCENE, CHAIN_IMAGES,
-                                                          "d2_reclass/data/synthetic.py"))
-    if force or not os.path.exists(os.path.join(data_dir, "done")):
-        shutil.rmtree(data_dir, ignore_errors=True)
-        for split, (classes, n, seed) in CHAIN_SPLITS.items():
-            make_shapes_dataset(data_dir, split, classes, n, seed=seed, **SCENE)
-        with open(os.path.join(data_dir, "chain_train.json")) as f:
-            full = json.load(f)
-        names = {c["id"]: c["name"] for c in full["categories"]}
-        for k, name in enumerate(CHAIN_NEW):
-            images = full["images"][k * CHAIN_IMAGES:(k + 1) * CHAIN_IMAGES]
-            ids = {img["id"] for img in images}
-            step = dict(full, images=images, categories=[{"id": 1, "name": name}],
-                        annotations=[dict(a, category_id=1) for a in full["annotations"]
-                                     if a["image_id"] in ids and names[a["category_id"]] == name])
-            with open(os.path.join(data_dir, f"chain_step{k + 1}.json"), "w") as f:
-                json.dump(step, f)
-        open(os.path.join(data_dir, "done"), "w").close()
+    data_dir = _shapes_data("chain-data-", CHAIN_SPLITS, CHAIN_IMAGES, _derive_chain, force)
     for k in range(len(CHAIN_NEW)):
         register_coco_dataset(f"ko_chain_step{k + 1}",
                               os.path.join(data_dir, f"chain_step{k + 1}.json"),
                               os.path.join(data_dir, "chain_train"))
     register_coco_dataset("ko_chain_val", os.path.join(data_dir, "chain_val.json"),
                           os.path.join(data_dir, "chain_val"))
+
+
+def _derive_chain(data_dir: str) -> None:
+    """chain_step{k}.json: the k-th CHAIN_IMAGES images of chain_train, labelled and listed
+    with CHAIN_NEW[k - 1] only."""
+    with open(os.path.join(data_dir, "chain_train.json")) as f:
+        full = json.load(f)
+    names = {c["id"]: c["name"] for c in full["categories"]}
+    for k, name in enumerate(CHAIN_NEW):
+        images = full["images"][k * CHAIN_IMAGES:(k + 1) * CHAIN_IMAGES]
+        ids = {img["id"] for img in images}
+        step = dict(full, images=images, categories=[{"id": 1, "name": name}],
+                    annotations=[dict(a, category_id=1) for a in full["annotations"]
+                                 if a["image_id"] in ids and names[a["category_id"]] == name])
+        with open(os.path.join(data_dir, f"chain_step{k + 1}.json"), "w") as f:
+            json.dump(step, f)
 
 
 def chain(source: dict, seeds: Sequence[int], force: bool) -> Dict[str, List[List[dict]]]:
