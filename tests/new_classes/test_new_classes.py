@@ -94,15 +94,20 @@ def _box_features(model, dicts, classes, head=None, predictor_prefix=PRED):
                 continue
             image = read_image(d["file_name"], format="BGR")
             image = T.ResizeShortestEdge(128, 128).get_transform(image).apply_image(image)
-            images = model.preprocess_image(
-                [{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))}])
-            features = model.backbone(images.tensor)
             boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                    a["bbox"][1] + a["bbox"][3]] for a in anns])
-            x = roi.box_pooler([features[f] for f in roi.box_in_features], [Boxes(boxes)])
-            feats.append(head(x))
+            feats.append(_headed(model, torch.as_tensor(np.ascontiguousarray(
+                image.transpose(2, 0, 1))), boxes, head))
             labels += [a["category_id"] for a in anns]
     return torch.cat(feats).double(), torch.tensor(labels)
+
+
+def _headed(model, image, boxes, head):
+    """Box-head features of ``boxes`` (xyxy) in ``image`` (CHW), pooled and headed as
+    StandardROIHeads does."""
+    roi = model.roi_heads
+    features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+    return head(roi.box_pooler([features[f] for f in roi.box_in_features], [Boxes(boxes)]))
 
 
 def _detected_features(model, dicts, head=None):
@@ -122,10 +127,7 @@ def _detected_features(model, dicts, head=None):
             found = detected_boxes(model, image, labelled, KEPT)
             if not found:
                 continue
-            features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
-            x = roi.box_pooler([features[f] for f in roi.box_in_features],
-                               [Boxes(torch.tensor([f.xyxy for f in found]))])
-            feats.append(head(x))
+            feats.append(_headed(model, image, torch.tensor([f.xyxy for f in found]), head))
             labels += [f.target for f in found]
     if not feats:
         return torch.zeros(0, roi.box_head.output_shape.channels, dtype=torch.float64), \
