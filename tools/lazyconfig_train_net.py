@@ -29,6 +29,7 @@ from d2_reclass import ReclassCheckpointer, register_coco_dataset
 from d2_reclass.integration.fast_rcnn import adopt_box_predictors
 from d2_reclass.integration.lazy import (
     apply_lazy_num_classes,
+    check_lazy_num_classes,
     lazy_new_class_examples,
     lazy_preservation,
     lazy_reclass_options,
@@ -50,6 +51,7 @@ def build_model(cfg):
     model = attach_lazy_probe(instantiate(cfg.model), cfg)
     adopt_box_predictors(model, class_names=lazy_target_classes(cfg),
                          reclass_mode=lazy_reclass_options(cfg).mode)
+    check_lazy_num_classes(cfg, model)
     return model.to(cfg.train.device)
 
 

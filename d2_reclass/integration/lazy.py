@@ -31,9 +31,11 @@ from ..options import ReclassOptions, check_keep_source_classes, preserve_method
 from ..preserve import Preservation, Teacher, teacher_class_index
 from .checkpoint import ReclassCheckpointer
 from .probe import attach_lazy_probe, probed_lazy_fields
+from .trainer import check_num_classes
 
 __all__ = ["lazy_new_class_examples", "lazy_reclass_options", "lazy_target_classes",
-           "apply_lazy_num_classes", "map_lazy_datasets", "lazy_preservation"]
+           "apply_lazy_num_classes", "check_lazy_num_classes", "map_lazy_datasets",
+           "lazy_preservation"]
 
 _KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_map", "seed",
          "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes",
@@ -113,6 +115,21 @@ def apply_lazy_num_classes(cfg) -> List[Tuple[str, int, int]]:
     (:func:`~d2_reclass.integration.probe.probed_lazy_fields`); returns the changes."""
     return _set_num_classes(cfg, lazy_target_classes(cfg, "thing"),
                             lazy_target_classes(cfg, "stuff"), probed_lazy_fields(cfg))
+
+
+def check_lazy_num_classes(cfg, model) -> None:
+    """Raise before the first iteration if a head of ``model`` (instantiated from
+    ``cfg.model``) was built for another number of classes than the target classes: a head
+    sized by a field :func:`apply_lazy_num_classes` does not reach.
+
+    Raises:
+        ClassListError: naming the head, both counts and the fix.
+    """
+    check_num_classes(
+        model, lazy_target_classes(cfg, "thing"), lazy_target_classes(cfg, "stuff"),
+        what="the class list (reclass.target_classes, else dataloader.train.dataset.names)",
+        fix="Set the field of cfg.model that sizes this head to that count (d2_reclass sets "
+        "the num_classes fields it finds, and no other).")
 
 
 def _set_num_classes(cfg, thing, stuff, probed=()) -> List[Tuple[str, int, int]]:

@@ -188,6 +188,33 @@ def test_the_lazy_demo_config_is_seeded_as_its_yaml_twin():
         r.MODE, r.SEED, r.NEW_CLASS_INIT)
 
 
+def test_a_lazy_head_sized_by_a_field_not_set_is_refused_before_training():
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import DatasetCatalog
+
+    from d2_reclass.integration.lazy import apply_lazy_num_classes, check_lazy_num_classes
+
+    for name, classes in (("t_lazy3", ["a", "b", "c"]), ("t_lazy4", ["a", "b", "c", "d"])):
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(name, lambda: [])
+            MetadataCatalog.get(name).set(thing_classes=classes)
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "lazy_shapes_target_map.py"))
+    cfg.dataloader.train.dataset.names = "t_lazy3"
+    assert apply_lazy_num_classes(cfg) == [("model.roi_heads.num_classes", 80, 3)]
+    model = instantiate(cfg.model)
+    check_lazy_num_classes(cfg, model)  # built for its 3 classes: passes
+    # A head sized by a field the setter does not reach stays at its count: here 3, for 4.
+    cfg.dataloader.train.dataset.names = "t_lazy4"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ClassListError, match=re.escape(
+            "The model was built for 3 classes at roi_heads.box_predictor.cls_score.weight, "
+            "but the class list (reclass.target_classes, else "
+            "dataloader.train.dataset.names) has 4 (one too few: the last class would be "
+            "trained as background). Set the field of cfg.model that sizes this head")):
+        check_lazy_num_classes(cfg, model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.slow
 def test_lazyconfig_train_net_maps_init_checkpoint(coco_task, tmp_path):
     from detectron2 import model_zoo
