@@ -362,6 +362,14 @@ def _read_checkpoint(path: str, trust_pickle: bool):
     local = _local(path)
     obj = load_checkpoint_file(local, trust_pickle=trust_pickle, progress=True)
     weights = _weights(obj, local)
+    if isinstance(obj, dict) and "ema_state" in obj:
+        # The EMA copy is often the model a project evaluates; leaving it out silently would
+        # hand the user the other weights.
+        logger.warning(
+            f"{path} also holds EMA weights ('ema_state'): its 'model' weights are the ones "
+            "read, and no EMA state is written. To reclass the EMA weights instead, save them "
+            "as the model of a checkpoint of their own (torch.save({'model': "
+            "ckpt['ema_state']}, PATH)) and pass that.")
     weights = copy_state_dict(weights, [(k, torch.as_tensor(v) if isinstance(v, np.ndarray)
                                          else v) for k, v in weights.items()])
     return local, weights, stored_classes(obj if isinstance(obj, dict) else {}, source=path).get(

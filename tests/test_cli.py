@@ -317,6 +317,25 @@ def test_convert_without_names_warns_that_every_row_is_reinitialised(tmp_path, c
         assert capsys.readouterr().err == ""
 
 
+def test_convert_says_that_it_reads_the_model_weights_of_a_checkpoint_with_ema(tmp_path, capsys):
+    model = small_model(6, seed=1)
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    ckpt = str(tmp_path / "six.pth")
+    torch.save({"model": model.state_dict(), "ema_state": ema}, ckpt)
+    out = str(tmp_path / "three.pth")
+    assert main(["convert", ckpt, "--out", out, "--classes", ",".join(THREE[:2]),
+                 "--source-classes", ",".join(SIX)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"d2-reclass: warning: {ckpt} also holds EMA weights ('ema_state'): its 'model' weights "
+        "are the ones read, and no EMA state is written. To reclass the EMA weights instead, "
+        "save them as the model of a checkpoint of their own (torch.save({'model': "
+        "ckpt['ema_state']}, PATH)) and pass that."]
+    written = torch.load(out, weights_only=True)
+    assert "ema_state" not in written
+    backbone = "backbone.bottom_up.stem.conv1.weight"
+    assert torch.equal(written["model"][backbone], model.state_dict()[backbone])
+
+
 def test_convert_never_writes_over_its_input_or_an_existing_file(six_ckpt, tmp_path):
     before = open(six_ckpt, "rb").read()
     proc = run("convert", six_ckpt, "--out", six_ckpt, "--classes", "a", ok=False)
