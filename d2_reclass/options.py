@@ -81,7 +81,8 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
         raise ConfigError(
             f"{name('preserve')} is {preserve!r}; use one of {', '.join(PRESERVE_METHODS)}."
             + did_you_mean(str(preserve), PRESERVE_METHODS))
-    for option, low, high in (("pseudo_label_score", 0.0, 1.0), ("distill_weight", 0.0, None)):
+    for option, low, high in (("pseudo_label_score", 0.0, 1.0), ("distill_weight", 0.0, None),
+                              ("source_average", 0.0, 1.0)):
         value = values.get(option, 0.5)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low \
                 or (high is not None and value > high):
@@ -167,7 +168,8 @@ class ReclassOptions:
             ones (:mod:`d2_reclass.data.class_lists`); without target classes, the
             checkpointer takes the checkpoint's, then those of the examples' datasets.
         preserve (str): one of :data:`PRESERVE_METHODS` (:mod:`d2_reclass.preserve`).
-        pseudo_label_score, distill_weight, teacher_cache: as the MODEL.RECLASS keys.
+        pseudo_label_score, distill_weight, teacher_cache, source_average: as the
+            MODEL.RECLASS keys.
     """
 
     mode: str = "auto"
@@ -190,6 +192,7 @@ class ReclassOptions:
     pseudo_label_score: float = 0.5
     distill_weight: float = 1.0
     teacher_cache: bool = True
+    source_average: float = 0.0
 
     def __post_init__(self) -> None:
         # Lists from YAML, OmegaConf or callers become tuples: the options are one frozen value.

@@ -110,6 +110,12 @@ def add_reclass_config(cfg: CN) -> None:
     # content, so a flip is another entry), computing each once: exact, and the saving grows
     # with the epochs; off: computed for every batch.
     _C.TEACHER_CACHE = True
+    # PRESERVE pseudo_labels / distill: after the last iteration, the weights become
+    # (1 - SOURCE_AVERAGE) x the fine-tuned ones + SOURCE_AVERAGE x the source model's, on
+    # every tensor but the new classes' entries: the old classes get back some of what the
+    # fine-tune cost them, the new ones lose some of what they learnt (measured in
+    # docs/keep_old.md; d2_reclass/preserve/averaging.py). 0, the default: off.
+    _C.SOURCE_AVERAGE = 0.0
 
 
 def options_from_config(cfg: CN) -> ReclassOptions:

@@ -5,7 +5,7 @@
                    new_class_init="imprint", init_images=16, combine=[],
                    combine_allow_different_weights=False, keep_source_classes=False,
                    preserve="auto", pseudo_label_score=0.5, distill_weight=1.0,
-                   teacher_cache=True)
+                   teacher_cache=True, source_average=0.0)
 
 ``train.init_checkpoint`` is the checkpoint; the target classes default to the metadata of
 ``dataloader.train.dataset.names`` (with ``keep_source_classes``: the checkpoint's classes,
@@ -41,7 +41,7 @@ _KEYS = ("mode", "source_classes", "source_dataset", "target_classes", "class_ma
          "only", "rename", "trust_pickle", "source_stuff_classes", "target_stuff_classes",
          "new_class_init", "init_images", "combine", "combine_allow_different_weights",
          "keep_source_classes", "preserve", "pseudo_label_score", "distill_weight",
-         "teacher_cache")
+         "teacher_cache", "source_average")
 
 
 def _reclass(cfg) -> Dict[str, Any]:
@@ -196,4 +196,6 @@ def lazy_preservation(cfg):
         )).load(cfg.train.init_checkpoint)
         teacher = Teacher(model, cache=options.teacher_cache)
     return Preservation(method, teacher_class_index(source, target), len(target), teacher,
-                        score=options.pseudo_label_score, distill_weight=options.distill_weight)
+                        score=options.pseudo_label_score, distill_weight=options.distill_weight,
+                        source_average=options.source_average, source_classes=list(source),
+                        target_classes=list(target), max_iter=cfg.train.max_iter)

@@ -48,4 +48,6 @@ def preservation_from_config(cfg) -> Preservation:
     teacher = build_teacher(cfg, source, score=r.PSEUDO_LABEL_SCORE) \
         if method in ("pseudo_labels", "distill") else None
     return Preservation(method, index, len(target), teacher, score=r.PSEUDO_LABEL_SCORE,
-                        distill_weight=r.DISTILL_WEIGHT)
+                        distill_weight=r.DISTILL_WEIGHT, source_average=r.SOURCE_AVERAGE,
+                        source_classes=list(source), target_classes=list(target),
+                        max_iter=cfg.SOLVER.MAX_ITER)

@@ -8,6 +8,9 @@
 * ``frozen_rows``: only the new classes' entries train (:mod:`.frozen_rows`);
 * ``none``: plain fine-tuning.
 
+With a teacher (pseudo_labels, distill), ``MODEL.RECLASS.SOURCE_AVERAGE`` then leans the final
+weights back toward the source's (:mod:`.averaging`).
+
 The source model is the :class:`~.teacher.Teacher`. :func:`attach_preservation` puts a method
 onto any detectron2 ``SimpleTrainer`` (its model, data loader and optimizer) after the
 weights are loaded; :func:`~d2_reclass.integration.preservation.preservation_from_config`
@@ -15,8 +18,9 @@ builds what it needs from a yacs config.
 """
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+from .averaging import SourceAverage, average_with_source, source_weights
 from .distill import OutputDistiller
 from .frozen_rows import FrozenEntries
 from .pseudo_labels import IGNORE, PseudoLabeledLoader, add_pseudo_labels, ignores_unsure
@@ -28,11 +32,14 @@ __all__ = [
     "OutputDistiller",
     "Preservation",
     "PseudoLabeledLoader",
+    "SourceAverage",
     "Teacher",
     "add_pseudo_labels",
     "attach_preservation",
+    "average_with_source",
     "ignores_unsure",
     "preservation_summary",
+    "source_weights",
     "teacher_class_index",
 ]
 
@@ -49,7 +56,11 @@ class Preservation:
         class_index (list[int or None]): per source class, the model's class id.
         num_classes (int): the model's thing classes.
         teacher (Teacher or None)
-        score, distill_weight (float): PSEUDO_LABEL_SCORE, DISTILL_WEIGHT.
+        score, distill_weight, source_average (float): PSEUDO_LABEL_SCORE, DISTILL_WEIGHT,
+            SOURCE_AVERAGE.
+        source_classes, target_classes (list[str]): the teacher's and the model's class names
+            (what the source average maps the teacher's weights by).
+        max_iter (int or None): the iteration the run ends at (the source average's moment).
         attached (list): what :func:`attach_preservation` installed (loader, distiller, ...).
     """
 
@@ -59,6 +70,10 @@ class Preservation:
     teacher: Optional[Teacher] = None
     score: float = 0.5
     distill_weight: float = 1.0
+    source_average: float = 0.0
+    source_classes: Sequence[str] = ()
+    target_classes: Sequence[str] = ()
+    max_iter: Optional[int] = None
     attached: list = field(default_factory=list)
 
     @property
@@ -73,7 +88,9 @@ def attach_preservation(trainer, preservation: Preservation) -> Preservation:
     whose model holds the loaded weights, before its first iteration.
 
     pseudo_labels wraps ``trainer.data_loader``; distill hooks ``trainer.model``; frozen_rows
-    hooks its parameters and ``trainer.optimizer``. Returns ``preservation``.
+    hooks its parameters and ``trainer.optimizer``; a source average (with a teacher, a
+    ``source_average`` above 0 and a ``max_iter``) wraps ``trainer.run_step``. Returns
+    ``preservation``.
     """
     p = preservation
     if p.method == "pseudo_labels":
@@ -89,18 +106,25 @@ def attach_preservation(trainer, preservation: Preservation) -> Preservation:
                                           weight=p.distill_weight))
     elif p.method == "frozen_rows":
         p.attached.append(FrozenEntries(trainer.model, trainer.optimizer, p.new_classes))
+    if p.teacher is not None and p.source_average > 0 and p.max_iter is not None:
+        p.attached.append(SourceAverage(trainer, p.teacher.model, p.source_classes,
+                                        p.target_classes, p.new_classes,
+                                        weight=p.source_average, max_iter=p.max_iter))
     if p.method != "none":
         old = sum(i is not None for i in p.class_index)
         n = len(p.new_classes)
         train = "1 new class trains" if n == 1 else f"{n} new classes train"
+        average = (f" At iteration {p.max_iter}, the weights are averaged with the source "
+                   f"model's (SOURCE_AVERAGE {p.source_average:g}).") \
+            if any(isinstance(a, SourceAverage) for a in p.attached) else ""
         logger.info(f"[Preservation] MODEL.RECLASS.PRESERVE {p.method}: keeping {old} source "
-                    f"classes while {train}.")
+                    f"classes while {train}.{average}")
     return p
 
 
 def preservation_summary(preservation: Preservation) -> Optional[str]:
     """One line saying what ``preservation`` did so far (pseudo-labels added, the teacher's
-    passes and time), or None for ``none``."""
+    passes and time, the source average once taken), or None for ``none``."""
     p = preservation
     if p.method == "none":
         return None
@@ -114,4 +138,6 @@ def preservation_summary(preservation: Preservation) -> Optional[str]:
     if t is not None and t.images:
         parts.append(f"teacher: {t.images} images, {t.runs} run in {t.calls} forward passes, "
                      f"{t.cached} from its cache, {t.seconds:.1f} s")
+    parts += [f"final weights averaged with the source model's ({a.weight:g} of it, "
+              "SOURCE_AVERAGE)" for a in p.attached if isinstance(a, SourceAverage) and a.applied]
     return "; ".join(parts) + "."

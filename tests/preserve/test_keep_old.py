@@ -130,6 +130,16 @@ def test_a_misspelt_method_names_the_key():
         prepare_reclass_config(cfg)
 
 
+@pytest.mark.parametrize("key, value, bound", [
+    ("PSEUDO_LABEL_SCORE", 1.5, "between 0.0 and 1.0"),
+    ("SOURCE_AVERAGE", -0.1, "between 0.0 and 1.0"),
+    ("DISTILL_WEIGHT", -1.0, ">= 0.0")])
+def test_a_weight_out_of_range_names_the_key_and_the_range(key, value, bound):
+    with pytest.raises(ConfigError, match=re.escape(
+            f"MODEL.RECLASS.{key} is {value!r}; it must be a number {bound}.")):
+        prepare_reclass_config(small_cfg(3, opts=[f"MODEL.RECLASS.{key}", value]))
+
+
 def test_the_python_api_takes_the_key(task):
     """ReclassOptions(keep_source_classes=True) without target classes: the checkpoint's,
     then those of the examples' datasets."""
@@ -379,6 +389,39 @@ def test_a_project_that_trains_without_resume_or_load_still_gets_pseudo_labels(t
     p = trainer.preservation
     assert p.method == "pseudo_labels" and p.teacher.images == 4
     assert p.attached[0] is trainer._trainer.data_loader and p.attached[0].added > 0
+
+
+# ----------------------------------------------------------------------------- source average
+def test_the_final_weights_are_averaged_with_the_sources_but_the_new_classes_entries(task):
+    from detectron2.utils.env import seed_all_rng
+
+    runs = {}
+    for average in (0.0, 0.25):
+        out = task / f"average{average}"
+        seed_all_rng(1)  # the data order, as default_setup seeds it: the two runs alike
+        trainer = ReclassTrainer(_cfg(task, "MODEL.RECLASS.SOURCE_AVERAGE", average,
+                                      "SOLVER.MAX_ITER", 3, "SOLVER.BASE_LR", 0.05,
+                                      "OUTPUT_DIR", str(out)))
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        runs[average] = (trainer.preservation,
+                         torch.load(out / "model_final.pth", weights_only=True)["model"])
+    (plain_p, plain), (averaged_p, averaged) = runs[0.0], runs[0.25]
+    source = torch.load(task / "named.pth", weights_only=True)["model"]
+    stem, box = "backbone.bottom_up.stem.conv1.weight", "roi_heads.box_predictor.bbox_pred.weight"
+    assert not torch.equal(plain[stem], source[stem])  # the runs trained it
+    # The same run up to the last step (same seed), then the average, in the saved weights.
+    assert torch.equal(averaged[stem], torch.lerp(plain[stem], source[stem], 0.25))
+    assert torch.equal(averaged[CLS][:6], torch.lerp(plain[CLS][:6], source[CLS][:6], 0.25))
+    assert torch.equal(averaged[CLS][BACKGROUND], torch.lerp(plain[CLS][BACKGROUND],
+                                                             source[CLS][6], 0.25))
+    assert torch.equal(averaged[box][:24], torch.lerp(plain[box][:24], source[box], 0.25))
+    # Star's entries, which the source has none of, stay as trained.
+    assert torch.equal(averaged[CLS][STAR], plain[CLS][STAR])
+    assert torch.equal(averaged[box][24:], plain[box][24:])
+    assert preservation_summary(averaged_p).endswith(
+        "; final weights averaged with the source model's (0.25 of it, SOURCE_AVERAGE).")
+    assert "averaged" not in preservation_summary(plain_p)
 
 
 # ----------------------------------------------------------------------------- frozen rows
