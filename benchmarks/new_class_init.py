@@ -91,15 +91,23 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def digest(*parts) -> str:
-    """A short hash of ``parts``; paths of files in the repository are hashed by content."""
+    """A short hash of ``parts``; paths of files in the repository are hashed by content, and
+    of directories by the names and contents of the Python files under them (so that a cached
+    run goes stale when the code it ran changes)."""
     h = hashlib.sha256()
     for p in parts:
         path = os.path.join(ROOT, p) if isinstance(p, str) else ""
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                h.update(f.read())
+        if path and os.path.isdir(path):
+            files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                           if f.endswith(".py"))
         else:
+            files = [path] if path and os.path.isfile(path) else []
+        if not files:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        for file in files:
+            h.update(os.path.relpath(file, ROOT).encode())
+            with open(file, "rb") as f:
+                h.update(f.read())
     return h.hexdigest()[:10]
 
 
