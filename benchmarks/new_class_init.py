@@ -97,17 +97,17 @@ def digest(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
         path = os.path.join(ROOT, p) if isinstance(p, str) else ""
-        if path and os.path.isdir(path):
-            files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                           if f.endswith(".py"))
-        else:
-            files = [path] if path and os.path.isfile(path) else []
-        if not files:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        for file in files:
-            h.update(os.path.relpath(file, ROOT).encode())
-            with open(file, "rb") as f:
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
                 h.update(f.read())
+        elif path and os.path.isdir(path):
+            for file in sorted(os.path.join(d, f) for d, _, names in os.walk(path)
+                               for f in names if f.endswith(".py")):
+                h.update(os.path.relpath(file, ROOT).encode())
+                with open(file, "rb") as f:
+                    h.update(f.read())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:10]
 
 
