@@ -660,6 +660,36 @@ def test_lazyconfig_takes_the_key(task, tmp_path):
     assert torch.equal(final["model"][CLS][7], source[CLS][6])
 
 
+def test_lazyconfig_takes_the_source_average(task, tmp_path):
+    """With the whole weight on the source, everything but star's entries ends as loaded;
+    star's are those of the same run without the average (the config's seed fixes the run)."""
+    script = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
+    logs, finals = {}, {}
+    for average in (0.0, 1.0):
+        out = tmp_path / f"out{average}"
+        logs[average] = _run([
+            script, "--config-file", "configs/lazy_shapes_target_map.py", "--coco-dataset",
+            "l_avg", str(task / "train.json"), str(task / "train"),
+            f"train.init_checkpoint={task / 'named.pth'}", f"train.output_dir={out}",
+            "train.max_iter=2", "reclass.keep_source_classes=True",
+            f"reclass.source_average={average}", "dataloader.train.dataset.names=l_avg",
+            "dataloader.test.dataset.names=l_avg", "dataloader.train.total_batch_size=2"])
+        finals[average] = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert "[Preservation] MODEL.RECLASS.PRESERVE pseudo_labels: keeping 6 source classes " \
+        "while 1 new class trains. At iteration 2, the weights are averaged with the source " \
+        "model's (SOURCE_AVERAGE 1)." in logs[1.0]
+    assert "averaged" not in logs[0.0]
+    plain, final = finals[0.0], finals[1.0]
+    source = torch.load(task / "named.pth", weights_only=True)["model"]
+    stem, box = "backbone.bottom_up.stem.conv1.weight", "roi_heads.box_predictor.bbox_pred.weight"
+    assert not torch.equal(plain[stem], source[stem])
+    assert torch.equal(final[stem], source[stem])
+    assert torch.equal(final[CLS][:6], source[CLS][:6])
+    assert torch.equal(final[CLS][BACKGROUND], source[CLS][6])
+    assert torch.equal(final[CLS][STAR], plain[CLS][STAR])
+    assert torch.equal(final[box][24:], plain[box][24:])
+
+
 def test_frozen_rows_keep_a_sigmoid_heads_old_logits_exactly(task):
     """RetinaNet: sigmoid classes do not compete, so with only the new class's entries trained
     the old classes' logits stay the source model's."""
