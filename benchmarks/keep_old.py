@@ -147,8 +147,8 @@ GROUPS = {
     "low_score": [(arch, kind, "pseudo_labels_score_0.3", LONG, True)
                   for arch, kind in (("retinanet", "weak"), ("retinanet", "full"))],
     # The final weights averaged with the source's (MODEL.RECLASS.SOURCE_AVERAGE 0.3).
-    "average": [(arch, "full", "pseudo_labels_average_0.3", LONG, True)
-                for arch in ("faster", "retinanet")],
+    "average": [(arch, kind, "pseudo_labels_average_0.3", LONG, True)
+                for arch in ("faster", "retinanet") for kind in ("full", "weak")],
 }
 #: Only the first seed of these groups (a time measurement: its APs equal the cached run's).
 ONE_SEED = {"nocache"}
