@@ -1,6 +1,7 @@
 """Two ranks of tools/train_net.py's setup and ReclassTrainer with MODEL.RECLASS.PRESERVE, under
 detectron2's launch: each rank saves its parameters after training, what its teacher saw, and
-its teacher's detections on one fixed image (for test_keep_old.py).
+its teacher's detections on one fixed image, and the source averages it took (for
+test_keep_old.py).
 
     python tests/keep_old_ddp_worker.py OUT_DIR IMAGE --num-gpus 2 --config-file ... [opts]
 """
@@ -17,6 +18,7 @@ from detectron2.utils import comm  # noqa: E402
 from train_net import argument_parser, setup  # noqa: E402
 
 from d2_reclass import ReclassTrainer  # noqa: E402
+from d2_reclass.preserve import SourceAverage  # noqa: E402
 
 
 def main(out_dir, image_path, args):
@@ -34,6 +36,8 @@ def main(out_dir, image_path, args):
                    trainer.checkpointer.model.named_parameters()},
         "boxes": det.pred_boxes.tensor, "scores": det.scores, "classes": det.pred_classes,
         "teacher_images": seen, "added": preservation.attached[0].added,
+        "averaged": [a.weight for a in preservation.attached
+                     if isinstance(a, SourceAverage) and a.applied],
     }, os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
 
 

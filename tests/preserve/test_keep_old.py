@@ -549,8 +549,10 @@ def test_two_gloo_ranks_run_the_same_teacher_each_on_its_own_batch(task, tmp_pat
           "DATASETS.TRAIN", '("d_new",)', "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
           "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
           "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-          "OUTPUT_DIR", str(tmp_path / "out")])
+          "MODEL.RECLASS.SOURCE_AVERAGE", "0.5", "OUTPUT_DIR", str(tmp_path / "out")])
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Each rank took the source average itself (nothing broadcast) ...
+    assert r0["averaged"] == r1["averaged"] == [0.5]
     # Each rank labelled its own batch of 1 image per iteration, with pseudo-labels.
     assert r0["teacher_images"] == r1["teacher_images"] == 2
     assert r0["added"] > 0 and r1["added"] > 0
@@ -558,7 +560,7 @@ def test_two_gloo_ranks_run_the_same_teacher_each_on_its_own_batch(task, tmp_pat
     assert len(r0["boxes"]) > 0
     for key in ("boxes", "scores", "classes"):
         assert torch.equal(r0[key], r1[key]), key
-    # And DDP kept the student identical on both ranks.
+    # ... and DDP kept the student identical on both ranks, the average included.
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
 
