@@ -30,9 +30,10 @@ class Classifier(NamedTuple):
     target: Optional[float]  # their median log-odds against the competitors
     # The kept-class objects read (reference boxes and negatives): their box features (N, D)
     # and the highest logit among the competitors other than each one's own class (N,), where
-    # there are any: what an imprinted row's direction is contrasted with (_direction) and
-    # what caps its bias (_object_cap).
+    # there are any: what caps an imprinted row's bias (_object_cap).
     objects: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    # The same objects as every new class's direction is contrasted with them (_direction).
+    contrast: Optional["Contrast"] = None
 
 
 def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[int],
@@ -62,7 +63,7 @@ def read_classifiers(paths: List[BoxPath], reference: List[Example], kept: List[
             labels = torch.tensor([e.target for e in kept_objects])
             objects = (x, _others(x @ weight.T + bias, labels, competitors).max(dim=1).values)
         out[path.prefix] = Classifier(weight, bias, sigmoid, competitors, scale, target,
-                                      objects)
+                                      objects, None if objects is None else Contrast(objects[0]))
     return out
 
 
@@ -148,7 +149,7 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
     norm = float(mean.norm())
     if not norm > 0:
         return None, None, {}, "its box features are all zero"
-    direction = _direction(x, None if classifier.objects is None else classifier.objects[0])
+    direction = _direction(x, classifier.contrast)
     weight, bias, sigmoid = classifier.weight, classifier.bias, classifier.sigmoid
     competitors = classifier.competitors
     if classifier.target is not None:
@@ -181,11 +182,11 @@ def _imprint(path: BoxPath, new_feats: torch.Tensor, classifier: Classifier,
     return scale * direction, b, info, note
 
 
-def _direction(new: torch.Tensor, kept: Optional[torch.Tensor]) -> torch.Tensor:
+def _direction(new: torch.Tensor, kept: Optional["Contrast"]) -> torch.Tensor:
     """The unit direction of an imprinted row: Fisher's discriminant of the new class's box
-    features ``new`` (R, D) against the kept-class objects' ``kept`` (N, D), with the
-    covariance shrunk as Ledoit and Wolf estimate it; the new class's mean feature itself when
-    there is nothing to contrast with.
+    features ``new`` (R, D) against the kept-class objects of ``kept``, with the covariance
+    shrunk as Ledoit and Wolf estimate it; the new class's mean feature itself when there is
+    nothing to contrast with.
 
     Box-head features share a large component among all objects (post-ReLU activations of
     "some object here"): a row along the new class's mean scores a look-alike kept object
@@ -197,13 +198,77 @@ def _direction(new: torch.Tensor, kept: Optional[torch.Tensor]) -> torch.Tensor:
     """
     mean = new.mean(dim=0)
     if kept is not None:
-        diff = mean - kept.mean(dim=0)
-        centred = torch.cat([new - mean, kept - kept.mean(dim=0)])
-        w = _shrunk_solve(centred, diff)
+        w = kept.solve(new - mean, mean - kept.mean)
         norm = float(w.norm()) if w is not None else 0.0
         if norm > 0 and torch.isfinite(w).all():
             return w / norm
     return mean / float(mean.norm())
+
+
+class Contrast:
+    """The kept-class objects (N, D) every new class's discriminant is contrasted with, and
+    what all those solves share.
+
+    :meth:`solve` is ``S^-1 v`` for the Ledoit-Wolf shrunk covariance ``S = (1 - a) X'X / n +
+    a m I`` of the centred rows ``X`` = the new class's (R, given per call) and these objects'
+    (m: the mean variance, a: the estimated shrinkage). With fewer rows than feature
+    dimensions it goes through the n x n Gram matrix (Woodbury), whose cost does not grow with
+    D squared; with more, through one eigendecomposition of the objects' D x D scatter, made
+    once and shared by every class, then a rank-R update per class, so that many classes
+    times many objects stays linear in the classes (one n x n solve per class was cubic in
+    the objects read).
+    """
+
+    def __init__(self, kept: torch.Tensor):
+        self.mean = kept.mean(dim=0)
+        self.centred = kept - self.mean
+        self._scatter: Optional[Tuple[torch.Tensor, torch.Tensor, float, float, float]] = None
+
+    def solve(self, new_centred: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        """``S^-1 v`` (see the class doc), or None when S is singular (all rows equal)."""
+        q = self.centred
+        if len(new_centred) + len(q) <= q.shape[1]:
+            return _shrunk_solve(torch.cat([new_centred, q]), v)
+        return self._solve_shared(new_centred, v)
+
+    def _shared(self) -> Tuple[torch.Tensor, torch.Tensor, float, float, float]:
+        """Once: the eigenvectors and values of Q'Q, |Q|_F^2, |Q'Q|_F^2, sum_j |q_j|^4."""
+        if self._scatter is None:
+            q = self.centred
+            lam, vec = torch.linalg.eigh(q.T @ q)
+            lam = lam.clamp(min=0)
+            sq = (q * q).sum(dim=1)
+            self._scatter = (vec, lam, float(sq.sum()), float((lam ** 2).sum()),
+                             float((sq ** 2).sum()))
+        return self._scatter
+
+    def _solve_shared(self, p: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        vec, lam, q_sq, qq_f2, q_four = self._shared()
+        q = self.centred
+        n, d = len(p) + len(q), q.shape[1]
+        p_sq = (p * p).sum(dim=1)
+        # The Gram matrix of all rows, [[PP', PQ'], [QP', QQ']], by its blocks.
+        g_f2 = float(((p @ p.T) ** 2).sum() + 2 * ((p @ q.T) ** 2).sum()) + qq_f2
+        m = (float(p_sq.sum()) + q_sq) / (n * d)
+        s_sq = g_f2 / n ** 2
+        d2 = s_sq - m * m * d
+        b2 = (float((p_sq ** 2).sum()) + q_four - n * s_sq) / n ** 2
+        if not (m > 0 and d2 > 0):
+            return None
+        a = min(b2, d2) / d2
+        c, beta = a * m, (1 - a) / n
+        if not c > 0:
+            return None
+
+        def base_inverse(y: torch.Tensor) -> torch.Tensor:  # (c I + beta Q'Q)^-1 y
+            return vec @ ((vec.T @ y) / (c + beta * lam)[:, None])
+
+        u = base_inverse(v[:, None])
+        if not len(p) or beta == 0:
+            return u[:, 0]
+        z = base_inverse(p.T)
+        inner = torch.eye(len(p), dtype=p.dtype) / beta + p @ z
+        return (u - z @ torch.linalg.solve(inner, p @ u))[:, 0]
 
 
 def _shrunk_solve(x: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:

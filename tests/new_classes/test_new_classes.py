@@ -151,6 +151,27 @@ def _discriminant(new, kept):
     return w / w.norm()
 
 
+def test_the_discriminant_is_the_same_through_the_gram_matrix_and_the_shared_scatter():
+    from d2_reclass.new_classes.rules import Contrast, _direction
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    kept = torch.randn(40, 6, generator=g, dtype=torch.float64) @ mix + 1.0
+    new = torch.randn(3, 6, generator=g, dtype=torch.float64) @ mix + 2.0
+    # More rows (3 + 40) than feature dimensions (6): the scatter shared by every class.
+    many = Contrast(kept)
+    assert torch.allclose(_direction(new, many), _discriminant(new, kept), atol=1e-10)
+    assert many._scatter is not None
+    # Fewer (3 + 2): the Gram matrix, nothing shared.
+    few = Contrast(kept[:2])
+    assert torch.allclose(_direction(new, few), _discriminant(new, kept[:2]), atol=1e-10)
+    assert few._scatter is None
+    # A second class reuses the first one's decomposition.
+    scatter = many._scatter
+    assert torch.allclose(_direction(new[:2], many), _discriminant(new[:2], kept), atol=1e-10)
+    assert many._scatter is scatter
+
+
 def _runner_up(logits, labels, competitors):
     """Per row, the highest logit among ``competitors`` other than the row's own class."""
     return torch.stack([max(row[c] for c in competitors if c != k)
