@@ -56,7 +56,7 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
 
     Raises:
         ConfigError: a mode, new-class init, image count, seed, prefix list, rename or flag of
-            the wrong kind.
+            the wrong kind; a source average without a method that has a teacher.
         ClassListError: a malformed class list or class map entry.
     """
     mode = values.get("mode", "auto")
@@ -88,6 +88,17 @@ def check_option_values(values: Dict[str, Any], name: Callable[[str], str] = con
                 or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             raise ConfigError(f"{name(option)} is {value!r}; it must be a number {bound}.")
+    method = preserve_method(preserve, bool(values.get("keep_source_classes", False)))
+    if values.get("source_average", 0.0) > 0 and method not in ("pseudo_labels", "distill"):
+        # Silently skipped, the user would take an unaveraged model for an averaged one.
+        raise ConfigError(
+            f"{name('source_average')} is {values['source_average']!r}, but it averages with "
+            f"the source model that PRESERVE pseudo_labels or distill load as their teacher, "
+            f"and the method is {method!r}"
+            + (" (every entry but the new classes' stays the source's anyway)"
+               if method == "frozen_rows" else "")
+            + f". Set {name('keep_source_classes')} True (PRESERVE auto is then "
+            f"pseudo_labels), or {name('source_average')} 0.")
     if values.get("keep_source_classes", False) and values.get("mode", "auto") == "reinit":
         check_keep_source_classes(True, "reinit", (), name=name)
     for option in ("trust_pickle", "combine_allow_different_weights", "keep_source_classes",

@@ -114,7 +114,8 @@ def add_reclass_config(cfg: CN) -> None:
     # (1 - SOURCE_AVERAGE) x the fine-tuned ones + SOURCE_AVERAGE x the source model's, on
     # every tensor but the new classes' entries: the old classes get back some of what the
     # fine-tune cost them, the new ones lose some of what they learnt (measured in
-    # docs/keep_old.md; d2_reclass/preserve/averaging.py). 0, the default: off.
+    # docs/keep_old.md; d2_reclass/preserve/averaging.py). 0, the default: off; above 0 with
+    # another PRESERVE method (no teacher), an error.
     _C.SOURCE_AVERAGE = 0.0
 
 

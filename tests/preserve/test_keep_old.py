@@ -140,6 +140,19 @@ def test_a_weight_out_of_range_names_the_key_and_the_range(key, value, bound):
         prepare_reclass_config(small_cfg(3, opts=[f"MODEL.RECLASS.{key}", value]))
 
 
+@pytest.mark.parametrize("opts, method", [
+    ([], "'none'"), (["MODEL.RECLASS.KEEP_SOURCE_CLASSES", True, "MODEL.RECLASS.PRESERVE",
+                      "frozen_rows"], "'frozen_rows' (every entry but the new classes'")])
+def test_a_source_average_without_a_teacher_is_one_clear_error(task, opts, method):
+    cfg = _cfg(task, "MODEL.RECLASS.SOURCE_AVERAGE", 0.3, *opts) if opts else small_cfg(
+        3, opts=["MODEL.RECLASS.SOURCE_AVERAGE", 0.3])
+    with pytest.raises(ConfigError, match=re.escape(
+            "MODEL.RECLASS.SOURCE_AVERAGE is 0.3, but it averages with the source model "
+            "that PRESERVE pseudo_labels or distill load as their teacher, and the method is "
+            f"{method}")):
+        prepare_reclass_config(cfg)
+
+
 def test_the_python_api_takes_the_key(task):
     """ReclassOptions(keep_source_classes=True) without target classes: the checkpoint's,
     then those of the examples' datasets."""
