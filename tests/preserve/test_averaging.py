@@ -40,3 +40,13 @@ def test_the_source_weights_are_laid_out_for_the_models_classes_by_name():
     stem = "backbone.bottom_up.stem.conv1.weight"
     assert torch.equal(out[stem], src[stem])
     assert not torch.equal(out[stem], model.state_dict()[stem])
+
+
+def test_the_source_weights_of_a_mask_head_keep_its_rows_by_name():
+    source = small_model(6, seed=1, mask=True)
+    model = small_model(7, seed=2, mask=True)
+    out = source_weights(model, source, SIX, SIX + ["star"])
+    src = source.state_dict()
+    for key in ("roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias"):
+        assert out[key].shape[0] == 7
+        assert torch.equal(out[key][:6], src[key])
