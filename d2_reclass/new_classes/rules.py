@@ -253,12 +253,10 @@ class Contrast:
         s_sq = g_f2 / n ** 2
         d2 = s_sq - m * m * d
         b2 = (float((p_sq ** 2).sum()) + q_four - n * s_sq) / n ** 2
-        if not (m > 0 and d2 > 0):
+        shrunk = _shrinkage(n, m, d2, b2)
+        if shrunk is None:
             return None
-        a = min(b2, d2) / d2
-        c, beta = a * m, (1 - a) / n
-        if not c > 0:
-            return None
+        c, beta = shrunk
 
         def base_inverse(y: torch.Tensor) -> torch.Tensor:  # (c I + beta Q'Q)^-1 y
             return vec @ ((vec.T @ y) / (c + beta * lam)[:, None])
@@ -283,14 +281,23 @@ def _shrunk_solve(x: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
     d2 = s_sq - m * m * d  # |S - m I|_F^2
     # The mean over rows of |x_k x_k' - S|_F^2, divided by n (Ledoit and Wolf's b^2).
     b2 = float((gram.diagonal() ** 2 - 2 * (gram ** 2).sum(dim=1) / n + s_sq).sum()) / n ** 2
+    shrunk = _shrinkage(n, m, d2, b2)
+    if shrunk is None:
+        return None
+    c, beta = shrunk
+    inner = torch.linalg.solve(c * torch.eye(n, dtype=x.dtype) + beta * gram, x @ v)
+    return (v - beta * (x.T @ inner)) / c
+
+
+def _shrinkage(n: int, m: float, d2: float, b2: float) -> Optional[Tuple[float, float]]:
+    """Ledoit and Wolf's ``S = (1 - a) X'X / n + a m I`` of n rows written ``c I + beta X'X``:
+    (c, beta), from the mean variance m, ``d2 = |X'X / n - m I|_F^2`` and their ``b2``; None
+    when S is singular (all rows equal)."""
     if not (m > 0 and d2 > 0):
         return None
     a = min(b2, d2) / d2
     c, beta = a * m, (1 - a) / n
-    if not c > 0:
-        return None
-    inner = torch.linalg.solve(c * torch.eye(n, dtype=x.dtype) + beta * gram, x @ v)
-    return (v - beta * (x.T @ inner)) / c
+    return (c, beta) if c > 0 else None
 
 
 def _object_cap(row: torch.Tensor, objects: Tuple[torch.Tensor, torch.Tensor]) -> float:
